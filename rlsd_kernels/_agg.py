@@ -1,0 +1,51 @@
+"""Loss aggregation as per-token weights: ``aggregate_loss(l) == sum(weights * l)``.
+
+The fused kernels need each token's share of the scalar loss before the backward, to write the
+gradient in the forward pass; ``reference.aggregate_loss`` states the same modes as formulas and
+the tests hold the two equal.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import LOSS_AGG_MODES
+
+
+def _denominator(default, normalizer, like):
+    d = torch.as_tensor(default if normalizer is None else normalizer, dtype=torch.float32, device=like.device)
+    return torch.where(d != 0, d, torch.ones_like(d))
+
+
+def token_weights(mask, token_shape, loss_agg, normalizer=None, cu_seqlens=None):
+    """Per-token weights ``[N]`` (float32) for a flat float mask ``[N]`` that is 0 at masked tokens.
+
+    ``token_shape`` is ``(B, T)`` (a row per sequence) or ``(N,)`` (packed; the sequence modes then
+    need ``cu_seqlens``). See ``reference.aggregate_loss`` for the modes and the denominators.
+    """
+    if loss_agg not in LOSS_AGG_MODES:
+        raise ValueError(f"loss_agg must be one of {LOSS_AGG_MODES}, got {loss_agg!r}")
+    if loss_agg == "none":
+        return mask
+    if loss_agg == "token-mean":
+        return mask / _denominator(mask.sum(), normalizer, mask)
+    if loss_agg == "sum":
+        return mask / _denominator(1.0, normalizer, mask)
+
+    if len(token_shape) == 2:
+        num_seqs, max_len = token_shape
+        seq_ids = torch.arange(num_seqs, device=mask.device).repeat_interleave(max_len)
+    else:
+        if cu_seqlens is None:
+            raise ValueError(f"loss_agg={loss_agg!r} on packed [N, V] logits needs cu_seqlens")
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(mask.device)
+        num_seqs = lengths.numel()
+        seq_ids = torch.arange(num_seqs, device=mask.device).repeat_interleave(lengths, output_size=mask.numel())
+        max_len = lengths.max()
+    if loss_agg == "seq-mean-token-mean":
+        counts = mask.new_zeros(num_seqs).index_add_(0, seq_ids, mask)[seq_ids]
+        per_token = torch.where(counts != 0, mask / torch.where(counts != 0, counts, 1.0), 0.0)
+        return per_token / _denominator(num_seqs, normalizer, mask)
+    if loss_agg == "seq-mean-token-sum":
+        return mask / _denominator(num_seqs, normalizer, mask)
+    return mask / _denominator(num_seqs * max_len, normalizer, mask)

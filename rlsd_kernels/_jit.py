@@ -1,0 +1,126 @@
+"""Shared ``@triton.jit`` helpers: the online logsumexp over a row, the per-token RLSD epilogue and
+the softmax gradient of a row.
+
+Rows are streamed in base-2 units: logits are multiplied once by ``log2(e) / tau`` so that every
+exponent is an ``exp2``; log-probs leave the helpers in natural units. The epilogue works on scalars
+or on blocks of tokens alike (only elementwise ops, no control flow on values), and mirrors
+``reference.rlsd_token_terms`` line by line.
+"""
+
+import triton
+import triton.language as tl
+
+from .flags import Flag
+from .reference import IGNORE_INDEX as _IGNORE_INDEX
+
+IGNORE_INDEX = tl.constexpr(_IGNORE_INDEX)
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+FLAG_WEIGHT_CLIP_LOW = tl.constexpr(int(Flag.WEIGHT_CLIP_LOW))
+FLAG_WEIGHT_CLIP_HIGH = tl.constexpr(int(Flag.WEIGHT_CLIP_HIGH))
+FLAG_PPO_CLIP_LOW = tl.constexpr(int(Flag.PPO_CLIP_LOW))
+FLAG_PPO_CLIP_HIGH = tl.constexpr(int(Flag.PPO_CLIP_HIGH))
+FLAG_DUAL_CLIP = tl.constexpr(int(Flag.DUAL_CLIP))
+FLAG_BAD_TOKEN = tl.constexpr(int(Flag.BAD_TOKEN))
+FLAG_NONFINITE_STUDENT = tl.constexpr(int(Flag.NONFINITE_STUDENT))
+FLAG_NONFINITE_TEACHER = tl.constexpr(int(Flag.NONFINITE_TEACHER))
+
+
+@triton.jit
+def lse_update(m, s, z):
+    """Fold one block ``z`` (base 2, ``-inf`` padded) into the running max ``m`` and sum ``s``."""
+    m_new = tl.maximum(m, tl.max(z, axis=0))
+    # While every logit seen is -inf, m_new is -inf and z - m_new would be NaN.
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s = s * tl.exp2(m - m_ref) + tl.sum(tl.exp2(z - m_ref), axis=0)
+    return m_new, s
+
+
+@triton.jit
+def lse_entropy_update(m, s, t, z):
+    """As ``lse_update``, also carrying ``t = sum exp2(z - m) * z`` for the entropy."""
+    m_new = tl.maximum(m, tl.max(z, axis=0))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m_ref)
+    e = tl.exp2(z - m_ref)
+    s = s * alpha + tl.sum(e, axis=0)
+    t = t * alpha + tl.sum(tl.where(z > float("-inf"), e * z, 0.0), axis=0)
+    return m_new, s, t
+
+
+@triton.jit
+def lse_finish(m, s):
+    """Base-2 logsumexp from the running state."""
+    return m + tl.log2(s)
+
+
+@triton.jit
+def entropy_finish(lse2, s, t):
+    """Entropy in natural units from the base-2 state: ``H = ln2 * (lse2 - t / s)``."""
+    return LN2 * (lse2 - t / s)
+
+
+@triton.jit
+def is_finite(x):
+    return (x == x) & (x < float("inf")) & (x > float("-inf"))
+
+
+@triton.jit
+def nan_to_zero(x):
+    return tl.where(x == x, x, 0.0)
+
+
+@triton.jit
+def rlsd_epilogue(
+    lp_s, lp_t, lp_old, adv,
+    log_w_lo, log_w_hi, lam, clip_lo, clip_hi, dual_clip,
+    HAS_DUAL: tl.constexpr,
+):
+    """Per-token RLSD loss, its derivative by ``lp_s``, the credit weight, the ratio and flags.
+
+    Mirrors ``reference.rlsd_token_terms``; ``lp_old`` is ``lp_s`` itself when on-policy.
+    """
+    delta = nan_to_zero(lp_t - lp_s)
+    sign = tl.where(adv > 0, 1.0, tl.where(adv < 0, -1.0, 0.0))
+    x = sign * delta
+    weight = tl.exp(tl.minimum(tl.maximum(x, log_w_lo), log_w_hi))
+    credit = (1.0 - lam) + lam * weight
+    a_hat = adv * credit
+
+    log_ratio = nan_to_zero(lp_s - lp_old)
+    log_ratio_c = tl.minimum(tl.maximum(log_ratio, -20.0), 20.0)
+    ratio = tl.exp(log_ratio_c)
+    # d ratio / d lp_s; the clamp passes the gradient on its closed interval, as torch.clamp does.
+    d_ratio = tl.where((log_ratio >= -20.0) & (log_ratio <= 20.0), ratio, 0.0)
+    clipped_ratio = tl.minimum(tl.maximum(ratio, 1.0 - clip_lo), 1.0 + clip_hi)
+    surrogate = ratio * a_hat
+    clipped_surrogate = clipped_ratio * a_hat
+    unclipped = surrogate <= clipped_surrogate
+    loss = -tl.where(unclipped, surrogate, clipped_surrogate)
+    d_loss = tl.where(unclipped, -a_hat * d_ratio, 0.0)
+
+    flags = tl.where((sign != 0) & (x < log_w_lo), FLAG_WEIGHT_CLIP_LOW, 0)
+    flags |= tl.where((sign != 0) & (x > log_w_hi), FLAG_WEIGHT_CLIP_HIGH, 0)
+    flags |= tl.where(~unclipped & (a_hat < 0), FLAG_PPO_CLIP_LOW, 0)
+    flags |= tl.where(~unclipped & (a_hat > 0), FLAG_PPO_CLIP_HIGH, 0)
+    if HAS_DUAL:
+        bound = -dual_clip * a_hat
+        dual = (a_hat < 0) & (loss > bound)
+        loss = tl.where(dual, bound, loss)
+        d_loss = tl.where(dual, 0.0, d_loss)
+        flags |= tl.where(dual, FLAG_DUAL_CLIP, 0)
+    return loss, d_loss, weight, ratio, flags
+
+
+@triton.jit
+def softmax_grad_block(z2, lse2, cols, y, coef, coef_h, entropy, HAS_ENTROPY: tl.constexpr):
+    """Gradient of ``coef * lp + coef_h * H`` by the base-2 scaled logits of one block.
+
+    Returns ``coef * (1[v = y] - p) - coef_h * p * (log p + H)``; the caller multiplies by 1/tau.
+    """
+    p = tl.exp2(z2 - lse2)
+    g = coef * (tl.where(cols == y, 1.0, 0.0) - p)
+    if HAS_ENTROPY:
+        log_p = (z2 - lse2) * LN2
+        g -= coef_h * tl.where(p > 0, p * (log_p + entropy), 0.0)
+    return g

@@ -1,0 +1,98 @@
+"""Launch configurations for the row kernels, and the small autotuner that picks one per problem.
+
+Triton's ``autotune`` re-runs a kernel on its real arguments, which is wrong for kernels that write
+a gradient into their own input (``inplace_backward``) and costly to undo. The launchers instead
+hand this tuner a trial that runs a candidate on a prefix of the rows with scratch outputs; the
+winner is cached per key. Under the Triton interpreter, on CPU tensors, or with
+``RLSD_KERNELS_AUTOTUNE=0`` a single heuristic configuration is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+
+from ._utils import INTERPRET, num_sms
+
+TRIAL_ROWS = 1024
+
+
+class RowConfig(NamedTuple):
+    block_v: int
+    num_warps: int
+    # Programs per multiprocessor of a persistent grid; 0 launches one program per row.
+    programs_per_sm: int = 0
+
+    def grid(self, n_rows: int, device: torch.device) -> tuple[int]:
+        if self.programs_per_sm == 0:
+            return (max(n_rows, 1),)
+        return (max(1, min(n_rows, self.programs_per_sm * num_sms(device))),)
+
+
+_forced: RowConfig | None = None
+_cache: dict = {}
+
+
+@contextlib.contextmanager
+def force_row_config(config: RowConfig):
+    """Use ``config`` for every row kernel launched inside the block (tests force block edges)."""
+    global _forced
+    previous, _forced = _forced, config
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def _heuristic(vocab: int) -> RowConfig:
+    block = min(triton.next_power_of_2(vocab), 8192 if not INTERPRET else 1024)
+    return RowConfig(block_v=max(block, 16), num_warps=8 if block >= 4096 else 4)
+
+
+def _candidates(vocab: int) -> list[RowConfig]:
+    if vocab <= 4096:
+        block = max(triton.next_power_of_2(vocab), 128)
+        return [RowConfig(block, w, p) for w in (4, 8) for p in (0, 4)]
+    return [
+        RowConfig(4096, 8, 0),
+        RowConfig(8192, 8, 0),
+        RowConfig(8192, 16, 0),
+        RowConfig(16384, 16, 0),
+        RowConfig(8192, 16, 1),
+        RowConfig(16384, 16, 1),
+        RowConfig(8192, 8, 2),
+        RowConfig(4096, 8, 4),
+    ]
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("RLSD_KERNELS_AUTOTUNE", "1") != "0"
+
+
+def pick_row_config(key: tuple, vocab: int, device: torch.device, trial) -> RowConfig:
+    """The configuration for a row kernel; ``trial(config)`` runs one candidate on scratch outputs."""
+    if _forced is not None:
+        return _forced
+    if device.type != "cuda" or not autotune_enabled():
+        return _heuristic(vocab)
+    key = (device.index, vocab) + tuple(key)
+    if key not in _cache:
+        from triton.testing import do_bench
+
+        timings = {}
+        for config in _candidates(vocab):
+            try:
+                timings[config] = do_bench(lambda c=config: trial(c), warmup=5, rep=20, return_mode="median")
+            except Exception:  # a candidate that fails to compile (resources) is skipped
+                continue
+        _cache[key] = min(timings, key=timings.get) if timings else _heuristic(vocab)
+    return _cache[key]
+
+
+def tuned_configs() -> dict:
+    """What the tuner picked so far, by key (benchmarks print it)."""
+    return dict(_cache)

@@ -1,0 +1,167 @@
+"""Host-side helpers shared by the op files: backend choice, allocation, row layouts, validation."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import warnings
+from typing import NamedTuple
+
+import torch
+
+from .flags import Flag
+from .reference import IGNORE_INDEX
+
+# The one environment-dependent switch: under TRITON_INTERPRET=1 the Triton kernels also run on
+# CPU tensors (that is how the test suite checks them without a GPU).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_backend: str | None = None
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """Force ``"triton"`` or ``"torch"`` for ops called inside the block (tests, debugging).
+
+    By default CUDA tensors go to the Triton kernels and CPU tensors to the chunked PyTorch path.
+    """
+    global _backend
+    if name not in ("triton", "torch"):
+        raise ValueError(f"backend must be 'triton' or 'torch', got {name!r}")
+    previous, _backend = _backend, name
+    try:
+        yield
+    finally:
+        _backend = previous
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    if _backend == "torch":
+        return False
+    if _backend == "triton":
+        if not (x.is_cuda or INTERPRET):
+            raise RuntimeError("the Triton backend needs CUDA tensors, or TRITON_INTERPRET=1 set before import")
+        return True
+    return x.is_cuda
+
+
+def empty(shape, *, dtype, device) -> torch.Tensor:
+    """Every output the ops allocate comes from here, so tests can fill them with NaN."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device; 1 elsewhere (the interpreter runs programs one by one)."""
+    if device.type != "cuda":
+        return 1
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+class Rows(NamedTuple):
+    """A ``[B, T, V]`` or packed ``[N, V]`` logits tensor addressed as rows, without copying."""
+
+    tensor: torch.Tensor
+    batch: int
+    seqlen: int
+    vocab: int
+    stride_b: int
+    stride_t: int
+
+    @property
+    def n(self) -> int:
+        return self.batch * self.seqlen
+
+
+def check_tensor(x, name, *, kinds, dims=None, device=None):
+    """Type, dtype kind, rank and device checks with errors that name the tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    ok = {
+        "logits": x.dtype in LOGIT_DTYPES,
+        "float": x.is_floating_point(),
+        "int": not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool,
+        "bool": x.dtype == torch.bool,
+    }
+    if not any(ok[k] for k in kinds):
+        raise TypeError(f"{name} must have a dtype of kind {' or '.join(kinds)}, got {x.dtype}")
+    if dims is not None and x.dim() not in dims:
+        raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimensions, got shape {tuple(x.shape)}")
+    if device is not None and x.device != device:
+        raise ValueError(f"{name} is on {x.device}, expected {device} (where the logits are)")
+
+
+def as_rows(logits: torch.Tensor, name: str) -> Rows:
+    """Checks a logits tensor and describes its rows by strides (views such as ``x[:, :-1]`` stay views)."""
+    check_tensor(logits, name, kinds=("logits",), dims=(2, 3))
+    if logits.shape[-1] == 0:
+        raise ValueError(f"{name} has an empty vocabulary dimension")
+    if logits.stride(-1) != 1:
+        warnings.warn(
+            f"{name} has vocabulary stride {logits.stride(-1)}; copying it to a contiguous tensor",
+            stacklevel=4,
+        )
+        logits = logits.contiguous()
+    if logits.dim() == 3:
+        b, t, v = logits.shape
+        return Rows(logits, b, t, v, logits.stride(0), logits.stride(1))
+    n, v = logits.shape
+    return Rows(logits, 1, n, v, 0, logits.stride(0))
+
+
+def same_rows(rows: Rows, other: torch.Tensor, name: str, student_name: str) -> Rows:
+    other_rows = as_rows(other, name)
+    if other.shape != rows.tensor.shape:
+        raise ValueError(f"{name} has shape {tuple(other.shape)}, {student_name} has {tuple(rows.tensor.shape)}")
+    if other.device != rows.tensor.device:
+        raise ValueError(f"{name} is on {other.device}, {student_name} on {rows.tensor.device}")
+    return other_rows
+
+
+def per_token(x, name, token_shape, *, kinds, dtype, device, broadcast_rows=False):
+    """A per-token tensor as a contiguous ``[N]`` vector (N-sized copies only, never ``[N, V]``).
+
+    With ``broadcast_rows`` a ``[B]`` or ``[B, 1]`` tensor is broadcast over a ``[B, T]`` layout.
+    """
+    check_tensor(x, name, kinds=kinds, device=device)
+    shape = tuple(x.shape)
+    if shape != tuple(token_shape):
+        rows_ok = broadcast_rows and len(token_shape) == 2 and shape in ((token_shape[0],), (token_shape[0], 1))
+        if not rows_ok:
+            allowed = [tuple(token_shape)]
+            if broadcast_rows and len(token_shape) == 2:
+                allowed += [(token_shape[0],), (token_shape[0], 1)]
+            raise ValueError(f"{name} has shape {shape}, expected one of {allowed}")
+        x = x.reshape(token_shape[0], 1).expand(token_shape)
+    return x.detach().to(dtype).reshape(-1).contiguous()
+
+
+def raise_on_error_flags(flags, tokens, vocab, names):
+    """Turns the error bits of the kernels' per-token flags into one clear exception (one sync)."""
+    errors = flags & int(Flag.BAD_TOKEN | Flag.NONFINITE_STUDENT | Flag.NONFINITE_TEACHER)
+    if not bool(errors.any()):
+        return
+    messages = []
+    bad = (errors & int(Flag.BAD_TOKEN)) != 0
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        messages.append(
+            f"{names['tokens']}: {int(bad.sum())} token ids outside [0, {vocab}) at unmasked positions "
+            f"(first at flat position {first}: id {int(tokens[first])}; use {IGNORE_INDEX} or the mask "
+            "for padding)"
+        )
+    for bit, key in ((Flag.NONFINITE_STUDENT, "student"), (Flag.NONFINITE_TEACHER, "teacher")):
+        hit = (errors & int(bit)) != 0
+        if bool(hit.any()):
+            first = int(hit.nonzero()[0, 0])
+            messages.append(
+                f"{names[key]}: {int(hit.sum())} unmasked rows hold NaN or +inf, or no finite value "
+                f"(first at flat position {first}); -inf alone is allowed (padded vocabulary)"
+            )
+    raise ValueError("; ".join(messages))

@@ -1,0 +1,267 @@
+"""Per-token log-probabilities (and entropies) of sampled tokens, without a log-softmax tensor.
+
+Also home of the general row backward, ``dz = (c * (1[v = y] - p) - c_H * p * (log p + H)) / tau``,
+which the RLSD loss reuses when its upstream gradient is per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _cpu, _utils
+from ._jit import (
+    FLAG_BAD_TOKEN,
+    FLAG_NONFINITE_STUDENT,
+    IGNORE_INDEX,
+    LN2,
+    LOG2E,
+    entropy_finish,
+    is_finite,
+    lse_entropy_update,
+    lse_finish,
+    lse_update,
+    softmax_grad_block,
+)
+from ._tuning import TRIAL_ROWS, pick_row_config
+from ._utils import as_rows, check_tensor, raise_on_error_flags, use_triton
+
+
+@triton.jit
+def _logprobs_fwd_kernel(
+    X, stride_xb, stride_xt,
+    tokens, lp_out, lse_out, entropy_out, flags_out,
+    n_rows, seqlen, V, scale2,
+    ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    offs = tl.arange(0, BLOCK_V)
+    n_blocks = tl.cdiv(V, BLOCK_V)
+    # int64 rows: offsets into [N, V] pass 2**31 at real sizes.
+    for row in tl.range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
+        b = row // seqlen
+        x_row = X + b * stride_xb + (row - b * seqlen) * stride_xt
+        y = tl.load(tokens + row).to(tl.int64)
+        active = y != IGNORE_INDEX
+        y_ok = (y >= 0) & (y < V)
+        m = float("-inf")
+        s = 0.0
+        t = 0.0
+        for i in tl.range(0, tl.where(active, n_blocks, 0)):
+            cols = i * BLOCK_V + offs
+            z = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * scale2
+            if ENTROPY:
+                m, s, t = lse_entropy_update(m, s, t, z)
+            else:
+                m, s = lse_update(m, s, z)
+        lse2 = lse_finish(m, s)
+        zy = tl.load(x_row + tl.where(y_ok, y, 0), mask=active & y_ok, other=float("-inf")).to(tl.float32)
+        lp = tl.minimum((zy * scale2 - lse2) * LN2, 0.0)
+        tl.store(lp_out + row, tl.where(active, lp, 0.0))
+        tl.store(lse_out + row, tl.where(active, lse2 * LN2, 0.0))
+        if ENTROPY:
+            tl.store(entropy_out + row, tl.where(active, entropy_finish(lse2, s, t), 0.0))
+        flags = tl.where(active & ~y_ok, FLAG_BAD_TOKEN, 0)
+        flags |= tl.where(active & ~is_finite(lse2), FLAG_NONFINITE_STUDENT, 0)
+        tl.store(flags_out + row, flags)
+
+
+@triton.jit
+def _logprobs_bwd_kernel(
+    X, stride_xb, stride_xt,
+    dX, stride_db, stride_dt,
+    tokens, lse, coef, coef_h, entropy,
+    n_rows, seqlen, V, scale2, inv_temp,
+    HAS_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    offs = tl.arange(0, BLOCK_V)
+    n_blocks = tl.cdiv(V, BLOCK_V)
+    # int64 rows: offsets into [N, V] pass 2**31 at real sizes.
+    for row in tl.range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
+        b = row // seqlen
+        t = row - b * seqlen
+        x_row = X + b * stride_xb + t * stride_xt
+        d_row = dX + b * stride_db + t * stride_dt
+        y = tl.load(tokens + row).to(tl.int64)
+        c = tl.load(coef + row)
+        # Rows without an upstream gradient (masked, ignored) are written as zeros without reading.
+        active = (y != IGNORE_INDEX) & (c != 0.0)
+        c_h = 0.0
+        h = 0.0
+        if HAS_ENTROPY:
+            c_h = tl.load(coef_h + row)
+            h = tl.load(entropy + row)
+            active = (y != IGNORE_INDEX) & ((c != 0.0) | (c_h != 0.0))
+        lse2 = tl.where(active, tl.load(lse + row) * LOG2E, 0.0)
+        read_end = tl.where(active, V, 0)
+        for i in tl.range(0, n_blocks):
+            cols = i * BLOCK_V + offs
+            z = tl.load(x_row + cols, mask=cols < read_end, other=float("-inf")).to(tl.float32) * scale2
+            g = softmax_grad_block(z, lse2, cols, y, c, c_h, h, HAS_ENTROPY)
+            tl.store(d_row + cols, (g * inv_temp).to(dX.dtype.element_ty), mask=cols < V)
+
+
+def logprobs_fwd(logits, tokens, temperature, entropy):
+    """Launcher: ``(lp, lse, entropy, flags)`` per token, flat ``[N]``; ``entropy`` is empty unless asked."""
+    rows = as_rows(logits, "logits")
+    tokens = tokens.reshape(-1)
+    if not use_triton(logits):
+        return _cpu.logprobs_fwd(rows, tokens, temperature, entropy)
+    n, device = rows.n, logits.device
+    lp = _utils.empty((n,), dtype=torch.float32, device=device)
+    lse = _utils.empty((n,), dtype=torch.float32, device=device)
+    ent = _utils.empty((n if entropy else 0,), dtype=torch.float32, device=device)
+    flags = _utils.empty((n,), dtype=torch.int32, device=device)
+
+    def run(config, n_rows=n):
+        _logprobs_fwd_kernel[config.grid(n_rows, device)](
+            rows.tensor, rows.stride_b, rows.stride_t, tokens, lp, lse, ent, flags,
+            n_rows, rows.seqlen, rows.vocab, 1.4426950408889634 / temperature,
+            ENTROPY=entropy, BLOCK_V=config.block_v, num_warps=config.num_warps,
+        )
+
+    key = ("logprobs_fwd", logits.dtype, entropy)
+    run(pick_row_config(key, rows.vocab, device, lambda c: run(c, min(n, TRIAL_ROWS))))
+    return lp, lse, ent, flags
+
+
+def logprobs_bwd(logits, tokens, lse, coef, coef_h, entropy, temperature, inplace=False):
+    """Launcher of the general row backward; returns ``dlogits`` shaped like ``logits`` (``logits``
+    itself, overwritten, when ``inplace``: each block is read before its gradient is written)."""
+    rows = as_rows(logits, "logits")
+    tokens = tokens.reshape(-1)
+    device = logits.device
+    grad = logits if inplace else _utils.empty(logits.shape, dtype=logits.dtype, device=device)
+    if not use_triton(logits):
+        return _cpu.logprobs_bwd(rows, tokens, lse, coef, coef_h, entropy, temperature, grad)
+    g_rows = as_rows(grad, "grad")
+    has_entropy = coef_h is not None
+
+    def run(config, n_rows=rows.n, dest=grad, dest_strides=(g_rows.stride_b, g_rows.stride_t)):
+        _logprobs_bwd_kernel[config.grid(n_rows, device)](
+            rows.tensor, rows.stride_b, rows.stride_t, dest, *dest_strides,
+            tokens, lse, coef, coef_h if has_entropy else coef, entropy if has_entropy else coef,
+            n_rows, rows.seqlen, rows.vocab, 1.4426950408889634 / temperature, 1.0 / temperature,
+            HAS_ENTROPY=has_entropy, BLOCK_V=config.block_v, num_warps=config.num_warps,
+        )
+
+    def trial(config):
+        n_rows = min(rows.n, TRIAL_ROWS)
+        if not inplace:
+            return run(config, n_rows)
+        # A trial never writes into the logits: row r = b * seqlen + t goes to offset r * V of a scratch.
+        scratch = torch.empty((n_rows, rows.vocab), dtype=logits.dtype, device=device)
+        run(config, n_rows, scratch, (rows.seqlen * rows.vocab, rows.vocab))
+
+    run(pick_row_config(("logprobs_bwd", logits.dtype, has_entropy), rows.vocab, device, trial))
+    return grad
+
+
+@torch.library.custom_op("rlsd_kernels::token_logprobs_fwd", mutates_args=())
+def _fwd_op(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float, entropy: bool, validate: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lp, lse, ent, flags = logprobs_fwd(logits, tokens, temperature, entropy)
+    if validate:
+        raise_on_error_flags(flags, tokens.reshape(-1), logits.shape[-1], {"tokens": "tokens", "student": "logits"})
+    return lp, lse, ent
+
+
+@_fwd_op.register_fake
+def _(logits, tokens, temperature, entropy, validate):
+    n = tokens.numel()
+    new = lambda k: logits.new_empty((k,), dtype=torch.float32)
+    return new(n), new(n), new(n if entropy else 0)
+
+
+@torch.library.custom_op("rlsd_kernels::token_logprobs_bwd", mutates_args=())
+def _bwd_op(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    lse: torch.Tensor,
+    coef: torch.Tensor,
+    coef_h: torch.Tensor | None,
+    entropy: torch.Tensor | None,
+    temperature: float,
+) -> torch.Tensor:
+    return logprobs_bwd(logits, tokens, lse, coef, coef_h, entropy, temperature)
+
+
+@_bwd_op.register_fake
+def _(logits, tokens, lse, coef, coef_h, entropy, temperature):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("rlsd_kernels::token_logprobs_bwd_", mutates_args=("logits",))
+def _bwd_inplace_op(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    lse: torch.Tensor,
+    coef: torch.Tensor,
+    coef_h: torch.Tensor | None,
+    entropy: torch.Tensor | None,
+    temperature: float,
+) -> None:
+    logprobs_bwd(logits, tokens, lse, coef, coef_h, entropy, temperature, inplace=True)
+
+
+@_bwd_inplace_op.register_fake
+def _(logits, tokens, lse, coef, coef_h, entropy, temperature):
+    return None
+
+
+class TokenLogprobsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature, want_entropy, validate):
+        lp, lse, ent = torch.ops.rlsd_kernels.token_logprobs_fwd(logits, tokens, temperature, want_entropy, validate)
+        ctx.save_for_backward(logits, tokens, lse, ent)
+        ctx.temperature = temperature
+        ctx.want_entropy = want_entropy
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, grad_lp, grad_ent):
+        logits, tokens, lse, ent = ctx.saved_tensors
+        coef_h = grad_ent.float().contiguous() if ctx.want_entropy else None
+        grad = torch.ops.rlsd_kernels.token_logprobs_bwd(
+            logits, tokens, lse, grad_lp.float().contiguous(), coef_h, ent if ctx.want_entropy else None,
+            ctx.temperature,
+        )
+        return grad, None, None, None, None
+
+
+def token_logprobs(logits, tokens, *, temperature=1.0, return_entropy=False, validate=True):
+    """Log-probability of each sampled token under ``softmax(logits / temperature)``.
+
+    ``lp = min(z[y] / tau - logsumexp(z / tau), 0)`` and, with ``return_entropy=True``, the row
+    entropy ``H = -sum_v p_v log p_v``, both differentiable, computed in one streaming pass per row
+    with float32 math whatever the logits dtype; no ``[N, V]`` float32 tensor is allocated.
+
+    Args:
+        logits: ``[B, T, V]`` (strided views such as ``logits[:, :-1]`` are read in place) or packed
+            ``[N, V]``; float32, float16 or bfloat16. ``-inf`` entries (padded vocabulary) are allowed.
+        tokens: ``[B, T]`` / ``[N]`` integer ids; ``-100`` marks an ignored token (``lp = H = 0``,
+            zero gradient).
+        temperature: logits are divided by it.
+        validate: raise ``ValueError`` for ids outside ``[0, V)`` and for rows with NaN or ``+inf``
+            (one device-to-host sync). With ``False`` such rows give non-finite values.
+
+    Returns:
+        ``lp`` shaped like ``tokens`` in float32, or ``(lp, entropy)``.
+    """
+    rows = as_rows(logits, "logits")
+    check_tensor(tokens, "tokens", kinds=("int",), device=logits.device)
+    if tuple(tokens.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"tokens has shape {tuple(tokens.shape)}, expected {tuple(logits.shape[:-1])}")
+    _check_temperature(temperature)
+    if rows.n == 0:
+        lp = logits.float().sum(-1) * 0.0
+        return (lp, lp.clone()) if return_entropy else lp
+    lp, ent = TokenLogprobsFunction.apply(rows.tensor, tokens, float(temperature), bool(return_entropy), validate)
+    lp = lp.view(tokens.shape)
+    return (lp, ent.view(tokens.shape)) if return_entropy else lp
+
+
+def _check_temperature(temperature):
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")

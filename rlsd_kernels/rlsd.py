@@ -1,0 +1,492 @@
+"""The fused RLSD policy loss over student and teacher logits.
+
+One program streams a student row and its teacher row together (two online logsumexp states),
+runs the shared epilogue on the token, and, when the loss reduces to a scalar, writes the student
+logits' gradient right away, walking the row backwards so that the blocks read last, still in
+cache, are read first. The backward then only scales that gradient by the incoming scalar: read S,
+read T, write dS, three passes over ``[N, V]`` in all.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _cpu, _utils
+from ._agg import token_weights
+from ._jit import (
+    FLAG_BAD_TOKEN,
+    FLAG_NONFINITE_STUDENT,
+    FLAG_NONFINITE_TEACHER,
+    LN2,
+    is_finite,
+    lse_finish,
+    lse_update,
+    rlsd_epilogue,
+    softmax_grad_block,
+)
+from ._tuning import TRIAL_ROWS, pick_row_config
+from ._utils import (
+    as_rows,
+    check_tensor,
+    per_token,
+    raise_on_error_flags,
+    same_rows,
+    use_triton,
+)
+from .flags import Flag
+from .logprobs import _check_temperature
+from .reference import IGNORE_INDEX, LOSS_AGG_MODES, rlsd_metrics
+
+OUTPUTS = ("loss", "lp_s", "lp_t", "lse", "d_lp", "w", "ratio")
+
+
+@triton.jit
+def _rlsd_fwd_kernel(
+    S, stride_sb, stride_st,
+    T, stride_tb, stride_tt,
+    dS, stride_db, stride_dt,
+    tokens, adv, lp_t_in, lp_old_in, weight,
+    loss_out, lp_s_out, lp_t_out, lse_out, d_lp_out, w_out, ratio_out, flags_out,
+    n_rows, seqlen, V, scale2, inv_temp,
+    log_w_lo, log_w_hi, lam, clip_lo, clip_hi, dual_clip,
+    HAS_T_LOGITS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_DUAL: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    offs = tl.arange(0, BLOCK_V)
+    n_blocks = tl.cdiv(V, BLOCK_V)
+    # int64 rows: offsets into [N, V] pass 2**31 at real sizes.
+    for row in tl.range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
+        b = row // seqlen
+        t = row - b * seqlen
+        s_row = S + b * stride_sb + t * stride_st
+        t_row = T + b * stride_tb + t * stride_tt
+        wt = tl.load(weight + row)
+        # A zero weight is a masked token: nothing of its rows is read, its gradient row is zero.
+        active = wt != 0.0
+        y = tl.load(tokens + row).to(tl.int64)
+        y_ok = (y >= 0) & (y < V)
+        y_safe = tl.where(y_ok, y, 0)
+
+        read_end = tl.where(active, V, 0)
+        m_s = float("-inf")
+        sum_s = 0.0
+        m_t = float("-inf")
+        sum_t = 0.0
+        # Each iteration loads the next block before reducing this one (registers double-buffer),
+        # so the loads stay in flight across the reductions' barriers. The student row is read
+        # again for the gradient: the cache is asked to keep it and to drop the teacher's first.
+        zs_next = tl.load(s_row + offs, mask=offs < read_end, other=float("-inf"), eviction_policy="evict_last")
+        zt_next = zs_next
+        if HAS_T_LOGITS:
+            zt_next = tl.load(t_row + offs, mask=offs < read_end, other=float("-inf"), eviction_policy="evict_first")
+        for i in tl.range(0, tl.where(active, n_blocks, 0)):
+            zs = zs_next
+            zt = zt_next
+            cols = (i + 1) * BLOCK_V + offs
+            zs_next = tl.load(s_row + cols, mask=cols < read_end, other=float("-inf"), eviction_policy="evict_last")
+            if HAS_T_LOGITS:
+                zt_next = tl.load(t_row + cols, mask=cols < read_end, other=float("-inf"),
+                                  eviction_policy="evict_first")
+            m_s, sum_s = lse_update(m_s, sum_s, zs.to(tl.float32) * scale2)
+            if HAS_T_LOGITS:
+                m_t, sum_t = lse_update(m_t, sum_t, zt.to(tl.float32) * scale2)
+        lse2_s = lse_finish(m_s, sum_s)
+        zy_s = tl.load(s_row + y_safe, mask=active & y_ok, other=float("-inf")).to(tl.float32) * scale2
+        lp_s = tl.minimum((zy_s - lse2_s) * LN2, 0.0)
+        flags = tl.where(active & ~y_ok, FLAG_BAD_TOKEN, 0)
+        flags |= tl.where(active & ~is_finite(lse2_s), FLAG_NONFINITE_STUDENT, 0)
+        if HAS_T_LOGITS:
+            lse2_t = lse_finish(m_t, sum_t)
+            zy_t = tl.load(t_row + y_safe, mask=active & y_ok, other=float("-inf")).to(tl.float32) * scale2
+            lp_t = tl.minimum((zy_t - lse2_t) * LN2, 0.0)
+            flags |= tl.where(active & ~is_finite(lse2_t), FLAG_NONFINITE_TEACHER, 0)
+        else:
+            lp_t = tl.load(lp_t_in + row)
+        lp_old = lp_s
+        if HAS_OLD:
+            lp_old = tl.load(lp_old_in + row)
+        a = tl.load(adv + row)
+
+        loss, d_lp, w, ratio, clip_flags = rlsd_epilogue(
+            lp_s, lp_t, lp_old, a, log_w_lo, log_w_hi, lam, clip_lo, clip_hi, dual_clip, HAS_DUAL
+        )
+        tl.store(loss_out + row, tl.where(active, loss, 0.0))
+        tl.store(lp_s_out + row, tl.where(active, lp_s, 0.0))
+        tl.store(lp_t_out + row, tl.where(active, lp_t, 0.0))
+        tl.store(lse_out + row, tl.where(active, lse2_s * LN2, 0.0))
+        tl.store(d_lp_out + row, tl.where(active, d_lp, 0.0))
+        tl.store(w_out + row, tl.where(active, w, 0.0))
+        tl.store(ratio_out + row, tl.where(active, ratio, 0.0))
+        tl.store(flags_out + row, flags | tl.where(active, clip_flags, 0))
+
+        if WRITE_GRAD:
+            d_row = dS + b * stride_db + t * stride_dt
+            coef = tl.where(active, wt * d_lp, 0.0)
+            lse2_ref = tl.where(active, lse2_s, 0.0)
+            read_end = tl.where(active, V, 0)
+            # Backwards over the row: its last blocks were read most recently.
+            for i in tl.range(0, n_blocks):
+                cols = (n_blocks - 1 - i) * BLOCK_V + offs
+                zs = tl.load(s_row + cols, mask=cols < read_end, other=float("-inf"), eviction_policy="evict_first")
+                g = softmax_grad_block(zs.to(tl.float32) * scale2, lse2_ref, cols, y, coef, 0.0, 0.0, False)
+                tl.store(d_row + cols, (g * inv_temp).to(dS.dtype.element_ty), mask=cols < V,
+                         eviction_policy="evict_first")
+
+
+@triton.jit
+def _scale_kernel(X, stride_xb, stride_xt, scale, n_rows, seqlen, V, BLOCK_V: tl.constexpr):
+    """``X *= scale`` over rows; returns at once when the scale is 1 (the loss is the terminal node)."""
+    c = tl.load(scale).to(tl.float32)
+    if c != 1.0:
+        row = tl.program_id(0).to(tl.int64)
+        b = row // seqlen
+        x_row = X + b * stride_xb + (row - b * seqlen) * stride_xt
+        for start in tl.range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            x = tl.load(x_row + cols, mask=cols < V)
+            tl.store(x_row + cols, (x.to(tl.float32) * c).to(X.dtype.element_ty), mask=cols < V)
+
+
+def _hyper(eps_w, lam, clip_low, clip_high, dual_clip):
+    return dict(eps_w=eps_w, lam=lam, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip)
+
+
+def rlsd_fwd(student, teacher, tokens, adv, lp_t_in, lp_old_in, weight, params, temperature, grad):
+    """Launcher. ``grad`` is None (no gradient), a tensor shaped like ``student`` to write
+    ``weight * dl/dz`` into, or ``student`` itself (in place). Returns ``(outputs, flags)``."""
+    s_rows = as_rows(student, "student_logits")
+    t_rows = None if teacher is None else as_rows(teacher, "teacher_logits")
+    if not use_triton(student):
+        return _cpu.rlsd_fwd(s_rows, t_rows, tokens, adv, lp_t_in, lp_old_in, weight, params, temperature, grad)
+    n, device = s_rows.n, student.device
+    out = {k: _utils.empty((n,), dtype=torch.float32, device=device) for k in OUTPUTS}
+    flags = _utils.empty((n,), dtype=torch.int32, device=device)
+    hyper = (
+        math.log1p(-params["eps_w"]), math.log1p(params["eps_w"]), params["lam"],
+        params["clip_low"], params["clip_high"], params["dual_clip"] or 0.0,
+    )
+
+    def run(config, n_rows=n, dest=grad, dest_strides=None):
+        if dest_strides is None:
+            d_rows = as_rows(dest, "grad") if dest is not None else s_rows
+            dest_strides = (d_rows.stride_b, d_rows.stride_t)
+        _rlsd_fwd_kernel[config.grid(n_rows, device)](
+            student, s_rows.stride_b, s_rows.stride_t,
+            teacher if teacher is not None else student,
+            *((t_rows.stride_b, t_rows.stride_t) if t_rows is not None else (0, 0)),
+            dest if dest is not None else student, *dest_strides,
+            tokens, adv,
+            lp_t_in if lp_t_in is not None else adv, lp_old_in if lp_old_in is not None else adv, weight,
+            *(out[k] for k in OUTPUTS), flags,
+            n_rows, s_rows.seqlen, s_rows.vocab, 1.4426950408889634 / temperature, 1.0 / temperature,
+            *hyper,
+            HAS_T_LOGITS=teacher is not None, HAS_OLD=lp_old_in is not None,
+            HAS_DUAL=params["dual_clip"] is not None, WRITE_GRAD=grad is not None,
+            BLOCK_V=config.block_v, num_warps=config.num_warps,
+        )
+
+    def trial(config):
+        rows = min(n, TRIAL_ROWS)
+        if grad is not student:
+            return run(config, rows)
+        # Never write a trial gradient into the logits: in place, the trial writes a scratch
+        # [rows, V] buffer whose strides map row r = b * seqlen + t to offset r * V.
+        scratch = torch.empty((rows, s_rows.vocab), dtype=student.dtype, device=device)
+        run(config, rows, scratch, (s_rows.seqlen * s_rows.vocab, s_rows.vocab))
+
+    key = ("rlsd_fwd", student.dtype, None if teacher is None else teacher.dtype, lp_old_in is not None,
+           grad is not None)
+    run(pick_row_config(key, s_rows.vocab, device, trial))
+    return out, flags
+
+
+def scale_grad_(grad, scale):
+    """``grad *= scale`` in place, skipped on the device when ``scale`` is 1 (no host sync)."""
+    if not use_triton(grad):
+        if not bool(scale == 1):
+            grad.mul_(scale.to(grad.dtype))
+        return
+    rows = as_rows(grad, "grad")
+    block = min(triton.next_power_of_2(rows.vocab), 4096)
+    _scale_kernel[(rows.n,)](grad, rows.stride_b, rows.stride_t, scale, rows.n, rows.seqlen, rows.vocab, BLOCK_V=block)
+def _forward(student, teacher, tokens, adv, lp_t_in, lp_old_in, weight,
+             eps_w, lam, clip_low, clip_high, dual_clip, temperature, grad, validate):
+    params = _hyper(eps_w, lam, clip_low, clip_high, dual_clip)
+    out, flags = rlsd_fwd(student, teacher, tokens, adv, lp_t_in, lp_old_in, weight, params, temperature, grad)
+    if validate:
+        names = {"tokens": "tokens", "student": "student_logits", "teacher": "teacher_logits"}
+        raise_on_error_flags(flags, tokens, student.shape[-1], names)
+    return tuple(out[k] for k in OUTPUTS) + (flags,)
+
+
+@torch.library.custom_op("rlsd_kernels::rlsd_fwd", mutates_args=())
+def _fwd_op(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, tokens: torch.Tensor,
+    advantages: torch.Tensor, teacher_logprobs: torch.Tensor | None, old_logprobs: torch.Tensor | None,
+    weight: torch.Tensor, eps_w: float, lam: float, clip_low: float, clip_high: float,
+    dual_clip: float | None, temperature: float, write_grad: bool, validate: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor]:
+    grad = None
+    if write_grad:
+        grad = _utils.empty(student_logits.shape, dtype=student_logits.dtype, device=student_logits.device)
+    outs = _forward(student_logits, teacher_logits, tokens, advantages, teacher_logprobs, old_logprobs, weight,
+                    eps_w, lam, clip_low, clip_high, dual_clip, temperature, grad, validate)
+    return outs + (grad if grad is not None else student_logits.new_empty(0),)
+
+
+@_fwd_op.register_fake
+def _(student_logits, teacher_logits, tokens, advantages, teacher_logprobs, old_logprobs, weight,
+      eps_w, lam, clip_low, clip_high, dual_clip, temperature, write_grad, validate):
+    n = tokens.numel()
+    per_token = [student_logits.new_empty((n,), dtype=torch.float32) for _ in OUTPUTS]
+    flags = student_logits.new_empty((n,), dtype=torch.int32)
+    grad = torch.empty_like(student_logits, memory_format=torch.contiguous_format) if write_grad else \
+        student_logits.new_empty(0)
+    return (*per_token, flags, grad)
+
+
+@torch.library.custom_op("rlsd_kernels::rlsd_fwd_inplace", mutates_args=("student_logits",))
+def _fwd_inplace_op(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, tokens: torch.Tensor,
+    advantages: torch.Tensor, teacher_logprobs: torch.Tensor | None, old_logprobs: torch.Tensor | None,
+    weight: torch.Tensor, eps_w: float, lam: float, clip_low: float, clip_high: float,
+    dual_clip: float | None, temperature: float, validate: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    return _forward(student_logits, teacher_logits, tokens, advantages, teacher_logprobs, old_logprobs, weight,
+                    eps_w, lam, clip_low, clip_high, dual_clip, temperature, student_logits, validate)
+
+
+@_fwd_inplace_op.register_fake
+def _(student_logits, teacher_logits, tokens, advantages, teacher_logprobs, old_logprobs, weight,
+      eps_w, lam, clip_low, clip_high, dual_clip, temperature, validate):
+    n = tokens.numel()
+    per_token = [student_logits.new_empty((n,), dtype=torch.float32) for _ in OUTPUTS]
+    return (*per_token, student_logits.new_empty((n,), dtype=torch.int32))
+
+
+@torch.library.custom_op("rlsd_kernels::scale_grad_", mutates_args=("grad",))
+def _scale_op(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    scale_grad_(grad, scale)
+
+
+@_scale_op.register_fake
+def _(grad, scale):
+    return None
+
+
+class RLSDLossFunction(torch.autograd.Function):
+    """Scalar RLSD loss with its student-logit gradient written in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, tokens, adv, lp_t_in, lp_old_in, weight, eps_w, lam, clip_low,
+                clip_high, dual_clip, temperature, write_grad, inplace, validate):
+        args = (student, teacher, tokens, adv, lp_t_in, lp_old_in, weight, eps_w, lam, clip_low, clip_high,
+                dual_clip, temperature)
+        if write_grad and inplace:
+            *outs, flags = torch.ops.rlsd_kernels.rlsd_fwd_inplace(*args, validate)
+            grad = student
+        else:
+            *outs, flags, grad = torch.ops.rlsd_kernels.rlsd_fwd(*args, write_grad, validate)
+        loss = (weight * outs[0]).sum()
+        per_token = dict(zip(OUTPUTS, outs, strict=True))
+        # In place, ``grad`` is the student logits themselves, saved after the kernel wrote them.
+        ctx.save_for_backward(grad.detach())
+        ctx.used = False
+        ctx.mark_non_differentiable(per_token["lp_s"], per_token["lp_t"], per_token["w"], per_token["ratio"], flags)
+        return loss, per_token["lp_s"], per_token["lp_t"], per_token["w"], per_token["ratio"], flags
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        if ctx.used:
+            raise RuntimeError("rlsd_loss: the gradient was computed in the forward pass and is already used; "
+                               "backward through it twice is not supported")
+        ctx.used = True
+        (grad,) = ctx.saved_tensors
+        torch.ops.rlsd_kernels.scale_grad_(grad, grad_loss.float().reshape(1))
+        return (grad,) + (None,) * 15
+
+
+class RLSDTokenLossFunction(torch.autograd.Function):
+    """Per-token RLSD losses (``loss_agg="none"``); the backward streams the student rows again."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, tokens, adv, lp_t_in, lp_old_in, weight, eps_w, lam, clip_low,
+                clip_high, dual_clip, temperature, inplace, validate):
+        *outs, flags, _ = torch.ops.rlsd_kernels.rlsd_fwd(
+            student, teacher, tokens, adv, lp_t_in, lp_old_in, weight, eps_w, lam, clip_low, clip_high,
+            dual_clip, temperature, False, validate,
+        )
+        per_token = dict(zip(OUTPUTS, outs, strict=True))
+        ctx.save_for_backward(student, tokens, weight, per_token["lse"], per_token["d_lp"])
+        ctx.temperature = temperature
+        ctx.inplace = inplace
+        ctx.mark_non_differentiable(per_token["lp_s"], per_token["lp_t"], per_token["w"], per_token["ratio"], flags)
+        loss = weight * per_token["loss"]
+        return loss, per_token["lp_s"], per_token["lp_t"], per_token["w"], per_token["ratio"], flags
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        student, tokens, weight, lse, d_lp = ctx.saved_tensors
+        coef = (grad_loss.float().reshape(-1) * weight * d_lp).contiguous()
+        if ctx.inplace:
+            torch.ops.rlsd_kernels.token_logprobs_bwd_(student, tokens, lse, coef, None, None, ctx.temperature)
+            return (student,) + (None,) * 14
+        grad = torch.ops.rlsd_kernels.token_logprobs_bwd(student, tokens, lse, coef, None, None, ctx.temperature)
+        return (grad,) + (None,) * 14
+
+
+def _check_hyperparameters(eps_w, lam, clip_low, clip_high, dual_clip, temperature, loss_agg, normalizer):
+    _check_temperature(temperature)
+    checks = (
+        ("eps_w", eps_w, 0 <= eps_w < 1, "in [0, 1)"),
+        ("lam", lam, 0 <= lam <= 1, "in [0, 1]"),
+        ("clip_low", clip_low, 0 <= clip_low < 1, "in [0, 1)"),
+        ("clip_high", clip_high, 0 <= clip_high < float("inf"), "a finite number >= 0"),
+    )
+    for name, value, ok, what in checks:
+        if not ok:
+            raise ValueError(f"{name} must be {what}, got {value!r}")
+    if dual_clip is not None and not 1 < dual_clip < float("inf"):
+        raise ValueError(f"dual_clip must be None or a finite number > 1, got {dual_clip!r}")
+    if loss_agg not in LOSS_AGG_MODES:
+        raise ValueError(f"loss_agg must be one of {LOSS_AGG_MODES}, got {loss_agg!r}")
+    if normalizer is not None:
+        if loss_agg == "none":
+            raise ValueError("normalizer has no meaning with loss_agg='none'")
+        if isinstance(normalizer, torch.Tensor):
+            if normalizer.numel() != 1:
+                raise ValueError(f"normalizer must hold one value, got shape {tuple(normalizer.shape)}")
+        elif not (isinstance(normalizer, (int, float)) and 0 < normalizer < float("inf")):
+            raise ValueError(f"normalizer must be a positive number or a one-element tensor, got {normalizer!r}")
+
+
+def _metrics(lp_s, lp_t, w, ratio, flags, mask):
+    terms = {
+        "weight": w,
+        "delta": torch.nan_to_num(lp_t - lp_s, nan=0.0),
+        "ratio": ratio,
+        **{name: (flags & int(bit)) != 0 for name, bit in (
+            ("weight_clip_low", Flag.WEIGHT_CLIP_LOW), ("weight_clip_high", Flag.WEIGHT_CLIP_HIGH),
+            ("ppo_clip_low", Flag.PPO_CLIP_LOW), ("ppo_clip_high", Flag.PPO_CLIP_HIGH),
+            ("dual_clip", Flag.DUAL_CLIP),
+        )},
+    }
+    return rlsd_metrics(terms, mask)
+
+
+def rlsd_loss(
+    student_logits,
+    teacher_logits,
+    tokens,
+    advantages,
+    *,
+    teacher_logprobs=None,
+    old_logprobs=None,
+    mask=None,
+    eps_w=0.2,
+    lam=1.0,
+    clip_low=0.2,
+    clip_high=0.28,
+    dual_clip=3.0,
+    temperature=1.0,
+    loss_agg="token-mean",
+    normalizer=None,
+    inplace_backward=False,
+    return_metrics=False,
+    cu_seqlens=None,
+    validate=True,
+):
+    """The RLSD policy loss, fused over the vocabulary: GRPO's direction, the teacher's magnitude.
+
+    Per token, with ``lp`` the log-prob of the sampled token under ``softmax(z / temperature)``::
+
+        w     = clip(exp(sign(A) * (lp_T - sg(lp_S))), 1 - eps_w, 1 + eps_w)
+        A_hat = A * ((1 - lam) + lam * w)                              (detached, sign of A)
+        rho   = exp(lp_S - lp_old)                                     (1 when old_logprobs is None)
+        l     = -min(rho * A_hat, clip(rho, 1 - clip_low, 1 + clip_high) * A_hat)
+        l     = min(l, -dual_clip * A_hat) where A_hat < 0             (dual clip; None disables it)
+
+    then aggregated by ``loss_agg`` (see ``reference.aggregate_loss``). Only the student logits get
+    a gradient. ``lam=0`` is plain GRPO/DAPO. Defaults are the official RLSD recipe.
+
+    Args:
+        student_logits: ``[B, T, V]`` (views such as ``logits[:, :-1]`` are read in place) or packed
+            ``[N, V]``; float32, float16 or bfloat16.
+        teacher_logits: same shape (any of those dtypes), the teacher scoring the same tokens; or
+            ``None`` with ``teacher_logprobs`` ``[B, T]`` / ``[N]`` precomputed.
+        tokens: ``[B, T]`` / ``[N]`` sampled ids; ``-100`` marks a masked token.
+        advantages: ``[B]``, ``[B, 1]``, ``[B, T]`` or packed ``[N]``.
+        old_logprobs: behaviour-policy log-probs ``[B, T]`` / ``[N]``; ``None`` is on-policy.
+        mask: ``[B, T]`` / ``[N]``, bool or float (token weights).
+        loss_agg: ``token-mean``, ``seq-mean-token-mean``, ``seq-mean-token-sum``,
+            ``seq-mean-token-sum-norm``, ``sum`` or ``none`` (per-token losses).
+        normalizer: replaces the mode's denominator (e.g. the global token count under gradient
+            accumulation or data parallelism); a number or a one-element tensor.
+        inplace_backward: write the student-logit gradient into the logits' storage (saves
+            ``N * V`` elements; the logits must not be used after the backward).
+        return_metrics: also return a dict of detached metrics (masked means and ``num_tokens``).
+        cu_seqlens: ``[S + 1]`` sequence boundaries of packed tokens, for the ``seq-mean`` modes.
+        validate: raise ``ValueError`` for token ids outside ``[0, V)`` at unmasked positions and for
+            unmasked rows holding NaN or ``+inf`` (one device-to-host sync per call). With
+            ``False`` such rows give non-finite values; use it where syncs are not allowed.
+
+    Returns:
+        The loss (a scalar, or per-token ``[B, T]`` / ``[N]`` for ``none``), or ``(loss, metrics)``.
+    """
+    s_rows = as_rows(student_logits, "student_logits")
+    device = student_logits.device
+    token_shape = tuple(student_logits.shape[:-1])
+    check_tensor(tokens, "tokens", kinds=("int",), device=device)
+    if tuple(tokens.shape) != token_shape:
+        raise ValueError(f"tokens has shape {tuple(tokens.shape)}, expected {token_shape}")
+    if (teacher_logits is None) == (teacher_logprobs is None):
+        raise ValueError("give exactly one of teacher_logits and teacher_logprobs")
+    if teacher_logits is not None:
+        same_rows(s_rows, teacher_logits, "teacher_logits", "student_logits")
+    _check_hyperparameters(eps_w, lam, clip_low, clip_high, dual_clip, temperature, loss_agg, normalizer)
+    if cu_seqlens is not None:
+        check_tensor(cu_seqlens, "cu_seqlens", kinds=("int",), dims=(1,))
+        if len(token_shape) != 1:
+            raise ValueError("cu_seqlens is for packed [N, V] logits")
+
+    f32 = dict(dtype=torch.float32, device=device)
+    flat_tokens = tokens.reshape(-1).contiguous()
+    adv = per_token(advantages, "advantages", token_shape, kinds=("float",), broadcast_rows=True, **f32)
+    lp_t_in = lp_old = None
+    if teacher_logprobs is not None:
+        lp_t_in = per_token(teacher_logprobs, "teacher_logprobs", token_shape, kinds=("float",), **f32)
+    if old_logprobs is not None:
+        lp_old = per_token(old_logprobs, "old_logprobs", token_shape, kinds=("float",), **f32)
+    m = (flat_tokens != IGNORE_INDEX).float()
+    if mask is not None:
+        m = m * per_token(mask, "mask", token_shape, kinds=("bool", "float", "int"), **f32)
+    if cu_seqlens is not None and validate and int(cu_seqlens[-1]) != s_rows.n:
+        raise ValueError(f"cu_seqlens ends at {int(cu_seqlens[-1])}, but there are {s_rows.n} tokens")
+    weight = token_weights(m, token_shape, loss_agg, normalizer, cu_seqlens)
+
+    if s_rows.n == 0:
+        loss = student_logits.float().sum() * 0.0
+        loss = loss.expand(token_shape) if loss_agg == "none" else loss
+        return (loss, _metrics(m, m, m, m, m.int(), m)) if return_metrics else loss
+
+    scalars = (float(eps_w), float(lam), float(clip_low), float(clip_high),
+               None if dual_clip is None else float(dual_clip), float(temperature))
+    teacher = None if teacher_logits is None else teacher_logits.detach()
+    args = (s_rows.tensor, teacher, flat_tokens, adv, lp_t_in, lp_old, weight) + scalars
+    if inplace_backward and torch.compiler.is_compiling():
+        raise ValueError("inplace_backward=True is not supported under torch.compile")
+    if loss_agg == "none":
+        loss, lp_s, lp_t, w, ratio, flags = RLSDTokenLossFunction.apply(*args, inplace_backward, validate)
+        loss = loss.view(token_shape)
+    else:
+        write_grad = student_logits.requires_grad and torch.is_grad_enabled()
+        loss, lp_s, lp_t, w, ratio, flags = RLSDLossFunction.apply(*args, write_grad, inplace_backward, validate)
+    if return_metrics:
+        return loss, _metrics(lp_s, lp_t, w, ratio, flags, m)
+    return loss
