@@ -2,8 +2,8 @@
 
 Same contract as the Triton launchers, same outputs, computed chunk by chunk over tokens so that
 no more than ``CHUNK_ELEMENTS`` float32 values of a ``[rows, V]`` block are alive at once. The
-per-token RLSD terms come from ``reference.rlsd_token_terms`` itself, their derivative by
-``torch.func.grad`` on a vector of log-probs.
+per-token RLSD terms and their closed-form derivative come from ``reference.rlsd_token_terms``
+itself.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ def _stats(chunk, y, temperature, active, want_entropy=False):
     """Scaled logits, logsumexp, log-prob, entropy and error masks of a ``[C, V]`` chunk."""
     z = chunk.float() / temperature
     lse = torch.logsumexp(z, dim=-1)
+    # As in the kernels' online logsumexp, a +inf logit makes the row's logsumexp NaN.
+    lse = torch.where(lse == float("inf"), float("nan"), lse)
     vocab = z.shape[-1]
     ok = (y >= 0) & (y < vocab)
     gathered = z.gather(1, torch.where(ok, y, 0).long()[:, None]).squeeze(1)
@@ -86,11 +88,6 @@ def logprobs_bwd(rows: Rows, tokens, lse, coef, coef_h, entropy, temperature, gr
     return grad
 
 
-def _summed_terms(lp_s, lp_t, adv, lp_old, params):
-    terms = reference.rlsd_token_terms(lp_s, lp_t, adv, lp_old=lp_old, **params)
-    return terms["loss"].sum(), {k: v.detach() for k, v in terms.items()}
-
-
 def rlsd_fwd(s_rows: Rows, t_rows, tokens, adv, lp_t_in, lp_old_in, weight, params, temperature, grad):
     """Per-token outputs as the Triton launcher returns them; writes ``weight * dl/dz`` into ``grad``."""
     n, device = s_rows.n, s_rows.tensor.device
@@ -108,8 +105,8 @@ def rlsd_fwd(s_rows: Rows, t_rows, tokens, adv, lp_t_in, lp_old_in, weight, para
         else:
             lp_t = lp_t_in[sl]
         old = None if lp_old_in is None else lp_old_in[sl]
-        # torch.func rather than autograd: this runs inside a custom op, below the autograd keys.
-        d_lp, terms = torch.func.grad(_summed_terms, has_aux=True)(lp_s, lp_t, adv[sl], old, params)
+        terms = reference.rlsd_token_terms(lp_s, lp_t, adv[sl], lp_old=old, **params)
+        d_lp = terms["d_loss"]
         zero = torch.zeros_like(lp_s)
         for key, value in (("loss", terms["loss"]), ("lp_s", lp_s), ("lp_t", lp_t), ("lse", lse),
                            ("d_lp", d_lp), ("w", terms["weight"]), ("ratio", terms["ratio"])):

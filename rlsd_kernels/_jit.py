@@ -66,8 +66,9 @@ def is_finite(x):
 
 
 @triton.jit
-def nan_to_zero(x):
-    return tl.where(x == x, x, 0.0)
+def log_diff(a, b):
+    """``a - b`` for log-probs, with (-inf) - (-inf) taken as 0; NaN stays NaN."""
+    return tl.where((a == float("-inf")) & (b == float("-inf")), 0.0, a - b)
 
 
 @triton.jit
@@ -80,24 +81,23 @@ def rlsd_epilogue(
 
     Mirrors ``reference.rlsd_token_terms``; ``lp_old`` is ``lp_s`` itself when on-policy.
     """
-    delta = nan_to_zero(lp_t - lp_s)
+    delta = log_diff(lp_t, lp_s)
     sign = tl.where(adv > 0, 1.0, tl.where(adv < 0, -1.0, 0.0))
     x = sign * delta
     weight = tl.exp(tl.minimum(tl.maximum(x, log_w_lo), log_w_hi))
     credit = (1.0 - lam) + lam * weight
     a_hat = adv * credit
 
-    log_ratio = nan_to_zero(lp_s - lp_old)
+    log_ratio = log_diff(lp_s, lp_old)
     log_ratio_c = tl.minimum(tl.maximum(log_ratio, -20.0), 20.0)
     ratio = tl.exp(log_ratio_c)
-    # d ratio / d lp_s; the clamp passes the gradient on its closed interval, as torch.clamp does.
-    d_ratio = tl.where((log_ratio >= -20.0) & (log_ratio <= 20.0), ratio, 0.0)
     clipped_ratio = tl.minimum(tl.maximum(ratio, 1.0 - clip_lo), 1.0 + clip_hi)
     surrogate = ratio * a_hat
     clipped_surrogate = clipped_ratio * a_hat
     unclipped = surrogate <= clipped_surrogate
     loss = -tl.where(unclipped, surrogate, clipped_surrogate)
-    d_loss = tl.where(unclipped, -a_hat * d_ratio, 0.0)
+    in_clamp = (log_ratio >= -20.0) & (log_ratio <= 20.0) & (lp_s > float("-inf"))
+    d_loss = tl.where(unclipped & in_clamp, -a_hat * ratio, 0.0)
 
     flags = tl.where((sign != 0) & (x < log_w_lo), FLAG_WEIGHT_CLIP_LOW, 0)
     flags |= tl.where((sign != 0) & (x > log_w_hi), FLAG_WEIGHT_CLIP_HIGH, 0)

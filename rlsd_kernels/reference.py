@@ -42,9 +42,13 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _nan_to_zero(x: torch.Tensor) -> torch.Tensor:
-    # (-inf) - (-inf) is NaN: a difference of two impossible log-probs counts as no difference.
-    return torch.where(torch.isnan(x), torch.zeros_like(x), x)
+def _log_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a - b`` for log-probs, where two impossible tokens ((-inf) - (-inf), else NaN) differ by 0.
+
+    NaN inputs stay NaN: only the validation check may turn them into an error.
+    """
+    both_impossible = (a == float("-inf")) & (b == float("-inf"))
+    return torch.where(both_impossible, torch.zeros_like(a), a - b)
 
 
 def token_logprobs(logits, tokens, *, temperature=1.0, return_entropy=False):
@@ -89,9 +93,15 @@ def rlsd_token_terms(
     (rho), and the booleans ``weight_clip_low`` / ``weight_clip_high`` (w was clipped),
     ``ppo_clip_low`` / ``ppo_clip_high`` (the clipped PPO branch was taken, for A_hat < 0 / > 0)
     and ``dual_clip`` (the dual-clip bound was taken).
+
+    ``d_loss`` is the derivative of ``loss`` by ``lp_student`` in closed form (what the kernels
+    compute; the tests hold it equal to autograd's)::
+
+        d_loss = -A_hat * rho   where the unclipped branch is taken, |log rho| <= 20 and lp_S > -inf
+               = 0              elsewhere, and where the dual clip binds
     """
     lp_s = lp_student.detach()
-    delta = _nan_to_zero(lp_teacher - lp_s)
+    delta = _log_diff(lp_teacher, lp_s)
     sign = torch.sign(advantages)
     x = sign * delta
     log_lo, log_hi = math.log1p(-eps_w), math.log1p(eps_w)
@@ -100,7 +110,7 @@ def rlsd_token_terms(
     a_hat = advantages * credit
 
     old = lp_s if lp_old is None else lp_old
-    log_ratio = _nan_to_zero(lp_student - old)
+    log_ratio = _log_diff(lp_student, old)
     ratio = torch.exp(log_ratio.clamp(-RATIO_LOG_CLAMP, RATIO_LOG_CLAMP))
     clipped_ratio = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     surrogate = ratio * a_hat
@@ -108,15 +118,20 @@ def rlsd_token_terms(
     unclipped = surrogate <= clipped_surrogate
     loss = -torch.where(unclipped, surrogate, clipped_surrogate)
 
+    in_clamp = (log_ratio >= -RATIO_LOG_CLAMP) & (log_ratio <= RATIO_LOG_CLAMP) & (lp_s > float("-inf"))
+    d_loss = torch.where(unclipped & in_clamp, -a_hat * ratio, torch.zeros_like(a_hat)).detach()
+
     dual = torch.zeros_like(unclipped)
     if dual_clip is not None:
         bound = -dual_clip * a_hat
         dual = (a_hat < 0) & (loss > bound)
         loss = torch.where(dual, bound, loss)
+        d_loss = torch.where(dual, torch.zeros_like(d_loss), d_loss)
 
     nonzero = sign != 0
     return {
         "loss": loss,
+        "d_loss": d_loss,
         "delta": delta,
         "weight": weight,
         "ratio": ratio.detach(),

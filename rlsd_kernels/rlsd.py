@@ -127,11 +127,15 @@ def _rlsd_fwd_kernel(
             d_row = dS + b * stride_db + t * stride_dt
             coef = tl.where(active, wt * d_lp, 0.0)
             lse2_ref = tl.where(active, lse2_s, 0.0)
-            read_end = tl.where(active, V, 0)
-            # Backwards over the row: its last blocks were read most recently.
+            # Backwards over the row (its last blocks were read most recently), prefetching as above.
+            cols = (n_blocks - 1) * BLOCK_V + offs
+            zs_next = tl.load(s_row + cols, mask=cols < read_end, other=float("-inf"), eviction_policy="evict_first")
             for i in tl.range(0, n_blocks):
                 cols = (n_blocks - 1 - i) * BLOCK_V + offs
-                zs = tl.load(s_row + cols, mask=cols < read_end, other=float("-inf"), eviction_policy="evict_first")
+                zs = zs_next
+                prev = cols - BLOCK_V
+                zs_next = tl.load(s_row + prev, mask=(prev >= 0) & (prev < read_end), other=float("-inf"),
+                                  eviction_policy="evict_first")
                 g = softmax_grad_block(zs.to(tl.float32) * scale2, lse2_ref, cols, y, coef, 0.0, 0.0, False)
                 tl.store(d_row + cols, (g * inv_temp).to(dS.dtype.element_ty), mask=cols < V,
                          eviction_policy="evict_first")
@@ -369,7 +373,7 @@ def _check_hyperparameters(eps_w, lam, clip_low, clip_high, dual_clip, temperatu
 def _metrics(lp_s, lp_t, w, ratio, flags, mask):
     terms = {
         "weight": w,
-        "delta": torch.nan_to_num(lp_t - lp_s, nan=0.0),
+        "delta": torch.where((lp_t == float("-inf")) & (lp_s == float("-inf")), 0.0, lp_t - lp_s),
         "ratio": ratio,
         **{name: (flags & int(bit)) != 0 for name, bit in (
             ("weight_clip_low", Flag.WEIGHT_CLIP_LOW), ("weight_clip_high", Flag.WEIGHT_CLIP_HIGH),

@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""Compile every kernel specialisation for a GPU target on this machine, no GPU needed.
+
+Builds each kernel to a cubin with Triton's own compiler and ptxas, as the launchers' runtime
+specialisation would (16-divisible pointers, strides and vocabulary), and reports registers, spills
+(local memory), shared memory and whether the row loads are 16 bytes wide. Prints JSON lines.
+
+    python bench/kernel_resources.py [--capability 90]
+"""
+
+import argparse
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("kernel_resources.py compiles real kernels: run it without TRITON_INTERPRET=1")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from rlsd_kernels._tuning import _candidates  # noqa: E402
+from rlsd_kernels.logprobs import _logprobs_bwd_kernel, _logprobs_fwd_kernel  # noqa: E402
+from rlsd_kernels.rlsd import _rlsd_fwd_kernel, _scale_kernel  # noqa: E402
+
+FLOAT_ARGS = {"scale2", "inv_temp", "log_w_lo", "log_w_hi", "lam", "clip_lo", "clip_hi", "dual_clip"}
+OTHER_POINTERS = {"tokens": "*i64", "flags_out": "*i32"}
+LOGIT_POINTERS = {"S", "T", "dS", "X", "dX"}
+INT_ARGS = {"V", "n_rows", "seqlen"}
+
+
+def compile_kernel(kernel, constexprs, *, logits="bf16", num_warps=8, capability=90):
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        if name in LOGIT_POINTERS:
+            signature[name] = f"*{logits}"
+        elif name in OTHER_POINTERS:
+            signature[name] = OTHER_POINTERS[name]
+        elif name in FLOAT_ARGS:
+            signature[name] = "fp32"
+        elif name.startswith("stride") or name in INT_ARGS:
+            signature[name] = "i32"
+        else:
+            signature[name] = "*fp32"
+        if signature[name].startswith("*") or name.startswith("stride") or name == "V":
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
+
+
+def resources(compiled):
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        out = subprocess.run([tool, "--dump-resource-usage", cubin], capture_output=True, text=True, check=True)
+    usage = {k.lower(): int(v) for k, v in re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", out.stdout)}
+    loads = re.findall(r"ld\.global[\w.:]*", compiled.asm["ptx"])
+    usage["wide_loads"] = any(".v4." in op for op in loads)
+    return usage
+
+
+def variants():
+    """Every flag combination at the default block, then every tuner candidate with all flags on."""
+    candidates = sorted({(c.block_v, c.num_warps) for c in _candidates(151936) + _candidates(4096)})
+    for t, o, d, g in itertools.product((True, False), repeat=4):
+        flags = dict(HAS_T_LOGITS=t, HAS_OLD=o, HAS_DUAL=d, WRITE_GRAD=g, BLOCK_V=8192)
+        yield _rlsd_fwd_kernel, flags, "bf16", 16
+    for (block, warps), logits in itertools.product(candidates, ("bf16", "fp16", "fp32")):
+        for teacher in (True, False):
+            flags = dict(HAS_T_LOGITS=teacher, HAS_OLD=True, HAS_DUAL=True, WRITE_GRAD=True, BLOCK_V=block)
+            yield _rlsd_fwd_kernel, flags, logits, warps
+        for entropy in (False, True):
+            yield _logprobs_fwd_kernel, dict(ENTROPY=entropy, BLOCK_V=block), logits, warps
+            yield _logprobs_bwd_kernel, dict(HAS_ENTROPY=entropy, BLOCK_V=block), logits, warps
+    yield _scale_kernel, dict(BLOCK_V=4096), "bf16", 4
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--capability", type=int, default=90, help="compute capability, e.g. 90 (Hopper), 80")
+    parser.add_argument("--quick", action="store_true", help="only the default block size")
+    args = parser.parse_args()
+    for kernel, flags, logits, warps in variants():
+        if args.quick and flags["BLOCK_V"] not in (8192, 4096):
+            continue
+        compiled = compile_kernel(kernel, flags, logits=logits, num_warps=warps, capability=args.capability)
+        row = dict(kernel=kernel.__name__, logits=logits, num_warps=warps, **flags, **resources(compiled))
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Test setup: real Triton kernels on CPU tensors through the interpreter when there is no GPU.
+
+``TRITON_INTERPRET`` must be set before anything imports triton, so it is decided here, first.
+Tests take their device from the ``device`` fixture: CUDA where there is one (the same tests then
+run the compiled kernels), else CPU under the interpreter. Every output the ops allocate is filled
+with NaN (floats) or -1 (ints) first, so an element a kernel forgets to write fails the comparison.
+"""
+
+import os
+import sys
+
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+    assert "triton" not in sys.modules, "triton was imported before TRITON_INTERPRET could be set"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from rlsd_kernels import _utils  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run by bench/gpu_check.sh on a lent GPU)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def poisoned_allocations(monkeypatch):
+    real_empty = _utils.empty
+
+    def poisoned(shape, *, dtype, device):
+        out = real_empty(shape, dtype=dtype, device=device)
+        return out.fill_(float("nan") if dtype.is_floating_point else -1)
+
+    monkeypatch.setattr(_utils, "empty", poisoned)
+
+
+@pytest.fixture
+def device():
+    return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture(params=["triton", "torch"])
+def backend(request):
+    """Runs a test once through the Triton kernels and once through the PyTorch path."""
+    with _utils.backend(request.param):
+        yield request.param
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(0)

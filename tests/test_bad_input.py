@@ -1,0 +1,103 @@
+"""Bad input gets a clear error that names the tensor, or a documented result; never a crash or NaN."""
+
+import pytest
+import torch
+from cases import make_case
+
+import rlsd_kernels
+from rlsd_kernels._tuning import RowConfig, force_row_config
+
+
+@pytest.fixture
+def case(device):
+    return make_case(device, mask="none", ratio=None)
+
+
+def call(case, **kw):
+    args = dict(student_logits=case.student.view, teacher_logits=case.teacher.view, tokens=case.tokens,
+                advantages=case.advantages)
+    args.update(kw)
+    positional = [args.pop(k) for k in ("student_logits", "teacher_logits", "tokens", "advantages")]
+    with force_row_config(RowConfig(16, 1)):
+        return rlsd_kernels.rlsd_loss(*positional, **{**case.kwargs, **args})
+
+
+@pytest.mark.parametrize(
+    "change, error, name",
+    [
+        (lambda c: dict(student_logits=c.student.view.double()), TypeError, "student_logits"),
+        (lambda c: dict(student_logits=c.student.view.long()), TypeError, "student_logits"),
+        (lambda c: dict(student_logits=c.student.view[0, 0]), ValueError, "student_logits"),
+        (lambda c: dict(teacher_logits=c.teacher.view[:, :-1]), ValueError, "teacher_logits"),
+        (lambda c: dict(teacher_logits=c.teacher.view.to("meta")), ValueError, "teacher_logits"),
+        (lambda c: dict(tokens=c.tokens.float()), TypeError, "tokens"),
+        (lambda c: dict(tokens=c.tokens[:, :-1]), ValueError, "tokens"),
+        (lambda c: dict(tokens=c.tokens.to("meta")), ValueError, "tokens"),
+        (lambda c: dict(advantages=c.advantages[:-1]), ValueError, "advantages"),
+        (lambda c: dict(advantages=c.advantages.long()), TypeError, "advantages"),
+        (lambda c: dict(mask=torch.ones(2, 2, dtype=torch.bool)), ValueError, "mask"),
+        (lambda c: dict(old_logprobs=torch.zeros(3)), ValueError, "old_logprobs"),
+        (lambda c: dict(teacher_logits=None), ValueError, "teacher_logprobs"),
+        (lambda c: dict(teacher_logprobs=torch.zeros(3, 5)), ValueError, "teacher_logprobs"),
+        (lambda c: dict(eps_w=1.5), ValueError, "eps_w"),
+        (lambda c: dict(lam=2.0), ValueError, "lam"),
+        (lambda c: dict(clip_low=-0.1), ValueError, "clip_low"),
+        (lambda c: dict(dual_clip=0.5), ValueError, "dual_clip"),
+        (lambda c: dict(temperature=0.0), ValueError, "temperature"),
+        (lambda c: dict(loss_agg="mean"), ValueError, "loss_agg"),
+        (lambda c: dict(normalizer=0), ValueError, "normalizer"),
+        (lambda c: dict(normalizer=5, loss_agg="none"), ValueError, "normalizer"),
+        (lambda c: dict(cu_seqlens=torch.tensor([0, 15])), ValueError, "cu_seqlens"),
+    ],
+)
+def test_argument_errors_name_the_argument(case, change, error, name):
+    with pytest.raises(error, match=name):
+        call(case, **change(case))
+
+
+def test_packed_sequence_modes_need_boundaries(device):
+    case = make_case(device, layout="packed", mask="none")
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        call(case, loss_agg="seq-mean-token-mean")
+    with pytest.raises(ValueError, match="cu_seqlens ends at"):
+        call(case, loss_agg="seq-mean-token-mean", cu_seqlens=torch.tensor([0, 4, 9], device=device))
+
+
+@pytest.mark.parametrize("bad_id", [37, 1000, -1, -7])
+def test_token_ids_out_of_range(case, bad_id, backend):
+    case.tokens[1, 3] = bad_id
+    with pytest.raises(ValueError, match=r"tokens: 1 token ids outside \[0, 37\).*id " + str(bad_id)):
+        call(case)
+    mask = torch.ones_like(case.tokens, dtype=torch.bool)
+    mask[1, 3] = False
+    assert torch.isfinite(call(case, mask=mask))
+    with pytest.raises(ValueError, match="tokens"):
+        rlsd_kernels.token_logprobs(case.student.view, case.tokens)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("which", ["student_logits", "teacher_logits"])
+def test_non_finite_logits_are_reported(case, value, which, backend):
+    buf = case.student if which == "student_logits" else case.teacher
+    buf.view.data[2, 1, 5] = value
+    with pytest.raises(ValueError, match=f"{which}: 1 unmasked rows hold NaN or \\+inf"):
+        call(case)
+    mask = torch.ones_like(case.tokens, dtype=torch.bool)
+    mask[2, 1] = False
+    assert torch.isfinite(call(case, mask=mask)), "a masked row is never read"
+    # validate=False is the documented way out of the check (no device-to-host sync): then it shows.
+    assert not torch.isfinite(call(case, validate=False))
+
+
+def test_rows_without_a_finite_logit(case, backend):
+    case.student.view.data[0, 0] = float("-inf")
+    with pytest.raises(ValueError, match="no finite value"):
+        call(case)
+
+
+def test_non_unit_vocabulary_stride_warns_and_copies(case):
+    transposed = case.student.view.detach().contiguous().transpose(0, 2).contiguous().transpose(0, 2)
+    assert transposed.stride(-1) != 1
+    with pytest.warns(UserWarning, match="vocabulary stride"):
+        loss = call(case, student_logits=transposed)
+    torch.testing.assert_close(loss, call(case))

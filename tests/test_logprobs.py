@@ -1,0 +1,75 @@
+"""``token_logprobs`` against the float64 reference, forward and both gradients."""
+
+import pytest
+import torch
+from cases import logits_buffer
+from tolerances import FP32, assert_close, assert_grad_close
+
+import rlsd_kernels
+from rlsd_kernels import reference
+from rlsd_kernels._tuning import RowConfig, force_row_config
+
+BLOCK = 16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [BLOCK - 1, BLOCK, BLOCK + 1, 45])
+@pytest.mark.parametrize("entropy", [False, True])
+def test_matches_reference(dtype, vocab, entropy, device, backend):
+    check(device, dtype=dtype, vocab=vocab, entropy=entropy)
+
+
+@pytest.mark.parametrize("layout", ["view", "contiguous", "packed"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_layouts_and_temperature(layout, temperature, device, backend):
+    check(device, layout=layout, temperature=temperature, entropy=True)
+
+
+def test_ignored_and_padded(device, backend):
+    """-100 ids give lp = H = 0 and no gradient; -inf logits (padded vocabulary) stay finite."""
+    check(device, vocab=40, entropy=True, ignore=True, pad_from=33)
+
+
+def test_persistent_grid(device, backend):
+    with force_row_config(RowConfig(BLOCK, 1, programs_per_sm=3)):
+        check(device, entropy=True, forced=False, layout="packed")
+
+
+def check(device, *, dtype=torch.float32, vocab=37, entropy=False, layout="view", temperature=1.0,
+          ignore=False, pad_from=None, forced=True):
+    token_shape = (9,) if layout == "packed" else (3, 4)
+    buf = logits_buffer(token_shape, vocab, dtype, device, layout=layout)
+    if pad_from is not None:
+        buf.view.data[..., pad_from:] = float("-inf")
+    tokens = torch.randint(0, pad_from or vocab, token_shape, device=device)
+    if ignore:
+        tokens.view(-1)[::3] = -100
+    ref_logits = buf.view.detach().double().requires_grad_()
+    ref = reference.token_logprobs(ref_logits, tokens, temperature=temperature, return_entropy=entropy)
+    ref = ref if entropy else (ref,)
+    upstream = [torch.randn_like(r) for r in ref]
+    sum(((r * u).sum() for r, u in zip(ref, upstream, strict=True))).backward()
+
+    logits = buf.view.requires_grad_()
+    ctx = force_row_config(RowConfig(BLOCK, 1)) if forced else _null()
+    with ctx:
+        out = rlsd_kernels.token_logprobs(logits, tokens, temperature=temperature, return_entropy=entropy)
+        out = out if entropy else (out,)
+        sum(((o * u.float()).sum() for o, u in zip(out, upstream, strict=True))).backward()
+    for name, o, r in zip(("lp", "entropy"), out, ref, strict=False):
+        assert o.dtype == torch.float32 and o.shape == tokens.shape
+        assert_close(o, r, what=name, **FP32)
+    assert (out[0] <= 0).all()
+    assert_grad_close(logits.grad, ref_logits.grad, dtype)
+    if ignore:
+        assert (out[0][tokens == -100] == 0).all()
+        assert (logits.grad[tokens == -100] == 0).all()
+    buf.check_canaries("logits")
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
