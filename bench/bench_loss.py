@@ -198,7 +198,7 @@ def main(argv=None):
     if gpu:
         table.update(liger_providers(s_full, *inputs[1:]))
         bw = common.copy_bandwidth_tbps()
-        floor = {"floor_3pass": 3 * bytes_logits / (bw * 1e12) * 1e3, "floor_4pass": 4 * bytes_logits / (bw * 1e12) * 1e3}
+        floor = {f"floor_{k}pass": k * bytes_logits / (bw * 1e12) * 1e3 for k in (3, 4)}
         print(f"copy bandwidth {bw:.2f} TB/s; floors: 3 passes {floor['floor_3pass']:.3f} ms, "
               f"4 passes {floor['floor_4pass']:.3f} ms")
     for name, (fn, what) in table.items():
