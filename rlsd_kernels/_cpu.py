@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import _utils, reference
+from ._prepare import OUTPUTS
 from ._utils import Rows
 from .flags import Flag
 
@@ -88,29 +89,29 @@ def logprobs_bwd(rows: Rows, tokens, lse, coef, coef_h, entropy, temperature, gr
     return grad
 
 
-def rlsd_fwd(s_rows: Rows, t_rows, tokens, adv, lp_t_in, lp_old_in, weight, params, temperature, grad):
+def rlsd_fwd(s_rows: Rows, t_rows, inputs, params, grad):
     """Per-token outputs as the Triton launcher returns them; writes ``weight * dl/dz`` into ``grad``."""
     n, device = s_rows.n, s_rows.tensor.device
-    keys = ("loss", "lp_s", "lp_t", "lse", "d_lp", "w", "ratio")
-    out = {k: _utils.empty((n,), dtype=torch.float32, device=device) for k in keys}
+    out = {k: _utils.empty((n,), dtype=torch.float32, device=device) for k in OUTPUTS}
     flags = _utils.empty((n,), dtype=torch.int32, device=device)
+    temperature = params["temperature"]
+    hyper = {k: params[k] for k in ("eps_w", "lam", "clip_low", "clip_high", "dual_clip")}
     tensors = [s_rows.tensor] + ([t_rows.tensor] if t_rows is not None else []) + ([grad] if grad is not None else [])
     for sl, views in _row_chunks(s_rows, *tensors):
-        y, wt = tokens[sl], weight[sl]
+        y, wt = inputs["tokens"][sl], inputs["weight"][sl]
         active = wt != 0
         z, lse, lp_s, _, bad, nonfinite_s = _stats(views[0], y, temperature, active)
         nonfinite_t = torch.zeros_like(active)
         if t_rows is not None:
             _, _, lp_t, _, _, nonfinite_t = _stats(views[1], y, temperature, active)
         else:
-            lp_t = lp_t_in[sl]
-        old = None if lp_old_in is None else lp_old_in[sl]
-        terms = reference.rlsd_token_terms(lp_s, lp_t, adv[sl], lp_old=old, **params)
-        d_lp = terms["d_loss"]
+            lp_t = inputs["lp_t"][sl]
+        old = None if inputs["lp_old"] is None else inputs["lp_old"][sl]
+        terms = reference.rlsd_token_terms(lp_s, lp_t, inputs["adv"][sl], lp_old=old, **hyper)
         zero = torch.zeros_like(lp_s)
         for key, value in (("loss", terms["loss"]), ("lp_s", lp_s), ("lp_t", lp_t), ("lse", lse),
-                           ("d_lp", d_lp), ("w", terms["weight"]), ("ratio", terms["ratio"])):
-            out[key][sl] = torch.where(active, value.detach(), zero)
+                           ("d_lp", terms["d_loss"]), ("w", terms["weight"]), ("ratio", terms["ratio"])):
+            out[key][sl] = torch.where(active, value, zero)
         bits = zero.int()
         for name, bit in (("weight_clip_low", Flag.WEIGHT_CLIP_LOW), ("weight_clip_high", Flag.WEIGHT_CLIP_HIGH),
                           ("ppo_clip_low", Flag.PPO_CLIP_LOW), ("ppo_clip_high", Flag.PPO_CLIP_HIGH),

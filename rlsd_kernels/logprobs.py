@@ -24,6 +24,7 @@ from ._jit import (
     lse_update,
     softmax_grad_block,
 )
+from ._prepare import check_temperature
 from ._tuning import TRIAL_ROWS, pick_row_config
 from ._utils import as_rows, check_tensor, raise_on_error_flags, use_triton
 
@@ -253,15 +254,10 @@ def token_logprobs(logits, tokens, *, temperature=1.0, return_entropy=False, val
     check_tensor(tokens, "tokens", kinds=("int",), device=logits.device)
     if tuple(tokens.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"tokens has shape {tuple(tokens.shape)}, expected {tuple(logits.shape[:-1])}")
-    _check_temperature(temperature)
+    check_temperature(temperature)
     if rows.n == 0:
         lp = logits.float().sum(-1) * 0.0
         return (lp, lp.clone()) if return_entropy else lp
     lp, ent = TokenLogprobsFunction.apply(rows.tensor, tokens, float(temperature), bool(return_entropy), validate)
     lp = lp.view(tokens.shape)
     return (lp, ent.view(tokens.shape)) if return_entropy else lp
-
-
-def _check_temperature(temperature):
-    if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")

@@ -16,7 +16,6 @@ import triton
 import triton.language as tl
 
 from . import _cpu, _utils
-from ._agg import token_weights
 from ._jit import (
     FLAG_BAD_TOKEN,
     FLAG_NONFINITE_STUDENT,
@@ -28,20 +27,9 @@ from ._jit import (
     rlsd_epilogue,
     softmax_grad_block,
 )
+from ._prepare import OUTPUTS, loss_metrics, prepare_loss_inputs
 from ._tuning import TRIAL_ROWS, pick_row_config
-from ._utils import (
-    as_rows,
-    check_tensor,
-    per_token,
-    raise_on_error_flags,
-    same_rows,
-    use_triton,
-)
-from .flags import Flag
-from .logprobs import _check_temperature
-from .reference import IGNORE_INDEX, LOSS_AGG_MODES, rlsd_metrics
-
-OUTPUTS = ("loss", "lp_s", "lp_t", "lse", "d_lp", "w", "ratio")
+from ._utils import as_rows, raise_on_error_flags, same_rows, use_triton
 
 
 @triton.jit
@@ -155,17 +143,15 @@ def _scale_kernel(X, stride_xb, stride_xt, scale, n_rows, seqlen, V, BLOCK_V: tl
             tl.store(x_row + cols, (x.to(tl.float32) * c).to(X.dtype.element_ty), mask=cols < V)
 
 
-def _hyper(eps_w, lam, clip_low, clip_high, dual_clip):
-    return dict(eps_w=eps_w, lam=lam, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip)
-
-
-def rlsd_fwd(student, teacher, tokens, adv, lp_t_in, lp_old_in, weight, params, temperature, grad):
-    """Launcher. ``grad`` is None (no gradient), a tensor shaped like ``student`` to write
-    ``weight * dl/dz`` into, or ``student`` itself (in place). Returns ``(outputs, flags)``."""
+def rlsd_fwd(student, teacher, inputs, params, grad):
+    """Launcher. ``inputs`` are the flat per-token tensors and ``params`` the scalars of
+    ``_prepare.LossInputs``; ``grad`` is None (no gradient), a tensor shaped like ``student`` (any
+    float dtype) to write ``weight * dl/dz`` into, or ``student`` itself (in place).
+    Returns ``(outputs, flags)``: a dict of ``OUTPUTS`` ``[N]`` float32 tensors and int32 flags."""
     s_rows = as_rows(student, "student_logits")
     t_rows = None if teacher is None else as_rows(teacher, "teacher_logits")
     if not use_triton(student):
-        return _cpu.rlsd_fwd(s_rows, t_rows, tokens, adv, lp_t_in, lp_old_in, weight, params, temperature, grad)
+        return _cpu.rlsd_fwd(s_rows, t_rows, inputs, params, grad)
     n, device = s_rows.n, student.device
     out = {k: _utils.empty((n,), dtype=torch.float32, device=device) for k in OUTPUTS}
     flags = _utils.empty((n,), dtype=torch.int32, device=device)
@@ -173,6 +159,8 @@ def rlsd_fwd(student, teacher, tokens, adv, lp_t_in, lp_old_in, weight, params, 
         math.log1p(-params["eps_w"]), math.log1p(params["eps_w"]), params["lam"],
         params["clip_low"], params["clip_high"], params["dual_clip"] or 0.0,
     )
+    temperature = params["temperature"]
+    lp_t_in, lp_old_in, adv = inputs["lp_t"], inputs["lp_old"], inputs["adv"]
 
     def run(config, n_rows=n, dest=grad, dest_strides=None):
         if dest_strides is None:
@@ -183,8 +171,8 @@ def rlsd_fwd(student, teacher, tokens, adv, lp_t_in, lp_old_in, weight, params, 
             teacher if teacher is not None else student,
             *((t_rows.stride_b, t_rows.stride_t) if t_rows is not None else (0, 0)),
             dest if dest is not None else student, *dest_strides,
-            tokens, adv,
-            lp_t_in if lp_t_in is not None else adv, lp_old_in if lp_old_in is not None else adv, weight,
+            inputs["tokens"], adv,
+            lp_t_in if lp_t_in is not None else adv, lp_old_in if lp_old_in is not None else adv, inputs["weight"],
             *(out[k] for k in OUTPUTS), flags,
             n_rows, s_rows.seqlen, s_rows.vocab, 1.4426950408889634 / temperature, 1.0 / temperature,
             *hyper,
@@ -217,10 +205,12 @@ def scale_grad_(grad, scale):
     rows = as_rows(grad, "grad")
     block = min(triton.next_power_of_2(rows.vocab), 4096)
     _scale_kernel[(rows.n,)](grad, rows.stride_b, rows.stride_t, scale, rows.n, rows.seqlen, rows.vocab, BLOCK_V=block)
-def _forward(student, teacher, tokens, adv, lp_t_in, lp_old_in, weight,
+def _forward(student, teacher, tokens, adv, lp_t, lp_old, weight,
              eps_w, lam, clip_low, clip_high, dual_clip, temperature, grad, validate):
-    params = _hyper(eps_w, lam, clip_low, clip_high, dual_clip)
-    out, flags = rlsd_fwd(student, teacher, tokens, adv, lp_t_in, lp_old_in, weight, params, temperature, grad)
+    inputs = dict(tokens=tokens, adv=adv, lp_t=lp_t, lp_old=lp_old, weight=weight)
+    params = dict(eps_w=eps_w, lam=lam, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+                  temperature=temperature)
+    out, flags = rlsd_fwd(student, teacher, inputs, params, grad)
     if validate:
         names = {"tokens": "tokens", "student": "student_logits", "teacher": "teacher_logits"}
         raise_on_error_flags(flags, tokens, student.shape[-1], names)
@@ -345,45 +335,6 @@ class RLSDTokenLossFunction(torch.autograd.Function):
         return (grad,) + (None,) * 14
 
 
-def _check_hyperparameters(eps_w, lam, clip_low, clip_high, dual_clip, temperature, loss_agg, normalizer):
-    _check_temperature(temperature)
-    checks = (
-        ("eps_w", eps_w, 0 <= eps_w < 1, "in [0, 1)"),
-        ("lam", lam, 0 <= lam <= 1, "in [0, 1]"),
-        ("clip_low", clip_low, 0 <= clip_low < 1, "in [0, 1)"),
-        ("clip_high", clip_high, 0 <= clip_high < float("inf"), "a finite number >= 0"),
-    )
-    for name, value, ok, what in checks:
-        if not ok:
-            raise ValueError(f"{name} must be {what}, got {value!r}")
-    if dual_clip is not None and not 1 < dual_clip < float("inf"):
-        raise ValueError(f"dual_clip must be None or a finite number > 1, got {dual_clip!r}")
-    if loss_agg not in LOSS_AGG_MODES:
-        raise ValueError(f"loss_agg must be one of {LOSS_AGG_MODES}, got {loss_agg!r}")
-    if normalizer is not None:
-        if loss_agg == "none":
-            raise ValueError("normalizer has no meaning with loss_agg='none'")
-        if isinstance(normalizer, torch.Tensor):
-            if normalizer.numel() != 1:
-                raise ValueError(f"normalizer must hold one value, got shape {tuple(normalizer.shape)}")
-        elif not (isinstance(normalizer, (int, float)) and 0 < normalizer < float("inf")):
-            raise ValueError(f"normalizer must be a positive number or a one-element tensor, got {normalizer!r}")
-
-
-def _metrics(lp_s, lp_t, w, ratio, flags, mask):
-    terms = {
-        "weight": w,
-        "delta": torch.where((lp_t == float("-inf")) & (lp_s == float("-inf")), 0.0, lp_t - lp_s),
-        "ratio": ratio,
-        **{name: (flags & int(bit)) != 0 for name, bit in (
-            ("weight_clip_low", Flag.WEIGHT_CLIP_LOW), ("weight_clip_high", Flag.WEIGHT_CLIP_HIGH),
-            ("ppo_clip_low", Flag.PPO_CLIP_LOW), ("ppo_clip_high", Flag.PPO_CLIP_HIGH),
-            ("dual_clip", Flag.DUAL_CLIP),
-        )},
-    }
-    return rlsd_metrics(terms, mask)
-
-
 def rlsd_loss(
     student_logits,
     teacher_logits,
@@ -444,47 +395,28 @@ def rlsd_loss(
         The loss (a scalar, or per-token ``[B, T]`` / ``[N]`` for ``none``), or ``(loss, metrics)``.
     """
     s_rows = as_rows(student_logits, "student_logits")
-    device = student_logits.device
-    token_shape = tuple(student_logits.shape[:-1])
-    check_tensor(tokens, "tokens", kinds=("int",), device=device)
-    if tuple(tokens.shape) != token_shape:
-        raise ValueError(f"tokens has shape {tuple(tokens.shape)}, expected {token_shape}")
     if (teacher_logits is None) == (teacher_logprobs is None):
         raise ValueError("give exactly one of teacher_logits and teacher_logprobs")
     if teacher_logits is not None:
         same_rows(s_rows, teacher_logits, "teacher_logits", "student_logits")
-    _check_hyperparameters(eps_w, lam, clip_low, clip_high, dual_clip, temperature, loss_agg, normalizer)
-    if cu_seqlens is not None:
-        check_tensor(cu_seqlens, "cu_seqlens", kinds=("int",), dims=(1,))
-        if len(token_shape) != 1:
-            raise ValueError("cu_seqlens is for packed [N, V] logits")
-
-    f32 = dict(dtype=torch.float32, device=device)
-    flat_tokens = tokens.reshape(-1).contiguous()
-    adv = per_token(advantages, "advantages", token_shape, kinds=("float",), broadcast_rows=True, **f32)
-    lp_t_in = lp_old = None
-    if teacher_logprobs is not None:
-        lp_t_in = per_token(teacher_logprobs, "teacher_logprobs", token_shape, kinds=("float",), **f32)
-    if old_logprobs is not None:
-        lp_old = per_token(old_logprobs, "old_logprobs", token_shape, kinds=("float",), **f32)
-    m = (flat_tokens != IGNORE_INDEX).float()
-    if mask is not None:
-        m = m * per_token(mask, "mask", token_shape, kinds=("bool", "float", "int"), **f32)
-    if cu_seqlens is not None and validate and int(cu_seqlens[-1]) != s_rows.n:
-        raise ValueError(f"cu_seqlens ends at {int(cu_seqlens[-1])}, but there are {s_rows.n} tokens")
-    weight = token_weights(m, token_shape, loss_agg, normalizer, cu_seqlens)
-
+    prepared = prepare_loss_inputs(
+        student_logits.shape[:-1], student_logits.device, tokens, advantages,
+        teacher_logprobs=teacher_logprobs, old_logprobs=old_logprobs, mask=mask, eps_w=eps_w, lam=lam,
+        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, temperature=temperature, loss_agg=loss_agg,
+        normalizer=normalizer, cu_seqlens=cu_seqlens, validate=validate,
+    )
+    inputs, params, m, token_shape = prepared
     if s_rows.n == 0:
         loss = student_logits.float().sum() * 0.0
         loss = loss.expand(token_shape) if loss_agg == "none" else loss
-        return (loss, _metrics(m, m, m, m, m.int(), m)) if return_metrics else loss
-
-    scalars = (float(eps_w), float(lam), float(clip_low), float(clip_high),
-               None if dual_clip is None else float(dual_clip), float(temperature))
-    teacher = None if teacher_logits is None else teacher_logits.detach()
-    args = (s_rows.tensor, teacher, flat_tokens, adv, lp_t_in, lp_old, weight) + scalars
+        return (loss, loss_metrics(m, m, m, m, m.int(), m)) if return_metrics else loss
     if inplace_backward and torch.compiler.is_compiling():
         raise ValueError("inplace_backward=True is not supported under torch.compile")
+
+    teacher = None if teacher_logits is None else teacher_logits.detach()
+    args = (s_rows.tensor, teacher, inputs["tokens"], inputs["adv"], inputs["lp_t"], inputs["lp_old"],
+            inputs["weight"], params["eps_w"], params["lam"], params["clip_low"], params["clip_high"],
+            params["dual_clip"], params["temperature"])
     if loss_agg == "none":
         loss, lp_s, lp_t, w, ratio, flags = RLSDTokenLossFunction.apply(*args, inplace_backward, validate)
         loss = loss.view(token_shape)
@@ -492,5 +424,5 @@ def rlsd_loss(
         write_grad = student_logits.requires_grad and torch.is_grad_enabled()
         loss, lp_s, lp_t, w, ratio, flags = RLSDLossFunction.apply(*args, write_grad, inplace_backward, validate)
     if return_metrics:
-        return loss, _metrics(lp_s, lp_t, w, ratio, flags, m)
+        return loss, loss_metrics(lp_s, lp_t, w, ratio, flags, m)
     return loss

@@ -190,10 +190,10 @@ def test_invariants(device, backend):
         assert_close(grpo, plain.mean(), what="lam=0 loss vs GRPO", **FP32)
 
         flat = lambda x: x.reshape(-1).contiguous().float()  # noqa: E731
-        params = dict(eps_w=0.2, lam=1.0, clip_low=0.2, clip_high=0.28, dual_clip=3.0)
-        out, _ = rlsd_fwd(case.student.view, case.teacher.view, flat(case.tokens), flat(case.advantages), None,
-                          flat(case.kwargs["old_logprobs"]), torch.ones(case.tokens.numel(), device=device),
-                          params, 1.0, None)
+        params = dict(eps_w=0.2, lam=1.0, clip_low=0.2, clip_high=0.28, dual_clip=3.0, temperature=1.0)
+        inputs = dict(tokens=case.tokens.reshape(-1), adv=flat(case.advantages), lp_t=None,
+                      lp_old=flat(case.kwargs["old_logprobs"]), weight=torch.ones(case.tokens.numel(), device=device))
+        out, _ = rlsd_fwd(case.student.view, case.teacher.view, inputs, params, None)
         unclipped = (flat(ratio) > 0.8) & (flat(ratio) < 1.28) & (flat(adv) != 0)
         assert unclipped.any()
         assert torch.equal(torch.sign(out["d_lp"][unclipped]), -torch.sign(flat(adv)[unclipped]))
