@@ -1,5 +1,5 @@
-"""Shared ``@triton.jit`` helpers: the online logsumexp over a row, the per-token RLSD epilogue and
-the softmax gradient of a row.
+"""Shared ``@triton.jit`` helpers: the logsumexp of a row, the per-token RLSD epilogue and the
+softmax gradient of a row.
 
 Rows are streamed in base-2 units: logits are multiplied once by ``log2(e) / tau`` so that every
 exponent is an ``exp2``; log-probs leave the helpers in natural units. The epilogue works on scalars
@@ -27,6 +27,33 @@ FLAG_NONFINITE_TEACHER = tl.constexpr(int(Flag.NONFINITE_TEACHER))
 
 
 @triton.jit
+def row_reference(z):
+    """A row's exponent reference, from its first block (base 2): the block max, 0 while all -inf.
+
+    The streaming loops add ``exp2(z - ref)`` into per-lane accumulators: no reduction and no
+    barrier per block, and one ``exp2`` per logit. A logit more than ~126 (base 2) above the
+    reference overflows the sum; ``finish_sum`` says so and ``row_lse_exact`` redoes the row.
+    """
+    m = tl.max(z, axis=0)
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def finish_sum(ref, acc):
+    """``(lse2, s, ok)`` from the per-lane sums; ``ok`` is False when the row needs the exact pass
+    (an overflow above the reference, no finite logit, or NaN/inf in the input)."""
+    s = tl.sum(acc, axis=0)
+    return ref + tl.log2(s), s, (s > 0.0) & (s < float("inf"))
+
+
+@triton.jit
+def entropy_terms(z, ref):
+    """Per-lane ``exp2(z - ref)`` and ``exp2(z - ref) * z`` (0 where z is -inf) for the entropy sums."""
+    e = tl.exp2(z - ref)
+    return e, tl.where(z > float("-inf"), e * z, 0.0)
+
+
+@triton.jit
 def lse_update(m, s, z):
     """Fold one block ``z`` (base 2, ``-inf`` padded) into the running max ``m`` and sum ``s``."""
     m_new = tl.maximum(m, tl.max(z, axis=0))
@@ -49,14 +76,26 @@ def lse_entropy_update(m, s, t, z):
 
 
 @triton.jit
-def lse_finish(m, s):
-    """Base-2 logsumexp from the running state."""
-    return m + tl.log2(s)
+def row_lse_exact(x_row, V, scale2, BLOCK_V: tl.constexpr, ENTROPY: tl.constexpr):
+    """``(lse2, s, t)`` of a row by the online logsumexp that rescales at every block: any range of
+    logits; the slow path behind the per-lane sums (and the state the entropy needs)."""
+    offs = tl.arange(0, BLOCK_V)
+    m = float("-inf")
+    s = 0.0
+    t = 0.0
+    for start in tl.range(0, V, BLOCK_V):
+        cols = start + offs
+        z = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * scale2
+        if ENTROPY:
+            m, s, t = lse_entropy_update(m, s, t, z)
+        else:
+            m, s = lse_update(m, s, z)
+    return m + tl.log2(s), s, t
 
 
 @triton.jit
 def entropy_finish(lse2, s, t):
-    """Entropy in natural units from the base-2 state: ``H = ln2 * (lse2 - t / s)``."""
+    """Entropy in natural units from the base-2 sums: ``H = ln2 * (lse2 - t / s)``."""
     return LN2 * (lse2 - t / s)
 
 

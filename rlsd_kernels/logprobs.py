@@ -18,10 +18,11 @@ from ._jit import (
     LN2,
     LOG2E,
     entropy_finish,
+    entropy_terms,
+    finish_sum,
     is_finite,
-    lse_entropy_update,
-    lse_finish,
-    lse_update,
+    row_lse_exact,
+    row_reference,
     softmax_grad_block,
 )
 from ._prepare import check_temperature
@@ -45,17 +46,26 @@ def _logprobs_fwd_kernel(
         y = tl.load(tokens + row).to(tl.int64)
         active = y != IGNORE_INDEX
         y_ok = (y >= 0) & (y < V)
-        m = float("-inf")
-        s = 0.0
-        t = 0.0
+        read_end = tl.where(active, V, 0)
+        # Per-lane sums against the first block's max, the next block loaded before this one is used.
+        x_next = tl.load(x_row + offs, mask=offs < read_end, other=float("-inf"))
+        ref = row_reference(x_next.to(tl.float32) * scale2)
+        acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+        acc_t = tl.zeros([BLOCK_V], dtype=tl.float32)
         for i in tl.range(0, tl.where(active, n_blocks, 0)):
-            cols = i * BLOCK_V + offs
-            z = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * scale2
+            z = x_next.to(tl.float32) * scale2
+            cols = (i + 1) * BLOCK_V + offs
+            x_next = tl.load(x_row + cols, mask=cols < read_end, other=float("-inf"))
             if ENTROPY:
-                m, s, t = lse_entropy_update(m, s, t, z)
+                e, ez = entropy_terms(z, ref)
+                acc += e
+                acc_t += ez
             else:
-                m, s = lse_update(m, s, z)
-        lse2 = lse_finish(m, s)
+                acc += tl.exp2(z - ref)
+        lse2, s, ok = finish_sum(ref, acc)
+        t = tl.sum(acc_t, axis=0)
+        if active & ~ok:
+            lse2, s, t = row_lse_exact(x_row, V, scale2, BLOCK_V, ENTROPY)
         zy = tl.load(x_row + tl.where(y_ok, y, 0), mask=active & y_ok, other=float("-inf")).to(tl.float32)
         lp = tl.minimum((zy * scale2 - lse2) * LN2, 0.0)
         tl.store(lp_out + row, tl.where(active, lp, 0.0))

@@ -21,10 +21,11 @@ from ._jit import (
     FLAG_NONFINITE_STUDENT,
     FLAG_NONFINITE_TEACHER,
     LN2,
+    finish_sum,
     is_finite,
-    lse_finish,
-    lse_update,
     rlsd_epilogue,
+    row_lse_exact,
+    row_reference,
     softmax_grad_block,
 )
 from ._prepare import OUTPUTS, loss_metrics, prepare_loss_inputs
@@ -60,17 +61,18 @@ def _rlsd_fwd_kernel(
         y_safe = tl.where(y_ok, y, 0)
 
         read_end = tl.where(active, V, 0)
-        m_s = float("-inf")
-        sum_s = 0.0
-        m_t = float("-inf")
-        sum_t = 0.0
-        # Each iteration loads the next block before reducing this one (registers double-buffer),
-        # so the loads stay in flight across the reductions' barriers. The student row is read
-        # again for the gradient: the cache is asked to keep it and to drop the teacher's first.
+        # Per-lane sums against each row's first-block max (no reduction inside the loop), with
+        # the next block loaded before this one is used, so loads stay in flight. The student row
+        # is read again for the gradient: the cache is asked to keep it and drop the teacher's first.
         zs_next = tl.load(s_row + offs, mask=offs < read_end, other=float("-inf"), eviction_policy="evict_last")
+        ref_s = row_reference(zs_next.to(tl.float32) * scale2)
+        acc_s = tl.zeros([BLOCK_V], dtype=tl.float32)
         zt_next = zs_next
+        ref_t = ref_s
+        acc_t = acc_s
         if HAS_T_LOGITS:
             zt_next = tl.load(t_row + offs, mask=offs < read_end, other=float("-inf"), eviction_policy="evict_first")
+            ref_t = row_reference(zt_next.to(tl.float32) * scale2)
         for i in tl.range(0, tl.where(active, n_blocks, 0)):
             zs = zs_next
             zt = zt_next
@@ -79,16 +81,20 @@ def _rlsd_fwd_kernel(
             if HAS_T_LOGITS:
                 zt_next = tl.load(t_row + cols, mask=cols < read_end, other=float("-inf"),
                                   eviction_policy="evict_first")
-            m_s, sum_s = lse_update(m_s, sum_s, zs.to(tl.float32) * scale2)
+            acc_s += tl.exp2(zs.to(tl.float32) * scale2 - ref_s)
             if HAS_T_LOGITS:
-                m_t, sum_t = lse_update(m_t, sum_t, zt.to(tl.float32) * scale2)
-        lse2_s = lse_finish(m_s, sum_s)
+                acc_t += tl.exp2(zt.to(tl.float32) * scale2 - ref_t)
+        lse2_s, _, ok = finish_sum(ref_s, acc_s)
+        if active & ~ok:
+            lse2_s, _, _ = row_lse_exact(s_row, V, scale2, BLOCK_V, False)
         zy_s = tl.load(s_row + y_safe, mask=active & y_ok, other=float("-inf")).to(tl.float32) * scale2
         lp_s = tl.minimum((zy_s - lse2_s) * LN2, 0.0)
         flags = tl.where(active & ~y_ok, FLAG_BAD_TOKEN, 0)
         flags |= tl.where(active & ~is_finite(lse2_s), FLAG_NONFINITE_STUDENT, 0)
         if HAS_T_LOGITS:
-            lse2_t = lse_finish(m_t, sum_t)
+            lse2_t, _, ok = finish_sum(ref_t, acc_t)
+            if active & ~ok:
+                lse2_t, _, _ = row_lse_exact(t_row, V, scale2, BLOCK_V, False)
             zy_t = tl.load(t_row + y_safe, mask=active & y_ok, other=float("-inf")).to(tl.float32) * scale2
             lp_t = tl.minimum((zy_t - lse2_t) * LN2, 0.0)
             flags |= tl.where(active & ~is_finite(lse2_t), FLAG_NONFINITE_TEACHER, 0)

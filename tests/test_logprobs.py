@@ -30,18 +30,26 @@ def test_ignored_and_padded(device, backend):
     check(device, vocab=40, entropy=True, ignore=True, pad_from=33)
 
 
+def test_wide_logit_range(device, backend):
+    """A logit far above the first block's, and a first block of -inf: the exact pass takes over."""
+    check(device, vocab=45, entropy=True, spike=True)
+
+
 def test_persistent_grid(device, backend):
     with force_row_config(RowConfig(BLOCK, 1, programs_per_sm=3)):
         check(device, entropy=True, forced=False, layout="packed")
 
 
 def check(device, *, dtype=torch.float32, vocab=37, entropy=False, layout="view", temperature=1.0,
-          ignore=False, pad_from=None, forced=True):
+          ignore=False, pad_from=None, forced=True, spike=False):
     token_shape = (9,) if layout == "packed" else (3, 4)
     buf = logits_buffer(token_shape, vocab, dtype, device, layout=layout)
     if pad_from is not None:
         buf.view.data[..., pad_from:] = float("-inf")
-    tokens = torch.randint(0, pad_from or vocab, token_shape, device=device)
+    if spike:
+        buf.view.data[0, 1, 40] = 300.0
+        buf.view.data[1, :, :BLOCK] = float("-inf")
+    tokens = torch.randint(BLOCK if spike else 0, pad_from or vocab, token_shape, device=device)
     if ignore:
         tokens.view(-1)[::3] = -100
     ref_logits = buf.view.detach().double().requires_grad_()

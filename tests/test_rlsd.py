@@ -220,3 +220,19 @@ def test_no_grad_and_detached_inputs(device, backend):
         b = case.call(rlsd_kernels.rlsd_loss, case.student.view.detach())
     assert not a.requires_grad and not b.requires_grad
     assert_close(a, b, what="loss", **FP32)
+
+
+@pytest.mark.parametrize("pattern", ["spike", "leading_pad"])
+def test_wide_logit_range(pattern, device, backend):
+    """Logits far above the first block's (the per-lane sums overflow) and a row whose first block
+    is all -inf: both go through the exact rescaling pass and match the reference."""
+    case = make_case(device, vocab=3 * BLOCK + 5, mask="none", ratio=None)
+    for buf in (case.student, case.teacher):
+        if pattern == "spike":
+            buf.view.data[0, 1, 2 * BLOCK + 3] = 150.0
+            buf.view.data[2, 4, BLOCK + 1] = 400.0
+        else:
+            buf.view.data[1, :, :BLOCK] = float("-inf")
+    case.tokens[1].clamp_(min=BLOCK)
+    with force_row_config(RowConfig(BLOCK, 1)):
+        check_against_reference(case, torch.float32)
