@@ -71,17 +71,18 @@ def resources(compiled):
 
 def variants():
     """Every flag combination at the default block, then every tuner candidate with all flags on."""
-    candidates = sorted({(c.block_v, c.num_warps) for c in _candidates(151936) + _candidates(4096)})
     for t, o, d, g in itertools.product((True, False), repeat=4):
         flags = dict(HAS_T_LOGITS=t, HAS_OLD=o, HAS_DUAL=d, WRITE_GRAD=g, BLOCK_V=8192)
         yield _rlsd_fwd_kernel, flags, "bf16", 16
-    for (block, warps), logits in itertools.product(candidates, ("bf16", "fp16", "fp32")):
-        for teacher in (True, False):
-            flags = dict(HAS_T_LOGITS=teacher, HAS_OLD=True, HAS_DUAL=True, WRITE_GRAD=True, BLOCK_V=block)
-            yield _rlsd_fwd_kernel, flags, logits, warps
-        for entropy in (False, True):
-            yield _logprobs_fwd_kernel, dict(ENTROPY=entropy, BLOCK_V=block), logits, warps
-            yield _logprobs_bwd_kernel, dict(HAS_ENTROPY=entropy, BLOCK_V=block), logits, warps
+    for logits, itemsize in (("bf16", 2), ("fp16", 2), ("fp32", 4)):
+        candidates = sorted({(c.block_v, c.num_warps) for c in _candidates(151936, itemsize) + _candidates(4096)})
+        for block, warps in candidates:
+            for teacher in (True, False):
+                flags = dict(HAS_T_LOGITS=teacher, HAS_OLD=True, HAS_DUAL=True, WRITE_GRAD=True, BLOCK_V=block)
+                yield _rlsd_fwd_kernel, flags, logits, warps
+            for entropy in (False, True):
+                yield _logprobs_fwd_kernel, dict(ENTROPY=entropy, BLOCK_V=block), logits, warps
+                yield _logprobs_bwd_kernel, dict(HAS_ENTROPY=entropy, BLOCK_V=block), logits, warps
     yield _scale_kernel, dict(BLOCK_V=4096), "bf16", 4
 
 

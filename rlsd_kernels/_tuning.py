@@ -34,6 +34,7 @@ class RowConfig(NamedTuple):
 
 
 _forced: RowConfig | None = None
+_forced_choice: str | None = None
 _cache: dict = {}
 
 
@@ -48,25 +49,41 @@ def force_row_config(config: RowConfig):
         _forced = previous
 
 
+@contextlib.contextmanager
+def force_choice(name: str):
+    """Take option ``name`` wherever ``pick_choice`` would time options (tests cover each path)."""
+    global _forced_choice
+    previous, _forced_choice = _forced_choice, name
+    try:
+        yield
+    finally:
+        _forced_choice = previous
+
+
 def _heuristic(vocab: int) -> RowConfig:
     block = min(triton.next_power_of_2(vocab), 8192 if not INTERPRET else 1024)
     return RowConfig(block_v=max(block, 16), num_warps=8 if block >= 4096 else 4)
 
 
-def _candidates(vocab: int) -> list[RowConfig]:
-    """What the tuner times; ``bench/kernel_resources.py`` checks that none of them spills."""
+def _candidates(vocab: int, itemsize: int = 2) -> list[RowConfig]:
+    """What the tuner times; ``bench/kernel_resources.py`` checks that none of them spills.
+
+    One CTA per multiprocessor (large blocks, or a persistent grid) keeps the rows in flight small
+    enough for a student row to still be in L2 when the gradient pass reads it again; more CTAs
+    hide latency better. Which wins depends on the card, so both kinds are timed."""
     if vocab <= 4096:
         block = max(triton.next_power_of_2(vocab), 128)
         return [RowConfig(block, w, p) for w in (4, 8) for p in (0, 4)]
+    large = 8192 if itemsize <= 2 else 4096
     return [
-        RowConfig(8192, 16, 0),
-        RowConfig(8192, 16, 1),
-        RowConfig(4096, 16, 0),
-        RowConfig(4096, 16, 1),
+        RowConfig(large, 16, 0),
+        RowConfig(large, 8, 0),
         RowConfig(4096, 8, 0),
-        RowConfig(4096, 8, 2),
-        RowConfig(2048, 8, 0),
+        RowConfig(4096, 8, 1),
+        RowConfig(2048, 8, 1),
         RowConfig(2048, 4, 0),
+        RowConfig(2048, 4, 1),
+        RowConfig(2048, 4, 2),
     ]
 
 
@@ -74,24 +91,34 @@ def autotune_enabled() -> bool:
     return os.environ.get("RLSD_KERNELS_AUTOTUNE", "1") != "0"
 
 
-def pick_row_config(key: tuple, vocab: int, device: torch.device, trial) -> RowConfig:
-    """The configuration for a row kernel; ``trial(config)`` runs one candidate on scratch outputs."""
-    if _forced is not None:
-        return _forced
+def pick_choice(key: tuple, device: torch.device, options: dict, default):
+    """Times each ``options[name]()`` once per ``key`` on CUDA and returns the fastest name (cached).
+
+    Off CUDA, or with ``RLSD_KERNELS_AUTOTUNE=0``, returns ``default`` (or the forced choice)."""
+    if _forced_choice is not None and _forced_choice in options:
+        return _forced_choice
     if device.type != "cuda" or not autotune_enabled():
-        return _heuristic(vocab)
-    key = (device.index, vocab) + tuple(key)
+        return default
+    key = (device.index,) + tuple(key)
     if key not in _cache:
         from triton.testing import do_bench
 
         timings = {}
-        for config in _candidates(vocab):
+        for name, run in options.items():
             try:
-                timings[config] = do_bench(lambda c=config: trial(c), warmup=5, rep=20, return_mode="median")
+                timings[name] = do_bench(run, warmup=5, rep=20, return_mode="median")
             except Exception:  # a candidate that fails to compile (resources) is skipped
                 continue
-        _cache[key] = min(timings, key=timings.get) if timings else _heuristic(vocab)
+        _cache[key] = min(timings, key=timings.get) if timings else default
     return _cache[key]
+
+
+def pick_row_config(key: tuple, vocab: int, device: torch.device, trial, itemsize: int = 2) -> RowConfig:
+    """The configuration for a row kernel; ``trial(config)`` runs one candidate on scratch outputs."""
+    if _forced is not None:
+        return _forced
+    options = {config: (lambda c=config: trial(c)) for config in _candidates(vocab, itemsize)}
+    return pick_choice((vocab,) + tuple(key), device, options, _heuristic(vocab))
 
 
 def tuned_configs() -> dict:

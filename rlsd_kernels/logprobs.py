@@ -132,39 +132,60 @@ def logprobs_fwd(logits, tokens, temperature, entropy):
         )
 
     key = ("logprobs_fwd", logits.dtype, entropy)
-    run(pick_row_config(key, rows.vocab, device, lambda c: run(c, min(n, TRIAL_ROWS))))
+    run(pick_row_config(key, rows.vocab, device, lambda c: run(c, min(n, TRIAL_ROWS)), logits.element_size()))
     return lp, lse, ent, flags
 
 
-def logprobs_bwd(logits, tokens, lse, coef, coef_h, entropy, temperature, inplace=False):
-    """Launcher of the general row backward; returns ``dlogits`` shaped like ``logits`` (``logits``
-    itself, overwritten, when ``inplace``: each block is read before its gradient is written)."""
-    rows = as_rows(logits, "logits")
-    tokens = tokens.reshape(-1)
-    device = logits.device
-    grad = logits if inplace else _utils.empty(logits.shape, dtype=logits.dtype, device=device)
-    if not use_triton(logits):
-        return _cpu.logprobs_bwd(rows, tokens, lse, coef, coef_h, entropy, temperature, grad)
-    g_rows = as_rows(grad, "grad")
+def bwd_launcher(rows, tokens, lse, coef, coef_h, entropy, temperature):
+    """``launch(config, n_rows, dest, dest_strides)`` of the row backward kernel over ``rows``."""
     has_entropy = coef_h is not None
 
-    def run(config, n_rows=rows.n, dest=grad, dest_strides=(g_rows.stride_b, g_rows.stride_t)):
-        _logprobs_bwd_kernel[config.grid(n_rows, device)](
+    def launch(config, n_rows, dest, dest_strides):
+        _logprobs_bwd_kernel[config.grid(n_rows, rows.tensor.device)](
             rows.tensor, rows.stride_b, rows.stride_t, dest, *dest_strides,
             tokens, lse, coef, coef_h if has_entropy else coef, entropy if has_entropy else coef,
             n_rows, rows.seqlen, rows.vocab, 1.4426950408889634 / temperature, 1.0 / temperature,
             HAS_ENTROPY=has_entropy, BLOCK_V=config.block_v, num_warps=config.num_warps,
         )
 
-    def trial(config):
-        n_rows = min(rows.n, TRIAL_ROWS)
-        if not inplace:
-            return run(config, n_rows)
-        # A trial never writes into the logits: row r = b * seqlen + t goes to offset r * V of a scratch.
-        scratch = torch.empty((n_rows, rows.vocab), dtype=logits.dtype, device=device)
-        run(config, n_rows, scratch, (rows.seqlen * rows.vocab, rows.vocab))
+    return launch
 
-    run(pick_row_config(("logprobs_bwd", logits.dtype, has_entropy), rows.vocab, device, trial))
+
+def trial_destination(dest, rows):
+    """Where a timing trial over the first ``TRIAL_ROWS`` rows writes, and with which strides: never
+    into the logits themselves (in place), but a scratch where row r = b * seqlen + t is at r * V.
+    Returns a function, so that the scratch is only allocated when a trial actually runs."""
+    found = []
+
+    def get():
+        if not found:
+            if dest.data_ptr() != rows.tensor.data_ptr():
+                d = as_rows(dest, "grad")
+                found.append((dest, (d.stride_b, d.stride_t)))
+            else:
+                scratch = torch.empty((min(rows.n, TRIAL_ROWS), rows.vocab), dtype=dest.dtype, device=dest.device)
+                found.append((scratch, (rows.seqlen * rows.vocab, rows.vocab)))
+        return found[0]
+
+    return get
+
+
+def logprobs_bwd(logits, tokens, lse, coef, coef_h, entropy, temperature, out=None):
+    """Launcher of the general row backward. Writes ``dlogits`` into ``out`` (shaped like ``logits``,
+    any float dtype, possibly ``logits`` itself: each block is read before its gradient is written)
+    or a new tensor in the logits' dtype, and returns it."""
+    rows = as_rows(logits, "logits")
+    tokens = tokens.reshape(-1)
+    grad = out if out is not None else _utils.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if not use_triton(logits):
+        return _cpu.logprobs_bwd(rows, tokens, lse, coef, coef_h, entropy, temperature, grad)
+    launch = bwd_launcher(rows, tokens, lse, coef, coef_h, entropy, temperature)
+    g_rows = as_rows(grad, "grad")
+    key = ("logprobs_bwd", logits.dtype, grad.dtype, coef_h is not None)
+    trial_dest = trial_destination(grad, rows)
+    trial = lambda c: launch(c, min(rows.n, TRIAL_ROWS), *trial_dest())  # noqa: E731
+    config = pick_row_config(key, rows.vocab, logits.device, trial, logits.element_size())
+    launch(config, rows.n, grad, (g_rows.stride_b, g_rows.stride_t))
     return grad
 
 
@@ -213,7 +234,7 @@ def _bwd_inplace_op(
     entropy: torch.Tensor | None,
     temperature: float,
 ) -> None:
-    logprobs_bwd(logits, tokens, lse, coef, coef_h, entropy, temperature, inplace=True)
+    logprobs_bwd(logits, tokens, lse, coef, coef_h, entropy, temperature, out=logits)
 
 
 @_bwd_inplace_op.register_fake

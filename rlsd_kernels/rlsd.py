@@ -29,8 +29,9 @@ from ._jit import (
     softmax_grad_block,
 )
 from ._prepare import OUTPUTS, loss_metrics, prepare_loss_inputs
-from ._tuning import TRIAL_ROWS, pick_row_config
+from ._tuning import TRIAL_ROWS, pick_choice, pick_row_config
 from ._utils import as_rows, raise_on_error_flags, same_rows, use_triton
+from .logprobs import bwd_launcher, trial_destination
 
 
 @triton.jit
@@ -153,7 +154,12 @@ def rlsd_fwd(student, teacher, inputs, params, grad):
     """Launcher. ``inputs`` are the flat per-token tensors and ``params`` the scalars of
     ``_prepare.LossInputs``; ``grad`` is None (no gradient), a tensor shaped like ``student`` (any
     float dtype) to write ``weight * dl/dz`` into, or ``student`` itself (in place).
-    Returns ``(outputs, flags)``: a dict of ``OUTPUTS`` ``[N]`` float32 tensors and int32 flags."""
+    Returns ``(outputs, flags)``: a dict of ``OUTPUTS`` ``[N]`` float32 tensors and int32 flags.
+
+    With a gradient to write, two strategies are timed once per problem and the faster is kept:
+    ``fused`` writes it from the same program right after the row's statistics (three passes over
+    ``[N, V]`` when the re-read student row is still in L2), ``split`` runs the forward without it
+    and then the row backward kernel (four passes, every program lighter)."""
     s_rows = as_rows(student, "student_logits")
     t_rows = None if teacher is None else as_rows(teacher, "teacher_logits")
     if not use_triton(student):
@@ -168,10 +174,7 @@ def rlsd_fwd(student, teacher, inputs, params, grad):
     temperature = params["temperature"]
     lp_t_in, lp_old_in, adv = inputs["lp_t"], inputs["lp_old"], inputs["adv"]
 
-    def run(config, n_rows=n, dest=grad, dest_strides=None):
-        if dest_strides is None:
-            d_rows = as_rows(dest, "grad") if dest is not None else s_rows
-            dest_strides = (d_rows.stride_b, d_rows.stride_t)
+    def run(config, n_rows, dest=None, dest_strides=(0, 0)):
         _rlsd_fwd_kernel[config.grid(n_rows, device)](
             student, s_rows.stride_b, s_rows.stride_t,
             teacher if teacher is not None else student,
@@ -183,22 +186,39 @@ def rlsd_fwd(student, teacher, inputs, params, grad):
             n_rows, s_rows.seqlen, s_rows.vocab, 1.4426950408889634 / temperature, 1.0 / temperature,
             *hyper,
             HAS_T_LOGITS=teacher is not None, HAS_OLD=lp_old_in is not None,
-            HAS_DUAL=params["dual_clip"] is not None, WRITE_GRAD=grad is not None,
+            HAS_DUAL=params["dual_clip"] is not None, WRITE_GRAD=dest is not None,
             BLOCK_V=config.block_v, num_warps=config.num_warps,
         )
 
-    def trial(config):
-        rows = min(n, TRIAL_ROWS)
-        if grad is not student:
-            return run(config, rows)
-        # Never write a trial gradient into the logits: in place, the trial writes a scratch
-        # [rows, V] buffer whose strides map row r = b * seqlen + t to offset r * V.
-        scratch = torch.empty((rows, s_rows.vocab), dtype=student.dtype, device=device)
-        run(config, rows, scratch, (s_rows.seqlen * s_rows.vocab, s_rows.vocab))
+    trial_rows = min(n, TRIAL_ROWS)
+    key = ("rlsd_fwd", student.dtype, None if teacher is None else teacher.dtype, lp_old_in is not None)
+    itemsize = student.element_size()
+    plain = pick_row_config(key + (False,), s_rows.vocab, device, lambda c: run(c, trial_rows), itemsize)
+    if grad is None:
+        run(plain, n)
+        return out, flags
 
-    key = ("rlsd_fwd", student.dtype, None if teacher is None else teacher.dtype, lp_old_in is not None,
-           grad is not None)
-    run(pick_row_config(key, s_rows.vocab, device, trial))
+    trial_dest = trial_destination(grad, s_rows)
+    fused = pick_row_config(key + (True,), s_rows.vocab, device, lambda c: run(c, trial_rows, *trial_dest()),
+                            itemsize)
+    coef = torch.empty_like(inputs["weight"])
+    backward = bwd_launcher(s_rows, inputs["tokens"], out["lse"], coef, None, None, temperature)
+    bwd_key = ("logprobs_bwd", student.dtype, grad.dtype, False)
+    bwd_config = pick_row_config(bwd_key, s_rows.vocab, device, lambda c: backward(c, trial_rows, *trial_dest()),
+                                 itemsize)
+
+    def split(n_rows, dest, dest_strides):
+        run(plain, n_rows)
+        torch.mul(inputs["weight"], out["d_lp"], out=coef)
+        backward(bwd_config, n_rows, dest, dest_strides)
+
+    strategies = {"fused": lambda: run(fused, trial_rows, *trial_dest()),
+                  "split": lambda: split(trial_rows, *trial_dest())}
+    g_rows = as_rows(grad, "grad")
+    if pick_choice(key + ("strategy",), device, strategies, default="fused") == "fused":
+        run(fused, n, grad, (g_rows.stride_b, g_rows.stride_t))
+    else:
+        split(n, grad, (g_rows.stride_b, g_rows.stride_t))
     return out, flags
 
 
@@ -228,24 +248,38 @@ def _fwd_op(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, tokens: torch.Tensor,
     advantages: torch.Tensor, teacher_logprobs: torch.Tensor | None, old_logprobs: torch.Tensor | None,
     weight: torch.Tensor, eps_w: float, lam: float, clip_low: float, clip_high: float,
-    dual_clip: float | None, temperature: float, write_grad: bool, validate: bool,
+    dual_clip: float | None, temperature: float, write_grad: bool, validate: bool, pad_before: int, pad_after: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor, torch.Tensor]:
-    grad = None
+    """``pad_before`` / ``pad_after``: the gradient is returned for ``base`` of which the logits are
+    ``base[:, pad_before:-pad_after]``, with zero rows there (see ``_slice_of_base``)."""
+    grad = dest = None
     if write_grad:
-        grad = _utils.empty(student_logits.shape, dtype=student_logits.dtype, device=student_logits.device)
+        grad = _utils.empty(_grad_shape(student_logits, pad_before, pad_after), dtype=student_logits.dtype,
+                            device=student_logits.device)
+        dest = grad if grad.dim() == 2 else grad[:, pad_before:pad_before + student_logits.shape[1]]
+        if pad_before or pad_after:
+            grad[:, :pad_before].zero_()
+            grad[:, pad_before + student_logits.shape[1]:].zero_()
     outs = _forward(student_logits, teacher_logits, tokens, advantages, teacher_logprobs, old_logprobs, weight,
-                    eps_w, lam, clip_low, clip_high, dual_clip, temperature, grad, validate)
+                    eps_w, lam, clip_low, clip_high, dual_clip, temperature, dest, validate)
     return outs + (grad if grad is not None else student_logits.new_empty(0),)
+
+
+def _grad_shape(student_logits, pad_before, pad_after):
+    if not (pad_before or pad_after):
+        return student_logits.shape
+    b, t, v = student_logits.shape
+    return (b, pad_before + t + pad_after, v)
 
 
 @_fwd_op.register_fake
 def _(student_logits, teacher_logits, tokens, advantages, teacher_logprobs, old_logprobs, weight,
-      eps_w, lam, clip_low, clip_high, dual_clip, temperature, write_grad, validate):
+      eps_w, lam, clip_low, clip_high, dual_clip, temperature, write_grad, validate, pad_before, pad_after):
     n = tokens.numel()
     per_token = [student_logits.new_empty((n,), dtype=torch.float32) for _ in OUTPUTS]
     flags = student_logits.new_empty((n,), dtype=torch.int32)
-    grad = torch.empty_like(student_logits, memory_format=torch.contiguous_format) if write_grad else \
+    grad = student_logits.new_empty(_grad_shape(student_logits, pad_before, pad_after)) if write_grad else \
         student_logits.new_empty(0)
     return (*per_token, flags, grad)
 
@@ -281,22 +315,30 @@ def _(grad, scale):
 
 
 class RLSDLossFunction(torch.autograd.Function):
-    """Scalar RLSD loss with its student-logit gradient written in the forward pass."""
+    """Scalar RLSD loss with its student-logit gradient written in the forward pass.
+
+    The differentiable input is the student logits, or the tensor ``base`` they are a
+    ``base[:, start:start + length]`` slice of (then the gradient is ``base``-shaped and autograd
+    skips the zero-filled copy a slice's backward would make)."""
 
     @staticmethod
-    def forward(ctx, student, teacher, tokens, adv, lp_t_in, lp_old_in, weight, eps_w, lam, clip_low,
-                clip_high, dual_clip, temperature, write_grad, inplace, validate):
+    def forward(ctx, logits_or_base, start, length, teacher, tokens, adv, lp_t_in, lp_old_in, weight, eps_w, lam,
+                clip_low, clip_high, dual_clip, temperature, write_grad, inplace, validate):
+        student = logits_or_base if start is None else logits_or_base[:, start:start + length]
+        pads = (0, 0) if start is None else (start, logits_or_base.shape[1] - start - length)
         args = (student, teacher, tokens, adv, lp_t_in, lp_old_in, weight, eps_w, lam, clip_low, clip_high,
                 dual_clip, temperature)
         if write_grad and inplace:
             *outs, flags = torch.ops.rlsd_kernels.rlsd_fwd_inplace(*args, validate)
-            grad = student
+            grad = logits_or_base
         else:
-            *outs, flags, grad = torch.ops.rlsd_kernels.rlsd_fwd(*args, write_grad, validate)
+            *outs, flags, grad = torch.ops.rlsd_kernels.rlsd_fwd(*args, write_grad, validate, *pads)
         loss = (weight * outs[0]).sum()
         per_token = dict(zip(OUTPUTS, outs, strict=True))
-        # In place, ``grad`` is the student logits themselves, saved after the kernel wrote them.
+        # In place, ``grad`` is the student logits (or their base) themselves, saved after the kernel
+        # wrote them; rows of the base outside the slice are zeroed in the backward.
         ctx.save_for_backward(grad.detach())
+        ctx.pads = pads if inplace else (0, 0)
         ctx.used = False
         ctx.mark_non_differentiable(per_token["lp_s"], per_token["lp_t"], per_token["w"], per_token["ratio"], flags)
         return loss, per_token["lp_s"], per_token["lp_t"], per_token["w"], per_token["ratio"], flags
@@ -308,8 +350,12 @@ class RLSDLossFunction(torch.autograd.Function):
                                "backward through it twice is not supported")
         ctx.used = True
         (grad,) = ctx.saved_tensors
+        before, after = ctx.pads
+        if before or after:
+            grad[:, :before].zero_()
+            grad[:, grad.shape[1] - after:].zero_()
         torch.ops.rlsd_kernels.scale_grad_(grad, grad_loss.float().reshape(1))
-        return (grad,) + (None,) * 15
+        return (grad,) + (None,) * 17
 
 
 class RLSDTokenLossFunction(torch.autograd.Function):
@@ -320,7 +366,7 @@ class RLSDTokenLossFunction(torch.autograd.Function):
                 clip_high, dual_clip, temperature, inplace, validate):
         *outs, flags, _ = torch.ops.rlsd_kernels.rlsd_fwd(
             student, teacher, tokens, adv, lp_t_in, lp_old_in, weight, eps_w, lam, clip_low, clip_high,
-            dual_clip, temperature, False, validate,
+            dual_clip, temperature, False, validate, 0, 0,
         )
         per_token = dict(zip(OUTPUTS, outs, strict=True))
         ctx.save_for_backward(student, tokens, weight, per_token["lse"], per_token["d_lp"])
@@ -339,6 +385,21 @@ class RLSDTokenLossFunction(torch.autograd.Function):
             return (student,) + (None,) * 14
         grad = torch.ops.rlsd_kernels.token_logprobs_bwd(student, tokens, lse, coef, None, None, ctx.temperature)
         return (grad,) + (None,) * 14
+
+
+def _slice_of_base(x):
+    """``(base, start)`` when ``x`` is ``base[:, start:start + T]`` of a contiguous ``[B, T', V]``
+    tensor, as ``logits[:, :-1]`` is; else None. Eager only: under torch.compile the view is kept."""
+    base = x._base
+    if base is None or torch.compiler.is_compiling() or x.dim() != 3 or base.dim() != 3 or not base.is_contiguous():
+        return None
+    if x.stride() != base.stride() or x.shape[0] != base.shape[0] or x.shape[2] != base.shape[2]:
+        return None
+    offset = x.storage_offset() - base.storage_offset()
+    start = offset // base.stride(1)
+    if offset % base.stride(1) or start + x.shape[1] > base.shape[1] or not base.requires_grad:
+        return None
+    return base, start
 
 
 def rlsd_loss(
@@ -428,7 +489,14 @@ def rlsd_loss(
         loss = loss.view(token_shape)
     else:
         write_grad = student_logits.requires_grad and torch.is_grad_enabled()
-        loss, lp_s, lp_t, w, ratio, flags = RLSDLossFunction.apply(*args, write_grad, inplace_backward, validate)
+        target, start, length = s_rows.tensor, None, None
+        sliced = _slice_of_base(s_rows.tensor) if write_grad else None
+        if sliced is not None:
+            target, start = sliced
+            length = s_rows.tensor.shape[1]
+        loss, lp_s, lp_t, w, ratio, flags = RLSDLossFunction.apply(
+            target, start, length, *args[1:], write_grad, inplace_backward, validate
+        )
     if return_metrics:
         return loss, loss_metrics(lp_s, lp_t, w, ratio, flags, m)
     return loss

@@ -9,7 +9,7 @@ from tolerances import FP32, assert_close, assert_grad_close
 
 import rlsd_kernels
 from rlsd_kernels import reference
-from rlsd_kernels._tuning import RowConfig, force_row_config
+from rlsd_kernels._tuning import RowConfig, force_choice, force_row_config
 from rlsd_kernels.logprobs import logprobs_fwd
 from rlsd_kernels.rlsd import rlsd_fwd
 
@@ -236,3 +236,30 @@ def test_wide_logit_range(pattern, device, backend):
     case.tokens[1].clamp_(min=BLOCK)
     with force_row_config(RowConfig(BLOCK, 1)):
         check_against_reference(case, torch.float32)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("axis", [dict(), dict(layout="packed", dtype=torch.bfloat16, mask="seq")])
+def test_split_strategy(inplace, axis, device, backend):
+    """The gradient written by the forward-then-row-backward strategy the tuner may pick instead."""
+    with force_row_config(RowConfig(BLOCK, 1)), force_choice("split"):
+        check_against_reference(make_case(device, **axis), axis.get("dtype", torch.float32), inplace=inplace)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_shifted_view_gradient_goes_to_its_base(inplace, device, backend):
+    """``logits[:, :-1]`` of a [B, T+1, V] tensor: the gradient is written for the whole tensor, with
+    zeros in the last position, and equals autograd's through the slice."""
+    logits = torch.randn(3, 6, 29, device=device)
+    teacher = torch.randn(3, 6, 29, device=device)
+    tokens = torch.randint(0, 29, (3, 5), device=device)
+    adv = torch.randn(3, device=device)
+    expected_base = logits.double().requires_grad_()
+    reference.rlsd_loss(expected_base[:, :-1], teacher[:, :-1].double(), tokens, adv.double()).mul(2.5).backward()
+    base = logits.clone().requires_grad_()
+    with force_row_config(RowConfig(BLOCK, 1)):
+        loss = rlsd_kernels.rlsd_loss(base[:, :-1], teacher[:, :-1], tokens, adv, inplace_backward=inplace)
+    assert loss.grad_fn is not None and "Slice" not in type(loss.grad_fn.next_functions[0][0]).__name__
+    (2.5 * loss).backward()
+    assert_grad_close(base.grad, expected_base.grad, torch.float32)
+    assert torch.equal(base.grad[:, -1], torch.zeros_like(base.grad[:, -1]))

@@ -31,9 +31,11 @@ def report():
 def test_every_variant_compiled(report):
     kernels = {row["kernel"] for row in report}
     assert kernels == {"_rlsd_fwd_kernel", "_logprobs_fwd_kernel", "_logprobs_bwd_kernel", "_scale_kernel"}
-    configs = {(c.block_v, c.num_warps) for c in _candidates(151936) + _candidates(4096)}
-    tested = {(row["BLOCK_V"], row["num_warps"]) for row in report if row["kernel"] == "_rlsd_fwd_kernel"}
-    assert configs <= tested
+    for logits, itemsize in (("bf16", 2), ("fp32", 4)):
+        configs = {(c.block_v, c.num_warps) for c in _candidates(151936, itemsize) + _candidates(4096)}
+        tested = {(row["BLOCK_V"], row["num_warps"]) for row in report
+                  if row["kernel"] == "_rlsd_fwd_kernel" and row["logits"] == logits}
+        assert configs <= tested, logits
 
 
 def test_nothing_spills(report):
