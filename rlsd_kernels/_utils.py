@@ -47,6 +47,23 @@ def use_triton(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
+def custom_op(name: str, *, mutates_args):
+    """``torch.library.custom_op`` that also keeps the plain function, for ``call_op`` in eager mode."""
+
+    def register(fn):
+        op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+        op.eager = fn
+        return op
+
+    return register
+
+
+def call_op(op, *args):
+    """The registered op under torch.compile (opaque to tracing); the plain function otherwise,
+    skipping the dispatcher's per-call cost (the op bodies are where autograd cannot see)."""
+    return op(*args) if torch.compiler.is_compiling() else op.eager(*args)
+
+
 def empty(shape, *, dtype, device) -> torch.Tensor:
     """Every output the ops allocate comes from here, so tests can fill them with NaN."""
     return torch.empty(shape, dtype=dtype, device=device)

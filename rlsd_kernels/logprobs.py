@@ -27,7 +27,7 @@ from ._jit import (
 )
 from ._prepare import check_temperature
 from ._tuning import TRIAL_ROWS, pick_row_config
-from ._utils import as_rows, check_tensor, raise_on_error_flags, use_triton
+from ._utils import as_rows, call_op, check_tensor, custom_op, raise_on_error_flags, use_triton
 
 
 @triton.jit
@@ -189,7 +189,7 @@ def logprobs_bwd(logits, tokens, lse, coef, coef_h, entropy, temperature, out=No
     return grad
 
 
-@torch.library.custom_op("rlsd_kernels::token_logprobs_fwd", mutates_args=())
+@custom_op("rlsd_kernels::token_logprobs_fwd", mutates_args=())
 def _fwd_op(
     logits: torch.Tensor, tokens: torch.Tensor, temperature: float, entropy: bool, validate: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -206,7 +206,7 @@ def _(logits, tokens, temperature, entropy, validate):
     return new(n), new(n), new(n if entropy else 0)
 
 
-@torch.library.custom_op("rlsd_kernels::token_logprobs_bwd", mutates_args=())
+@custom_op("rlsd_kernels::token_logprobs_bwd", mutates_args=())
 def _bwd_op(
     logits: torch.Tensor,
     tokens: torch.Tensor,
@@ -224,7 +224,7 @@ def _(logits, tokens, lse, coef, coef_h, entropy, temperature):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("rlsd_kernels::token_logprobs_bwd_", mutates_args=("logits",))
+@custom_op("rlsd_kernels::token_logprobs_bwd_", mutates_args=("logits",))
 def _bwd_inplace_op(
     logits: torch.Tensor,
     tokens: torch.Tensor,
@@ -245,7 +245,7 @@ def _(logits, tokens, lse, coef, coef_h, entropy, temperature):
 class TokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, tokens, temperature, want_entropy, validate):
-        lp, lse, ent = torch.ops.rlsd_kernels.token_logprobs_fwd(logits, tokens, temperature, want_entropy, validate)
+        lp, lse, ent = call_op(_fwd_op, logits, tokens, temperature, want_entropy, validate)
         ctx.save_for_backward(logits, tokens, lse, ent)
         ctx.temperature = temperature
         ctx.want_entropy = want_entropy
@@ -255,7 +255,8 @@ class TokenLogprobsFunction(torch.autograd.Function):
     def backward(ctx, grad_lp, grad_ent):
         logits, tokens, lse, ent = ctx.saved_tensors
         coef_h = grad_ent.float().contiguous() if ctx.want_entropy else None
-        grad = torch.ops.rlsd_kernels.token_logprobs_bwd(
+        grad = call_op(
+            _bwd_op,
             logits, tokens, lse, grad_lp.float().contiguous(), coef_h, ent if ctx.want_entropy else None,
             ctx.temperature,
         )

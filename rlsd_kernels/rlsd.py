@@ -30,8 +30,8 @@ from ._jit import (
 )
 from ._prepare import OUTPUTS, loss_metrics, prepare_loss_inputs
 from ._tuning import TRIAL_ROWS, pick_choice, pick_row_config
-from ._utils import as_rows, raise_on_error_flags, same_rows, use_triton
-from .logprobs import bwd_launcher, trial_destination
+from ._utils import as_rows, call_op, custom_op, raise_on_error_flags, same_rows, use_triton
+from .logprobs import _bwd_inplace_op, _bwd_op, bwd_launcher, trial_destination
 
 
 @triton.jit
@@ -243,7 +243,7 @@ def _forward(student, teacher, tokens, adv, lp_t, lp_old, weight,
     return tuple(out[k] for k in OUTPUTS) + (flags,)
 
 
-@torch.library.custom_op("rlsd_kernels::rlsd_fwd", mutates_args=())
+@custom_op("rlsd_kernels::rlsd_fwd", mutates_args=())
 def _fwd_op(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, tokens: torch.Tensor,
     advantages: torch.Tensor, teacher_logprobs: torch.Tensor | None, old_logprobs: torch.Tensor | None,
@@ -284,7 +284,7 @@ def _(student_logits, teacher_logits, tokens, advantages, teacher_logprobs, old_
     return (*per_token, flags, grad)
 
 
-@torch.library.custom_op("rlsd_kernels::rlsd_fwd_inplace", mutates_args=("student_logits",))
+@custom_op("rlsd_kernels::rlsd_fwd_inplace", mutates_args=("student_logits",))
 def _fwd_inplace_op(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, tokens: torch.Tensor,
     advantages: torch.Tensor, teacher_logprobs: torch.Tensor | None, old_logprobs: torch.Tensor | None,
@@ -304,7 +304,7 @@ def _(student_logits, teacher_logits, tokens, advantages, teacher_logprobs, old_
     return (*per_token, student_logits.new_empty((n,), dtype=torch.int32))
 
 
-@torch.library.custom_op("rlsd_kernels::scale_grad_", mutates_args=("grad",))
+@custom_op("rlsd_kernels::scale_grad_", mutates_args=("grad",))
 def _scale_op(grad: torch.Tensor, scale: torch.Tensor) -> None:
     scale_grad_(grad, scale)
 
@@ -329,10 +329,10 @@ class RLSDLossFunction(torch.autograd.Function):
         args = (student, teacher, tokens, adv, lp_t_in, lp_old_in, weight, eps_w, lam, clip_low, clip_high,
                 dual_clip, temperature)
         if write_grad and inplace:
-            *outs, flags = torch.ops.rlsd_kernels.rlsd_fwd_inplace(*args, validate)
+            *outs, flags = call_op(_fwd_inplace_op, *args, validate)
             grad = logits_or_base
         else:
-            *outs, flags, grad = torch.ops.rlsd_kernels.rlsd_fwd(*args, write_grad, validate, *pads)
+            *outs, flags, grad = call_op(_fwd_op, *args, write_grad, validate, *pads)
         loss = (weight * outs[0]).sum()
         per_token = dict(zip(OUTPUTS, outs, strict=True))
         # In place, ``grad`` is the student logits (or their base) themselves, saved after the kernel
@@ -354,7 +354,7 @@ class RLSDLossFunction(torch.autograd.Function):
         if before or after:
             grad[:, :before].zero_()
             grad[:, grad.shape[1] - after:].zero_()
-        torch.ops.rlsd_kernels.scale_grad_(grad, grad_loss.float().reshape(1))
+        call_op(_scale_op, grad, grad_loss.float().reshape(1))
         return (grad,) + (None,) * 17
 
 
@@ -364,8 +364,8 @@ class RLSDTokenLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, tokens, adv, lp_t_in, lp_old_in, weight, eps_w, lam, clip_low,
                 clip_high, dual_clip, temperature, inplace, validate):
-        *outs, flags, _ = torch.ops.rlsd_kernels.rlsd_fwd(
-            student, teacher, tokens, adv, lp_t_in, lp_old_in, weight, eps_w, lam, clip_low, clip_high,
+        *outs, flags, _ = call_op(
+            _fwd_op, student, teacher, tokens, adv, lp_t_in, lp_old_in, weight, eps_w, lam, clip_low, clip_high,
             dual_clip, temperature, False, validate, 0, 0,
         )
         per_token = dict(zip(OUTPUTS, outs, strict=True))
@@ -381,9 +381,9 @@ class RLSDTokenLossFunction(torch.autograd.Function):
         student, tokens, weight, lse, d_lp = ctx.saved_tensors
         coef = (grad_loss.float().reshape(-1) * weight * d_lp).contiguous()
         if ctx.inplace:
-            torch.ops.rlsd_kernels.token_logprobs_bwd_(student, tokens, lse, coef, None, None, ctx.temperature)
+            call_op(_bwd_inplace_op, student, tokens, lse, coef, None, None, ctx.temperature)
             return (student,) + (None,) * 14
-        grad = torch.ops.rlsd_kernels.token_logprobs_bwd(student, tokens, lse, coef, None, None, ctx.temperature)
+        grad = call_op(_bwd_op, student, tokens, lse, coef, None, None, ctx.temperature)
         return (grad,) + (None,) * 14
 
 
