@@ -24,14 +24,15 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from rlsd_kernels._rlsd_kernels import _rlsd_fwd_kernel, _rlsd_token_kernel, _scale_kernel  # noqa: E402
 from rlsd_kernels._tuning import _candidates  # noqa: E402
 from rlsd_kernels.logprobs import _logprobs_bwd_kernel, _logprobs_fwd_kernel  # noqa: E402
-from rlsd_kernels.rlsd import _rlsd_fwd_kernel, _scale_kernel  # noqa: E402
 
-FLOAT_ARGS = {"scale2", "inv_temp", "log_w_lo", "log_w_hi", "lam", "clip_lo", "clip_hi", "dual_clip"}
+FLOAT_ARGS = {"scale2", "inv_temp", "log_w_lo", "log_w_hi", "lam", "clip_lo", "clip_hi", "dual_clip", "log_tis_cap",
+              "kl_coef", "entropy_coef"}
 OTHER_POINTERS = {"tokens": "*i64", "flags_out": "*i32"}
 LOGIT_POINTERS = {"S", "T", "dS", "X", "dX"}
-INT_ARGS = {"V", "n_rows", "seqlen"}
+INT_ARGS = {"V", "n_rows", "seqlen", "n"}
 
 
 def compile_kernel(kernel, constexprs, *, logits="bf16", num_warps=8, capability=90):
@@ -69,20 +70,28 @@ def resources(compiled):
     return usage
 
 
+RLSD_OFF = dict(HAS_T_LOGITS=True, HAS_OLD=True, HAS_DUAL=True, CISPO=False, CREDIT_OLD=False, HAS_CREDIT=False,
+                SEQ_RATIO=False, IS_MODE=0, KL=0, ENTROPY=False, ENTROPY_GRAD=False, WRITE_GRAD=True)
+RLSD_ALL = dict(RLSD_OFF, HAS_CREDIT=True, IS_MODE=1, KL=3, ENTROPY=True, ENTROPY_GRAD=True)
+TOKEN_FLAGS = {k: v for k, v in RLSD_ALL.items() if k not in ("HAS_T_LOGITS", "ENTROPY", "WRITE_GRAD")}
+
+
 def variants():
-    """Every flag combination at the default block, then every tuner candidate with all flags on."""
-    for t, o, d, g in itertools.product((True, False), repeat=4):
-        flags = dict(HAS_T_LOGITS=t, HAS_OLD=o, HAS_DUAL=d, WRITE_GRAD=g, BLOCK_V=8192)
+    """The main flag combinations at the default block, then every tuner candidate."""
+    for t, o, g, cispo in itertools.product((True, False), repeat=4):
+        flags = dict(RLSD_OFF, HAS_T_LOGITS=t, HAS_OLD=o, WRITE_GRAD=g, CISPO=cispo, BLOCK_V=8192)
         yield _rlsd_fwd_kernel, flags, "bf16", 16
-    for logits, itemsize in (("bf16", 2), ("fp16", 2), ("fp32", 4)):
+    for flags in (RLSD_ALL, dict(RLSD_ALL, SEQ_RATIO=True, IS_MODE=2, KL=1, CREDIT_OLD=True)):
+        yield _rlsd_fwd_kernel, dict(flags, BLOCK_V=8192), "bf16", 16
+    for logits, itemsize in (("bf16", 2), ("fp32", 4)):
         candidates = sorted({(c.block_v, c.num_warps) for c in _candidates(151936, itemsize) + _candidates(4096)})
         for block, warps in candidates:
-            for teacher in (True, False):
-                flags = dict(HAS_T_LOGITS=teacher, HAS_OLD=True, HAS_DUAL=True, WRITE_GRAD=True, BLOCK_V=block)
-                yield _rlsd_fwd_kernel, flags, logits, warps
+            for flags in (RLSD_OFF, dict(RLSD_OFF, HAS_T_LOGITS=False), RLSD_ALL):
+                yield _rlsd_fwd_kernel, dict(flags, BLOCK_V=block), logits, warps
             for entropy in (False, True):
                 yield _logprobs_fwd_kernel, dict(ENTROPY=entropy, BLOCK_V=block), logits, warps
                 yield _logprobs_bwd_kernel, dict(HAS_ENTROPY=entropy, BLOCK_V=block), logits, warps
+    yield _rlsd_token_kernel, dict(TOKEN_FLAGS, BLOCK=1024), "bf16", 4
     yield _scale_kernel, dict(BLOCK_V=4096), "bf16", 4
 
 
@@ -92,7 +101,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="only the default block size")
     args = parser.parse_args()
     for kernel, flags, logits, warps in variants():
-        if args.quick and flags["BLOCK_V"] not in (8192, 4096):
+        if args.quick and flags.get("BLOCK_V", 8192) not in (8192, 4096):
             continue
         compiled = compile_kernel(kernel, flags, logits=logits, num_warps=warps, capability=args.capability)
         row = dict(kernel=kernel.__name__, logits=logits, num_warps=warps, **flags, **resources(compiled))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import LOSS_AGG_MODES
+from .reference import LOSS_AGG_MODES, sequence_ids, sequence_sums
 
 
 def _denominator(default, normalizer, like):
@@ -32,18 +32,9 @@ def token_weights(mask, token_shape, loss_agg, normalizer=None, cu_seqlens=None)
     if loss_agg == "sum":
         return mask / _denominator(1.0, normalizer, mask)
 
-    if len(token_shape) == 2:
-        num_seqs, max_len = token_shape
-        seq_ids = torch.arange(num_seqs, device=mask.device).repeat_interleave(max_len)
-    else:
-        if cu_seqlens is None:
-            raise ValueError(f"loss_agg={loss_agg!r} on packed [N, V] logits needs cu_seqlens")
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(mask.device)
-        num_seqs = lengths.numel()
-        seq_ids = torch.arange(num_seqs, device=mask.device).repeat_interleave(lengths, output_size=mask.numel())
-        max_len = lengths.max()
+    seq_ids, num_seqs, max_len = sequence_ids(token_shape, cu_seqlens, mask.device)
     if loss_agg == "seq-mean-token-mean":
-        counts = mask.new_zeros(num_seqs).index_add_(0, seq_ids, mask)[seq_ids]
+        counts = sequence_sums(mask, seq_ids, num_seqs)
         per_token = torch.where(counts != 0, mask / torch.where(counts != 0, counts, 1.0), 0.0)
         return per_token / _denominator(num_seqs, normalizer, mask)
     if loss_agg == "seq-mean-token-sum":

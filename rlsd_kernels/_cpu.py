@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import _utils, reference
-from ._prepare import OUTPUTS
+from ._prepare import FLAG_TERMS, OUTPUTS, needs_sequence_pass, sequence_terms
 from ._utils import Rows
 from .flags import Flag
 
@@ -90,37 +90,50 @@ def logprobs_bwd(rows: Rows, tokens, lse, coef, coef_h, entropy, temperature, gr
 
 
 def rlsd_fwd(s_rows: Rows, t_rows, inputs, params, grad):
-    """Per-token outputs as the Triton launcher returns them; writes ``weight * dl/dz`` into ``grad``."""
+    """Per-token outputs as the Triton launcher returns them; writes ``weight * dl/dz`` into ``grad``.
+
+    Three phases, like the kernels' split strategy: row statistics chunk by chunk, the per-token
+    terms of every token (after the sequence-level ones), then the gradient chunk by chunk."""
     n, device = s_rows.n, s_rows.tensor.device
     out = {k: _utils.empty((n,), dtype=torch.float32, device=device) for k in OUTPUTS}
     flags = _utils.empty((n,), dtype=torch.int32, device=device)
     temperature = params["temperature"]
-    hyper = {k: params[k] for k in ("eps_w", "lam", "clip_low", "clip_high", "dual_clip")}
-    tensors = [s_rows.tensor] + ([t_rows.tensor] if t_rows is not None else []) + ([grad] if grad is not None else [])
+    active = inputs["weight"] != 0
+    tensors = [s_rows.tensor] + ([t_rows.tensor] if t_rows is not None else [])
     for sl, views in _row_chunks(s_rows, *tensors):
-        y, wt = inputs["tokens"][sl], inputs["weight"][sl]
-        active = wt != 0
-        z, lse, lp_s, _, bad, nonfinite_s = _stats(views[0], y, temperature, active)
-        nonfinite_t = torch.zeros_like(active)
+        y, on = inputs["tokens"][sl], active[sl]
+        _, out["lse"][sl], out["lp_s"][sl], entropy, bad, nonfinite_s = _stats(
+            views[0], y, temperature, on, want_entropy=bool(params["want_entropy"]))
+        out["entropy"][sl] = entropy if entropy is not None else 0.0
+        nonfinite_t = torch.zeros_like(on)
         if t_rows is not None:
-            _, _, lp_t, _, _, nonfinite_t = _stats(views[1], y, temperature, active)
+            _, _, out["lp_t"][sl], _, _, nonfinite_t = _stats(views[1], y, temperature, on)
         else:
-            lp_t = inputs["lp_t"][sl]
-        old = None if inputs["lp_old"] is None else inputs["lp_old"][sl]
-        terms = reference.rlsd_token_terms(lp_s, lp_t, inputs["adv"][sl], lp_old=old, **hyper)
-        zero = torch.zeros_like(lp_s)
-        for key, value in (("loss", terms["loss"]), ("lp_s", lp_s), ("lp_t", lp_t), ("lse", lse),
-                           ("d_lp", terms["d_loss"]), ("w", terms["weight"]), ("ratio", terms["ratio"])):
-            out[key][sl] = torch.where(active, value, zero)
-        bits = zero.int()
-        for name, bit in (("weight_clip_low", Flag.WEIGHT_CLIP_LOW), ("weight_clip_high", Flag.WEIGHT_CLIP_HIGH),
-                          ("ppo_clip_low", Flag.PPO_CLIP_LOW), ("ppo_clip_high", Flag.PPO_CLIP_HIGH),
-                          ("dual_clip", Flag.DUAL_CLIP)):
-            bits |= (active & terms[name]).int() * int(bit)
-        bits |= bad.int() * int(Flag.BAD_TOKEN) + nonfinite_s.int() * int(Flag.NONFINITE_STUDENT)
-        flags[sl] = bits | nonfinite_t.int() * int(Flag.NONFINITE_TEACHER)
-        if grad is not None:
-            coef = torch.where(active, wt * out["d_lp"][sl], 0.0)
-            g = _softmax_grad(z, lse, y, coef) / temperature
-            views[-1].copy_(torch.where(active[:, None], g, 0.0))
+            out["lp_t"][sl] = torch.where(on, inputs["lp_t"][sl], 0.0)
+        flags[sl] = (bad.int() * int(Flag.BAD_TOKEN) + nonfinite_s.int() * int(Flag.NONFINITE_STUDENT)
+                     + nonfinite_t.int() * int(Flag.NONFINITE_TEACHER))
+
+    if needs_sequence_pass(inputs, params):
+        inputs = sequence_terms(out["lp_s"], inputs, params)
+    terms = reference.rlsd_token_terms(
+        out["lp_s"], out["lp_t"], inputs["adv"], lp_old=inputs["lp_old"], eps_w_low=params["eps_w_low"],
+        eps_w_high=params["eps_w_high"], lam=params["lam"], clip_low=params["clip_low"],
+        clip_high=params["clip_high"], dual_clip=params["dual_clip"], surrogate=params["surrogate"],
+        credit_base=params["credit_base"], credit_on=inputs["credit"], log_seq_ratio=inputs["seq_ratio"],
+        lp_rollout=inputs["rollout"] if inputs["log_is"] is None else None, log_seq_is=inputs["log_is"],
+        tis_cap=params["tis_cap"], lp_ref=inputs["ref"], kl_coef=params["kl_coef"],
+        kl_estimator=params["kl_estimator"], entropy=out["entropy"], entropy_coef=params["entropy_coef"],
+    )
+    for key, name in (("loss", "loss"), ("d_lp", "d_loss"), ("w", "weight"), ("ratio", "ratio"),
+                      ("is_weight", "is_weight"), ("kl", "kl")):
+        out[key] = torch.where(active, terms[name], 0.0)
+    for name, bit in FLAG_TERMS:
+        flags |= (active & terms[name]).int() * int(bit)
+
+    if grad is not None:
+        coef = torch.where(active, inputs["weight"] * out["d_lp"], 0.0)
+        coef_h = None
+        if params["entropy_coef"] != 0:
+            coef_h = torch.where(active, -inputs["weight"] * params["entropy_coef"], 0.0)
+        logprobs_bwd(s_rows, inputs["tokens"], out["lse"], coef, coef_h, out["entropy"], temperature, grad)
     return out, flags

@@ -112,43 +112,81 @@ def log_diff(a, b):
 
 @triton.jit
 def rlsd_epilogue(
-    lp_s, lp_t, lp_old, adv,
-    log_w_lo, log_w_hi, lam, clip_lo, clip_hi, dual_clip,
-    HAS_DUAL: tl.constexpr,
+    lp_s, lp_t, lp_old, adv, credit_on, log_seq_ratio, log_is, lp_ref, entropy,
+    log_w_lo, log_w_hi, lam, clip_lo, clip_hi, dual_clip, log_tis_cap, kl_coef, entropy_coef,
+    HAS_DUAL: tl.constexpr, CISPO: tl.constexpr, CREDIT_OLD: tl.constexpr, SEQ_RATIO: tl.constexpr,
+    HAS_IS: tl.constexpr, KL: tl.constexpr, HAS_ENTROPY: tl.constexpr,
 ):
-    """Per-token RLSD loss, its derivative by ``lp_s``, the credit weight, the ratio and flags.
-
-    Mirrors ``reference.rlsd_token_terms``; ``lp_old`` is ``lp_s`` itself when on-policy.
-    """
-    delta = log_diff(lp_t, lp_s)
+    """Per-token RLSD loss, its derivative by ``lp_s``, the credit weight, the ratio, the importance
+    weight, the KL term and the flags. Mirrors ``reference.rlsd_token_terms`` line by line;
+    ``lp_old`` is ``lp_s`` itself when on-policy. ``KL`` is 0 (none) or the estimator 1, 2, 3."""
+    if CREDIT_OLD:
+        delta = log_diff(lp_t, lp_old)
+    else:
+        delta = log_diff(lp_t, lp_s)
     sign = tl.where(adv > 0, 1.0, tl.where(adv < 0, -1.0, 0.0))
     x = sign * delta
-    weight = tl.exp(tl.minimum(tl.maximum(x, log_w_lo), log_w_hi))
+    on = credit_on != 0
+    weight = tl.where(on, tl.exp(tl.minimum(tl.maximum(x, log_w_lo), log_w_hi)), 1.0)
     credit = (1.0 - lam) + lam * weight
     a_hat = adv * credit
 
-    log_ratio = log_diff(lp_s, lp_old)
-    log_ratio_c = tl.minimum(tl.maximum(log_ratio, -20.0), 20.0)
-    ratio = tl.exp(log_ratio_c)
+    if SEQ_RATIO:
+        log_ratio = log_seq_ratio + log_diff(lp_s, lp_s)
+    else:
+        log_ratio = log_diff(lp_s, lp_old)
+    ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -20.0), 20.0))
     clipped_ratio = tl.minimum(tl.maximum(ratio, 1.0 - clip_lo), 1.0 + clip_hi)
-    surrogate = ratio * a_hat
-    clipped_surrogate = clipped_ratio * a_hat
-    unclipped = surrogate <= clipped_surrogate
-    loss = -tl.where(unclipped, surrogate, clipped_surrogate)
-    in_clamp = (log_ratio >= -20.0) & (log_ratio <= 20.0) & (lp_s > float("-inf"))
-    d_loss = tl.where(unclipped & in_clamp, -a_hat * ratio, 0.0)
+    in_range = (log_ratio >= -20.0) & (log_ratio <= 20.0) & (lp_s > float("-inf"))
+    flags = tl.where(on & (sign != 0) & (x < log_w_lo), FLAG_WEIGHT_CLIP_LOW, 0)
+    flags |= tl.where(on & (sign != 0) & (x > log_w_hi), FLAG_WEIGHT_CLIP_HIGH, 0)
+    if CISPO:
+        factor = clipped_ratio * a_hat
+        possible = lp_s > float("-inf")
+        loss = -factor * tl.where(possible, lp_s, 0.0)
+        d_loss = tl.where(possible, -factor, 0.0)
+        flags |= tl.where(ratio < 1.0 - clip_lo, FLAG_PPO_CLIP_LOW, 0)
+        flags |= tl.where(ratio > 1.0 + clip_hi, FLAG_PPO_CLIP_HIGH, 0)
+    else:
+        surrogate = ratio * a_hat
+        clipped_surrogate = clipped_ratio * a_hat
+        unclipped = surrogate <= clipped_surrogate
+        loss = -tl.where(unclipped, surrogate, clipped_surrogate)
+        d_loss = tl.where(unclipped & in_range, -a_hat * ratio, 0.0)
+        flags |= tl.where(~unclipped & (a_hat < 0), FLAG_PPO_CLIP_LOW, 0)
+        flags |= tl.where(~unclipped & (a_hat > 0), FLAG_PPO_CLIP_HIGH, 0)
+        if HAS_DUAL:
+            bound = -dual_clip * a_hat
+            dual = (a_hat < 0) & (loss > bound)
+            loss = tl.where(dual, bound, loss)
+            d_loss = tl.where(dual, 0.0, d_loss)
+            flags |= tl.where(dual, FLAG_DUAL_CLIP, 0)
 
-    flags = tl.where((sign != 0) & (x < log_w_lo), FLAG_WEIGHT_CLIP_LOW, 0)
-    flags |= tl.where((sign != 0) & (x > log_w_hi), FLAG_WEIGHT_CLIP_HIGH, 0)
-    flags |= tl.where(~unclipped & (a_hat < 0), FLAG_PPO_CLIP_LOW, 0)
-    flags |= tl.where(~unclipped & (a_hat > 0), FLAG_PPO_CLIP_HIGH, 0)
-    if HAS_DUAL:
-        bound = -dual_clip * a_hat
-        dual = (a_hat < 0) & (loss > bound)
-        loss = tl.where(dual, bound, loss)
-        d_loss = tl.where(dual, 0.0, d_loss)
-        flags |= tl.where(dual, FLAG_DUAL_CLIP, 0)
-    return loss, d_loss, weight, ratio, flags
+    is_weight = tl.full(lp_s.shape, 1.0, tl.float32)
+    if HAS_IS:
+        is_weight = tl.exp(tl.minimum(log_is, log_tis_cap))
+        loss = is_weight * loss
+        d_loss = is_weight * d_loss
+    kl = tl.zeros(lp_s.shape, tl.float32)
+    if KL != 0:
+        d_raw = log_diff(lp_ref, lp_s)
+        d = tl.minimum(tl.maximum(d_raw, -20.0), 20.0)
+        kl_in_range = (d_raw >= -20.0) & (d_raw <= 20.0) & (lp_s > float("-inf"))
+        if KL == 1:
+            kl = -d
+            d_kl = tl.full(lp_s.shape, 1.0, tl.float32)
+        elif KL == 2:
+            kl = 0.5 * d * d
+            d_kl = -d
+        else:
+            e = tl.exp(d)
+            kl = e - d - 1.0
+            d_kl = 1.0 - e
+        loss = loss + kl_coef * kl
+        d_loss = d_loss + kl_coef * tl.where(kl_in_range, d_kl, 0.0)
+    if HAS_ENTROPY:
+        loss = loss - entropy_coef * entropy
+    return loss, d_loss, weight, ratio, is_weight, kl, flags
 
 
 @triton.jit

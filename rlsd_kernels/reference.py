@@ -36,6 +36,10 @@ LOSS_AGG_MODES = (
     "none",
 )
 RATIO_LOG_CLAMP = 20.0
+SURROGATES = ("ppo", "cispo")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+RATIO_LEVELS = ("token", "sequence")
+CREDIT_BASES = ("current", "old")
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -81,73 +85,161 @@ def rlsd_token_terms(
     *,
     lp_old=None,
     eps_w=0.2,
+    eps_w_low=None,
+    eps_w_high=None,
     lam=1.0,
     clip_low=0.2,
     clip_high=0.28,
     dual_clip=3.0,
+    surrogate="ppo",
+    credit_base="current",
+    credit_on=None,
+    log_seq_ratio=None,
+    lp_rollout=None,
+    log_seq_is=None,
+    tis_cap=2.0,
+    lp_ref=None,
+    kl_coef=0.0,
+    kl_estimator="k3",
+    entropy=None,
+    entropy_coef=0.0,
 ):
-    """The per-token RLSD policy loss and what a trainer logs about it.
+    """The per-token RLSD loss and what a trainer logs about it.
 
-    All inputs have one shape; only ``lp_student`` carries a gradient. Returns a dict of tensors
-    of that shape: ``loss`` (differentiable), the detached ``delta``, ``weight`` (w), ``ratio``
-    (rho), and the booleans ``weight_clip_low`` / ``weight_clip_high`` (w was clipped),
-    ``ppo_clip_low`` / ``ppo_clip_high`` (the clipped PPO branch was taken, for A_hat < 0 / > 0)
-    and ``dual_clip`` (the dual-clip bound was taken).
+    All inputs have one shape; ``lp_student`` (and ``entropy``) carry the gradient, everything else
+    is detached. ``lp_old=None`` is on-policy (``lp_old = sg(lp_S)``)::
 
-    ``d_loss`` is the derivative of ``loss`` by ``lp_student`` in closed form (what the kernels
-    compute; the tests hold it equal to autograd's)::
+        delta = lp_T - sg(lp_S)              (credit_base "current"; "old": lp_T - lp_old)
+        w     = exp(clamp(sign(A) * delta, log(1 - eps_w_low), log(1 + eps_w_high)))
+                where credit_on (default everywhere), else 1        (eps_w_low/high default eps_w)
+        A_hat = A * ((1 - lam) + lam * w)
+        log r = lp_S - lp_old                (token level), or
+              = log_seq_ratio + lp_S - sg(lp_S)   (sequence level, GSPO-token: the value is the
+                                              sequence's, the gradient the token's own)
+        rho   = exp(clamp(log r, -20, 20))
+        l_pg  = -min(rho * A_hat, clip(rho, 1 - clip_low, 1 + clip_high) * A_hat)   (ppo), then
+                min(l_pg, -dual_clip * A_hat) where A_hat < 0 (dual clip, ppo only)
+              = -sg(clip(rho, 1 - clip_low, 1 + clip_high)) * A_hat * lp_S          (cispo)
+        is    = min(exp(sg(lp_old) - lp_rollout), tis_cap), or min(exp(log_seq_is), tis_cap)
+                with the sequence's sum of those log-ratios (truncated importance sampling)
+        d     = clamp(lp_ref - lp_S, -20, 20);  k1 = -d,  k2 = d^2 / 2,  k3 = exp(d) - d - 1
+        loss  = is * l_pg + kl_coef * k - entropy_coef * H
 
-        d_loss = -A_hat * rho   where the unclipped branch is taken, |log rho| <= 20 and lp_S > -inf
-               = 0              elsewhere, and where the dual clip binds
+    Returns a dict of tensors of that shape: ``loss`` (differentiable); ``d_loss``, its derivative by
+    ``lp_student`` in closed form (what the kernels compute; the tests hold it equal to autograd's)
+    and ``d_entropy`` (by ``entropy``: ``-entropy_coef``); the detached ``delta``, ``weight`` (w),
+    ``ratio`` (rho), ``is_weight`` and ``kl`` (k); and the booleans ``weight_clip_low`` /
+    ``weight_clip_high`` (w was clipped), ``ppo_clip_low`` / ``ppo_clip_high`` (the clip binds:
+    the clipped branch was taken for A_hat < 0 / > 0 with ppo; rho outside the range with cispo) and
+    ``dual_clip``. In closed form, with ``in_range`` for |log r| <= 20 and lp_S > -inf::
+
+        d l_pg = -A_hat * rho            (ppo, unclipped branch taken, in_range, dual clip not bound)
+               = -clip(rho) * A_hat      (cispo)
+               = 0                       elsewhere
+        d k    = 1, -d, 1 - exp(d)       (k1, k2, k3; 0 where lp_ref - lp_S is outside [-20, 20])
+        d_loss = is * d l_pg + kl_coef * d k
     """
+    if surrogate not in SURROGATES:
+        raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
     lp_s = lp_student.detach()
-    delta = _log_diff(lp_teacher, lp_s)
+    old = lp_s if lp_old is None else lp_old
+    delta = _log_diff(lp_teacher, old if credit_base == "old" else lp_s)
     sign = torch.sign(advantages)
     x = sign * delta
-    log_lo, log_hi = math.log1p(-eps_w), math.log1p(eps_w)
-    weight = torch.exp(x.clamp(log_lo, log_hi))
+    log_lo = math.log1p(-(eps_w if eps_w_low is None else eps_w_low))
+    log_hi = math.log1p(eps_w if eps_w_high is None else eps_w_high)
+    on = torch.ones_like(sign, dtype=torch.bool) if credit_on is None else credit_on.bool()
+    weight = torch.where(on, torch.exp(x.clamp(log_lo, log_hi)), torch.ones_like(x))
     credit = (1.0 - lam) + lam * weight
     a_hat = advantages * credit
 
-    old = lp_s if lp_old is None else lp_old
-    log_ratio = _log_diff(lp_student, old)
+    if log_seq_ratio is None:
+        log_ratio = _log_diff(lp_student, old)
+    else:
+        log_ratio = log_seq_ratio + _log_diff(lp_student, lp_s)
     ratio = torch.exp(log_ratio.clamp(-RATIO_LOG_CLAMP, RATIO_LOG_CLAMP))
     clipped_ratio = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    surrogate = ratio * a_hat
-    clipped_surrogate = clipped_ratio * a_hat
-    unclipped = surrogate <= clipped_surrogate
-    loss = -torch.where(unclipped, surrogate, clipped_surrogate)
+    in_range = (log_ratio >= -RATIO_LOG_CLAMP) & (log_ratio <= RATIO_LOG_CLAMP) & (lp_s > float("-inf"))
+    dual = torch.zeros_like(on)
+    if surrogate == "ppo":
+        surrogate_value = ratio * a_hat
+        clipped_surrogate = clipped_ratio * a_hat
+        unclipped = surrogate_value <= clipped_surrogate
+        loss_pg = -torch.where(unclipped, surrogate_value, clipped_surrogate)
+        d_pg = torch.where(unclipped & in_range, -a_hat * ratio, torch.zeros_like(a_hat)).detach()
+        clip_low_hit, clip_high_hit = ~unclipped & (a_hat < 0), ~unclipped & (a_hat > 0)
+        if dual_clip is not None:
+            bound = -dual_clip * a_hat
+            dual = (a_hat < 0) & (loss_pg > bound)
+            loss_pg = torch.where(dual, bound, loss_pg)
+            d_pg = torch.where(dual, torch.zeros_like(d_pg), d_pg)
+    else:
+        factor = clipped_ratio.detach() * a_hat
+        loss_pg = -factor * torch.where(lp_s > float("-inf"), lp_student, torch.zeros_like(lp_s))
+        d_pg = torch.where(lp_s > float("-inf"), -factor, torch.zeros_like(factor)).detach()
+        clip_low_hit, clip_high_hit = ratio < 1.0 - clip_low, ratio > 1.0 + clip_high
 
-    in_clamp = (log_ratio >= -RATIO_LOG_CLAMP) & (log_ratio <= RATIO_LOG_CLAMP) & (lp_s > float("-inf"))
-    d_loss = torch.where(unclipped & in_clamp, -a_hat * ratio, torch.zeros_like(a_hat)).detach()
+    is_weight = torch.ones_like(lp_s)
+    if log_seq_is is not None or lp_rollout is not None:
+        log_is = log_seq_is if log_seq_is is not None else _log_diff(old, lp_rollout)
+        is_weight = torch.exp(log_is.clamp(max=math.log(tis_cap)))
+    loss = is_weight * loss_pg
+    d_loss = is_weight * d_pg
 
-    dual = torch.zeros_like(unclipped)
-    if dual_clip is not None:
-        bound = -dual_clip * a_hat
-        dual = (a_hat < 0) & (loss > bound)
-        loss = torch.where(dual, bound, loss)
-        d_loss = torch.where(dual, torch.zeros_like(d_loss), d_loss)
+    kl = torch.zeros_like(lp_s)
+    if lp_ref is not None:
+        d_raw = _log_diff(lp_ref, lp_student)
+        d = d_raw.clamp(-RATIO_LOG_CLAMP, RATIO_LOG_CLAMP)
+        kl_in_range = (d_raw >= -RATIO_LOG_CLAMP) & (d_raw <= RATIO_LOG_CLAMP) & (lp_s > float("-inf"))
+        dd = d.detach()
+        if kl_estimator == "k1":
+            kl, d_kl = -d, torch.ones_like(dd)
+        elif kl_estimator == "k2":
+            kl, d_kl = 0.5 * d * d, -dd
+        else:
+            kl, d_kl = torch.exp(d) - d - 1.0, 1.0 - torch.exp(dd)
+        loss = loss + kl_coef * kl
+        d_loss = d_loss + kl_coef * torch.where(kl_in_range, d_kl, torch.zeros_like(d_kl))
+    if entropy is not None:
+        loss = loss - entropy_coef * entropy
 
-    nonzero = sign != 0
+    nonzero = on & (sign != 0)
     return {
         "loss": loss,
         "d_loss": d_loss,
+        "d_entropy": torch.full_like(lp_s, -entropy_coef),
         "delta": delta,
         "weight": weight,
         "ratio": ratio.detach(),
+        "is_weight": is_weight,
+        "kl": kl.detach(),
         "weight_clip_low": nonzero & (x < log_lo),
         "weight_clip_high": nonzero & (x > log_hi),
-        "ppo_clip_low": ~unclipped & (a_hat < 0),
-        "ppo_clip_high": ~unclipped & (a_hat > 0),
+        "ppo_clip_low": clip_low_hit,
+        "ppo_clip_high": clip_high_hit,
         "dual_clip": dual,
     }
 
 
-def _sequence_sums(values, seq_ids, num_seqs):
-    """Per-sequence sums of per-token ``values`` ``[B, T]`` (rows) or packed ``[N]`` (``seq_ids``)."""
-    if seq_ids is None:
-        return values.sum(-1)
-    return values.new_zeros(num_seqs).index_add_(0, seq_ids, values)
+def sequence_ids(shape, cu_seqlens=None, device=None):
+    """``(seq_ids, num_seqs, max_len)`` of the tokens of a ``[B, T]`` (a row per sequence) or packed
+    ``[N]`` (``cu_seqlens`` ``[S + 1]``) layout; ``seq_ids`` is flat ``[N]``."""
+    if len(shape) == 2:
+        num_seqs, max_len = shape
+        return torch.arange(num_seqs, device=device).repeat_interleave(max_len), num_seqs, max_len
+    if cu_seqlens is None:
+        raise ValueError("sequence-level options on packed [N, ...] tokens need cu_seqlens")
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device)
+    num_seqs = lengths.numel()
+    seq_ids = torch.arange(num_seqs, device=device).repeat_interleave(lengths, output_size=shape[0])
+    return seq_ids, num_seqs, lengths.max()
+
+
+def sequence_sums(values, seq_ids, num_seqs):
+    """Per-sequence sums of flat per-token ``values``, broadcast back to the tokens."""
+    return values.new_zeros(num_seqs).index_add_(0, seq_ids, values)[seq_ids]
 
 
 def aggregate_loss(loss, mask, loss_agg="token-mean", *, normalizer=None, cu_seqlens=None):
@@ -173,30 +265,17 @@ def aggregate_loss(loss, mask, loss_agg="token-mean", *, normalizer=None, cu_seq
     masked = torch.where(m != 0, loss * m, torch.zeros_like(loss))
     if loss_agg == "none":
         return masked
-    seq_ids, num_seqs, max_len = None, None, None
-    if loss.dim() == 2:
-        num_seqs, max_len = loss.shape
-    elif loss_agg.startswith("seq-mean"):
-        if cu_seqlens is None:
-            raise ValueError(f"loss_agg={loss_agg!r} on packed tokens needs cu_seqlens")
-        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        num_seqs = lengths.numel()
-        seq_ids = torch.repeat_interleave(torch.arange(num_seqs, device=loss.device), lengths)
-        max_len = lengths.max()
-
     if loss_agg == "token-mean":
         numerator, denominator = masked.sum(), m.sum()
-    elif loss_agg == "seq-mean-token-mean":
-        counts = _sequence_sums(m, seq_ids, num_seqs)
-        sums = _sequence_sums(masked, seq_ids, num_seqs)
-        per_seq = torch.where(counts != 0, sums / torch.where(counts != 0, counts, 1), 0)
-        numerator, denominator = per_seq.sum(), num_seqs
-    elif loss_agg == "seq-mean-token-sum":
-        numerator, denominator = masked.sum(), num_seqs
-    elif loss_agg == "seq-mean-token-sum-norm":
-        numerator, denominator = masked.sum(), num_seqs * max_len
-    else:
+    elif loss_agg == "sum":
         numerator, denominator = masked.sum(), 1
+    else:
+        seq_ids, num_seqs, max_len = sequence_ids(loss.shape, cu_seqlens, loss.device)
+        numerator = masked.sum()
+        if loss_agg == "seq-mean-token-mean":
+            counts = sequence_sums(m.reshape(-1), seq_ids, num_seqs)
+            numerator = torch.where(counts != 0, masked.reshape(-1) / torch.where(counts != 0, counts, 1), 0).sum()
+        denominator = num_seqs * max_len if loss_agg == "seq-mean-token-sum-norm" else num_seqs
     if normalizer is not None:
         denominator = normalizer
     denominator = torch.as_tensor(denominator, dtype=loss.dtype, device=loss.device)
@@ -207,6 +286,7 @@ def rlsd_metrics(terms, mask):
     """Masked means of the per-token terms, as a dict of detached 0-d tensors.
 
     ``num_tokens`` is ``sum(m)``: multiply a mean by it to get a sum that reduces across ranks.
+    ``entropy_mean``, ``kl_mean`` and ``is_weight_mean`` are there when the terms hold them.
     """
     m = mask.to(torch.float64 if terms["weight"].dtype == torch.float64 else torch.float32)
     total = m.sum()
@@ -216,7 +296,7 @@ def rlsd_metrics(terms, mask):
         x = x.detach().to(m.dtype)
         return torch.where(m != 0, x * m, torch.zeros_like(m)).sum() / denominator
 
-    return {
+    metrics = {
         "credit_weight_mean": mean(terms["weight"]),
         "credit_clip_low_frac": mean(terms["weight_clip_low"]),
         "credit_clip_high_frac": mean(terms["weight_clip_high"]),
@@ -225,8 +305,12 @@ def rlsd_metrics(terms, mask):
         "ppo_clip_low_frac": mean(terms["ppo_clip_low"]),
         "ppo_clip_high_frac": mean(terms["ppo_clip_high"]),
         "dual_clip_frac": mean(terms["dual_clip"]),
-        "num_tokens": total.detach(),
     }
+    for key in ("entropy", "kl", "is_weight"):
+        if key in terms:
+            metrics[f"{key}_mean"] = mean(terms[key])
+    metrics["num_tokens"] = total.detach()
+    return metrics
 
 
 def rlsd_loss(
@@ -239,28 +323,50 @@ def rlsd_loss(
     old_logprobs=None,
     mask=None,
     eps_w=0.2,
+    eps_w_low=None,
+    eps_w_high=None,
     lam=1.0,
     clip_low=0.2,
     clip_high=0.28,
     dual_clip=3.0,
+    surrogate="ppo",
+    ratio_level="token",
+    credit_base="current",
+    credit_mask=None,
+    credit_negative_only=False,
+    rollout_logprobs=None,
+    tis_level="token",
+    tis_cap=2.0,
+    ref_logprobs=None,
+    kl_coef=0.0,
+    kl_estimator="k3",
+    entropy_coef=0.0,
     temperature=1.0,
     loss_agg="token-mean",
     normalizer=None,
     cu_seqlens=None,
     return_metrics=False,
 ):
-    """The RLSD policy loss from student and teacher logits (see the module docstring).
+    """The RLSD loss from student and teacher logits (see ``rlsd_token_terms`` for the formulas).
 
-    Shapes: logits ``[B, T, V]`` or packed ``[N, V]``; tokens, mask, old and teacher log-probs
+    Shapes: logits ``[B, T, V]`` or packed ``[N, V]``; tokens, mask and every per-token log-prob
     ``[B, T]`` / ``[N]``; advantages ``[B]``, ``[B, 1]``, ``[B, T]`` or ``[N]``. ``teacher_logits``
     may be ``None`` when ``teacher_logprobs`` is given. The teacher gets no gradient.
+
+    Sequence-level terms are over each sequence's unmasked tokens: with ``ratio_level="sequence"``
+    ``log_seq_ratio`` is the mean of ``lp_S - lp_old``; with ``tis_level="sequence"`` the
+    importance log-ratio is the sum of ``sg(lp_old) - lp_rollout``. Packed tokens give the
+    sequences with ``cu_seqlens``. ``credit_mask`` (bool) limits the reweighting to some tokens and
+    ``credit_negative_only`` to tokens with ``A < 0``.
     """
+    if ratio_level not in RATIO_LEVELS or tis_level not in RATIO_LEVELS:
+        raise ValueError(f"ratio_level and tis_level must be one of {RATIO_LEVELS}")
     valid = tokens != IGNORE_INDEX
     if mask is not None:
         valid = valid & (mask != 0)
     # Masked positions may hold any id (padding): score them as ignored tokens.
     scored = torch.where(valid, tokens, IGNORE_INDEX)
-    lp_s = token_logprobs(student_logits, scored, temperature=temperature)
+    lp_s, entropy = token_logprobs(student_logits, scored, temperature=temperature, return_entropy=True)
     if teacher_logits is not None:
         with torch.no_grad():
             lp_t = token_logprobs(teacher_logits, scored, temperature=temperature)
@@ -271,12 +377,41 @@ def rlsd_loss(
         adv = adv[:, None]
     adv = adv.expand_as(lp_s)
     m = valid.to(lp_s.dtype) if mask is None else torch.where(valid, mask.to(lp_s.dtype), 0)
-    old = None if old_logprobs is None else old_logprobs.to(lp_s.dtype)
+    as_float = lambda x: None if x is None else x.to(lp_s.dtype)  # noqa: E731
+    old, rollout, ref = as_float(old_logprobs), as_float(rollout_logprobs), as_float(ref_logprobs)
+    old_value = lp_s.detach() if old is None else old
+
+    def per_sequence(x, mean):
+        seq_ids, num_seqs, _ = sequence_ids(lp_s.shape, cu_seqlens, lp_s.device)
+        on = valid.reshape(-1)
+        sums = sequence_sums(torch.where(on, x.reshape(-1), 0.0), seq_ids, num_seqs)
+        if mean:
+            counts = sequence_sums(on.to(x.dtype), seq_ids, num_seqs)
+            sums = sums / torch.where(counts != 0, counts, 1.0)
+        return sums.view(lp_s.shape)
+
+    log_seq_ratio = log_seq_is = None
+    if ratio_level == "sequence":
+        log_seq_ratio = per_sequence(_log_diff(lp_s.detach(), old_value), mean=True)
+    if rollout is not None and tis_level == "sequence":
+        log_seq_is = per_sequence(_log_diff(old_value, rollout), mean=False)
+    credit_on = torch.ones_like(valid) if credit_mask is None else credit_mask.bool()
+    if credit_negative_only:
+        credit_on = credit_on & (adv < 0)
     terms = rlsd_token_terms(
-        lp_s, lp_t, adv, lp_old=old, eps_w=eps_w, lam=lam,
-        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+        lp_s, lp_t, adv, lp_old=old, eps_w=eps_w, eps_w_low=eps_w_low, eps_w_high=eps_w_high, lam=lam,
+        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, surrogate=surrogate, credit_base=credit_base,
+        credit_on=credit_on, log_seq_ratio=log_seq_ratio, lp_rollout=rollout, log_seq_is=log_seq_is,
+        tis_cap=tis_cap, lp_ref=ref, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy=entropy,
+        entropy_coef=entropy_coef,
     )
     loss = aggregate_loss(terms["loss"], m, loss_agg, normalizer=normalizer, cu_seqlens=cu_seqlens)
     if return_metrics:
-        return loss, rlsd_metrics(terms, m)
+        shown = {k: v for k, v in terms.items() if k not in ("kl", "is_weight")}
+        shown["entropy"] = entropy
+        if ref is not None:
+            shown["kl"] = terms["kl"]
+        if rollout is not None:
+            shown["is_weight"] = terms["is_weight"]
+        return loss, rlsd_metrics(shown, m)
     return loss
