@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""Throughput of the RLSD loss, both forms, forward and forward + backward, side by side with the peers.
+
+Forms: from logits (student and teacher ``[B, T+1, V]``) and fused linear (hidden states ``[N, H]``
+and the head weight ``[V, H]``), over N tokens (sequences of ``--seqlen``) and vocabularies V.
+Providers: naive eager PyTorch, ``torch.compile`` of it, Liger Kernel and Cut Cross-Entropy where
+installed (the compositions of ``shared/anchors/peers_bench.py``), and ours.
+
+First the card's copy bandwidth and bf16 matmul rate are measured; before any timing, every provider
+is checked against the float64 reference on a slice of the inputs of each vocabulary (ours are timed
+only if they pass; a peer that fails is timed and flagged). Then, per shape and mode: median and
+20/80 % quantiles, GB/s (logits: 3 N V elements read or written for forward + backward, 2 N V
+forward) or TFLOP/s (linear: 8 N H V, forward 4 N H V) and their fraction of the measured ceiling,
+and peak extra memory. A provider that runs out of memory is recorded as OOM and not tried at
+larger N. CSVs (rows carry the card, versions, commit and date) under ``bench/results/<card>/``
+(or ``--out``), rewritten after every shape; a plot; a table last.
+
+    python bench/bench_throughput.py                      # the full grid on this card
+    python bench/bench_throughput.py --preset quick       # a few shapes
+    python bench/bench_throughput.py --budget-s 170       # stop starting new work after 170 s
+    python bench/bench_throughput.py --device cpu         # dry run of every code path, tiny sizes
+
+Needs a CUDA GPU, except for the CPU dry run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+import providers as P  # noqa: E402
+import report  # noqa: E402
+from sweep import Sweep  # noqa: E402
+
+# Vocabularies in order of interest (Qwen's first), so that a time budget cuts the least useful.
+PRESETS = {
+    "full": {"ns": [1024, 4096, 8192, 16384, 32768], "vocabs": [151936, 32768, 131072, 262144], "hidden": 4096,
+             "seqlen": 1024},
+    "quick": {"ns": [1024, 8192], "vocabs": [151936, 32768], "hidden": 4096, "seqlen": 1024},
+    "tiny": {"ns": [64, 128], "vocabs": [1000, 2048], "hidden": 32, "seqlen": 32},
+}
+# Timing windows: the tiny preset only exercises the code paths, so it times as little as it can.
+MEASURE = {"tiny": {"warmup_ms": 0.0, "rep_ms": 1.0, "min_reps": 2}}
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="cpu: a dry run of the code paths at tiny sizes (no figures worth keeping)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="sizes: full (default on cuda), quick, tiny (default on cpu)")
+    p.add_argument("--ns", type=common.parse_ints, default=None, help="tokens N, e.g. 1k,8k,32k (k = 1024)")
+    p.add_argument("--vocabs", type=common.parse_ints, default=None, help="vocabularies V, e.g. 151936,32k")
+    p.add_argument("--hidden", type=int, default=None, help="hidden size H of the fused linear form")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per sequence (N = sequences x seqlen)")
+    p.add_argument("--dtype", choices=sorted(P.DTYPES), default=None, help="bf16 on cuda, fp32 on cpu")
+    p.add_argument("--forms", default="logits,linear", help="logits, linear or both")
+    p.add_argument("--modes", default="fwd_bwd,fwd", help="fwd_bwd, fwd or both")
+    p.add_argument("--providers", default=None, help=f"a subset of {','.join(P.provider_names())}")
+    p.add_argument("--budget-s", type=float, default=0, help="start nothing new after this many seconds (0: none)")
+    p.add_argument("--logits-share", type=float, default=0.4,
+                   help="the part of the budget the logits form may use before the linear form starts")
+    p.add_argument("--max-call-s", type=float, default=1.5,
+                   help="a provider whose call took longer is not tried at larger N (0: no limit)")
+    p.add_argument("--rep-ms", type=float, default=100.0, help="time spent on timed calls per measurement")
+    p.add_argument("--out", default=None, help="folder for CSVs and the plot (default bench/results/<card>/)")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="log lines only, no progress bar")
+    return p.parse_args(argv)
+
+
+def sizes(args, device):
+    name = args.preset or ("full" if device.type == "cuda" else "tiny")
+    preset = PRESETS[name]
+    return name, {k: getattr(args, k) or preset[k] for k in ("ns", "vocabs", "hidden", "seqlen")}
+
+
+def passes(modes, vocabs):
+    """(mode, vocabulary) sweeps over N in order of interest, so that a time budget cuts the least useful:
+    every mode at the first vocabulary, then the first mode (forward + backward) at the others, then the rest."""
+    first, rest = vocabs[:1], vocabs[1:]
+    return ([(m, v) for m in modes for v in first] + [(m, v) for m in modes[:1] for v in rest]
+            + [(m, v) for m in modes[1:] for v in rest])
+
+
+def layout(n, seqlen):
+    """``(sequences, tokens per sequence)`` for N tokens."""
+    if n <= seqlen:
+        return 1, n
+    if n % seqlen:
+        raise SystemExit(f"N = {n} is not a multiple of --seqlen {seqlen}")
+    return n // seqlen, seqlen
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    start = time.monotonic()
+    device = common.pick_device(args.device, "bench/bench_throughput.py")
+    preset, size = sizes(args, device)
+    measure_kw = MEASURE.get(preset, {"rep_ms": args.rep_ms})
+    dtype = P.DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    forms = [f for f in args.forms.split(",") if f]
+    modes = [m for m in args.modes.split(",") if m]
+    names = set(args.providers.split(",")) if args.providers else None
+    common.check_choices(forms=(forms, ("logits", "linear")), modes=(modes, ("fwd_bwd", "fwd")),
+                  providers=(names or (), P.provider_names()))
+    info = common.device_info(device.type)
+    out = Path(args.out) if args.out else common.RESULTS / common.card_slug(info["device"])
+    print(f"throughput on {info['device']} (torch {info['torch']}, triton {info['triton']}, commit {info['commit']}): "
+          f"N {size['ns']}, V {size['vocabs']}, H {size['hidden']}, {P.DTYPE_NAMES[dtype]}, forms {forms}, "
+          f"modes {modes}, budget {args.budget_s or 'none'} s", flush=True)
+    ceil = common.ceilings(device, rep_ms=300.0 if preset != "tiny" else 10.0)
+    print(f"ceilings: copy {ceil['copy_tbps']:.3f} TB/s, matmul {ceil['matmul_tflops']:.1f} TFLOP/s", flush=True)
+
+    chosen = {form: P.providers(form, names) for form in forms}
+    total = sum(len(size["ns"]) * len(size["vocabs"]) * len(Sweep.tasks(chosen[f], modes)) for f in forms)
+    progress = common.Progress(total, "throughput", enabled=not args.no_progress)
+    sweep = Sweep(device, dtype, ceil, timing=True, max_call_s=args.max_call_s or None, progress=progress,
+                  measure_kw=measure_kw, extra={"bench": "throughput"})
+    for i, form in enumerate(forms):
+        deadline = None
+        if args.budget_s:
+            share = args.logits_share if form == "logits" and i < len(forms) - 1 else 1.0
+            deadline = start + share * args.budget_s
+        for mode, vocab in passes(modes, size["vocabs"]):
+            for n in size["ns"]:
+                batch, seqlen = layout(n, size["seqlen"])
+                sweep.shape(form, chosen[form], [mode], batch=batch, seqlen=seqlen, vocab=vocab,
+                            hidden=size["hidden"], deadline=deadline, gate_modes=modes)
+                common.write_csv(sweep.rows, "throughput", out, device.type)
+                if sweep.gate_rows:
+                    common.write_csv(sweep.gate_rows, "throughput_gate", out, device.type)
+    progress.close()
+    if not args.no_plot:
+        data = report.load(out)
+        plot = report.plot_throughput(data["throughput"], out / "throughput.png")
+        if plot:
+            print(f"written: {plot}")
+    print(f"written: {out / 'throughput.csv'}, {out / 'throughput_gate.csv'} ({time.monotonic() - start:.0f} s)")
+    data = report.load(out)
+    for line in report.gate_summary(data["throughput_gate"]):
+        print(line)
+    for form in forms:
+        shape = report.focus_shape(data["throughput"], form)
+        for mode in modes:
+            if shape:
+                report.throughput_table(data["throughput"], form, mode, shape)
+    if sweep.ours_failed:
+        print("\nrlsd_kernels FAILED its correctness gate: it was not timed (see throughput_gate.csv)")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# The prepared check for a lent GPU (H100 or H200): under 8 minutes, nothing from the network.
+#
+#   1. set-up: the peers' wheels carried in .whl/ (liger-kernel, cut-cross-entropy) into /tmp/site;
+#      this package from the work tree (pure Python: PYTHONPATH)                          ~5 s
+#   2. the gpu-marked tests                                                    time box 140 s
+#   3. throughput, both forms, fwd and fwd+bwd, with the peers: whatever the 450 s total leaves
+#      after the tests and the memory part (at least 155 s), and 35 s more before it is killed
+#   4. peak memory on long traces (N up to 128k), both forms            budget 65 s, box 95 s
+#   5. a short table, printed last                                                      ~5 s
+#
+# Each part is time-boxed and the next one runs whatever the last one did. The sweeps start nothing
+# new past their budget, measure in order of interest and rewrite their CSVs after every shape, so
+# a part cut short keeps what it measured. Writes to $OUT (default /tmp/gpu_check): gpu_check.log,
+# throughput.csv, throughput_gate.csv, throughput.png, memory.csv, memory_gate.csv, memory.png.
+#
+#   bash bench/gpu_check.sh               # the full check
+#   QUICK=1 bash bench/gpu_check.sh       # a few shapes per sweep (about 4 minutes)
+#   DRY_RUN=1 bash bench/gpu_check.sh     # the same steps on CPU at tiny sizes (no GPU needed)
+#   THROUGHPUT_ARGS="--vocabs 32k,128k,256k" MEMORY_ARGS="--forms linear" bash bench/gpu_check.sh
+#                                         # a second run for what a first one's budget cut
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+: > "$LOG"
+PY=${PYTHON:-python3}
+# The whole script's target, under the 8-minute limit; the throughput sweep gets what is left.
+TOTAL_S=${TOTAL_S:-450}
+TESTS_S=${TESTS_S:-140}
+MEMORY_BUDGET_S=${MEMORY_BUDGET_S:-65}
+REPORT_S=15
+SIZES=()
+if [ "${DRY_RUN:-0}" != 0 ]; then
+  SIZES=(--device cpu)
+  # Liger's Triton kernels then run on CPU under the interpreter; ours take their CPU path.
+  export TRITON_INTERPRET=1
+elif [ "${QUICK:-0}" != 0 ]; then
+  SIZES=(--preset quick)
+  TOTAL_S=${TOTAL_S_QUICK:-300}
+  MEMORY_BUDGET_S=${MEMORY_BUDGET_S_QUICK:-40}
+fi
+read -r -a THROUGHPUT_EXTRA <<< "${THROUGHPUT_ARGS:-}"
+read -r -a MEMORY_EXTRA <<< "${MEMORY_ARGS:-}"
+
+say() { echo "$(date +%H:%M:%S) $*" | tee -a "$LOG"; }
+# part NAME LIMIT_S COMMAND...: runs COMMAND under `timeout`, output to the terminal and the log.
+part() {
+  local name=$1 limit=$2 t0=$SECONDS rc
+  shift 2
+  say "== $name (limit ${limit} s): $*"
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  rc=${PIPESTATUS[0]}
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+    say "== $name: TIMED OUT after $((SECONDS - t0)) s"
+  else
+    say "== $name: exit $rc after $((SECONDS - t0)) s"
+  fi
+  TIMES+=("$name $((SECONDS - t0))s (rc $rc)")
+  return 0
+}
+TIMES=()
+
+say "== set-up"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    2>&1 | tee -a "$LOG" && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+else
+  say "no wheels in .whl/: the peers will be reported as unavailable"
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# Fewer OOMs from fragmentation after a provider has run out; peak figures are unaffected.
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+"$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
+import importlib, torch, triton
+print(f"torch {torch.__version__} (cuda {torch.version.cuda}), triton {triton.__version__}, "
+      f"device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
+for name in ("liger_kernel", "cut_cross_entropy", "rlsd_kernels"):
+    try:
+        module = importlib.import_module(name)
+        print(f"{name}: {getattr(module, '__version__', 'importable')} from {module.__path__[0]}")
+    except Exception as e:
+        print(f"{name}: not importable ({type(e).__name__}: {e})")
+EOF
+git rev-parse HEAD 2>/dev/null | sed 's/^/commit /' | tee -a "$LOG"
+
+TESTS_OUT=$(mktemp)
+part "gpu tests" "$TESTS_S" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
+grep -E "(passed|failed|error|skipped|deselected|no tests ran).* in [0-9.]+s" "$LOG" | tail -n 1 | tr -d '=' \
+  | sed 's/^ *//;s/ *$//' > "$TESTS_OUT"
+[ -s "$TESTS_OUT" ] || echo "no pytest summary line (timed out?): see gpu_check.log" > "$TESTS_OUT"
+
+THROUGHPUT_BUDGET_S=${THROUGHPUT_BUDGET_S:-$((TOTAL_S - SECONDS - 35 - (MEMORY_BUDGET_S + 30) - REPORT_S))}
+[ "$THROUGHPUT_BUDGET_S" -ge 60 ] || THROUGHPUT_BUDGET_S=60
+part "throughput" $((THROUGHPUT_BUDGET_S + 35)) "$PY" bench/bench_throughput.py ${SIZES[@]+"${SIZES[@]}"} --out "$OUT" \
+  --budget-s "$THROUGHPUT_BUDGET_S" --rep-ms 60 --no-progress ${THROUGHPUT_EXTRA[@]+"${THROUGHPUT_EXTRA[@]}"}
+part "memory" $((MEMORY_BUDGET_S + 30)) "$PY" bench/bench_memory.py ${SIZES[@]+"${SIZES[@]}"} --out "$OUT" \
+  --budget-s "$MEMORY_BUDGET_S" --no-progress ${MEMORY_EXTRA[@]+"${MEMORY_EXTRA[@]}"}
+
+say "== parts: ${TIMES[*]}; total ${SECONDS} s"
+# --plots redraws both PNGs from the CSVs, so a sweep cut short by its time box still has its plot.
+"$PY" bench/report.py "$OUT" --plots --tests "$(cat "$TESTS_OUT")" 2>&1 | tee -a "$LOG"
+rm -f "$TESTS_OUT"
