@@ -75,6 +75,31 @@ def logprobs_fwd(rows: Rows, tokens, temperature, want_entropy):
     return lp, lse, ent, flags
 
 
+def partial_stats(rows: Rows, tokens, vocab_start, temperature, want_entropy):
+    """``(stats, flags)`` of one vocabulary shard, as ``logprobs.partial_stats`` returns them."""
+    n, device = rows.n, rows.tensor.device
+    stats = _utils.empty((3, n), dtype=torch.float32, device=device)
+    flags = _utils.empty((n,), dtype=torch.int32, device=device)
+    log2e = 1.4426950408889634
+    for sl, (chunk,) in _row_chunks(rows, rows.tensor):
+        y = tokens[sl]
+        active = y != reference.IGNORE_INDEX
+        local = y - vocab_start
+        in_shard = active & (local >= 0) & (local < rows.vocab)
+        z2 = chunk.float() * (log2e / temperature)
+        lse2 = torch.logsumexp(z2 / log2e, dim=-1) * log2e
+        # As in the kernels, a +inf logit makes the shard's logsumexp NaN.
+        lse2 = torch.where(lse2 == float("inf"), float("nan"), lse2)
+        target = z2.gather(1, torch.where(in_shard, local, 0).long()[:, None]).squeeze(1)
+        stats[1, sl] = torch.where(in_shard, target, float("-inf"))
+        stats[0, sl] = torch.where(active, lse2, float("-inf"))
+        p = torch.exp2(z2 - lse2[:, None])
+        shard_entropy = torch.where(p > 0, p * (lse2[:, None] - z2), 0.0).sum(-1)
+        stats[2, sl] = torch.where(active & (lse2 > float("-inf")), shard_entropy, 0.0) if want_entropy else 0.0
+        flags[sl] = (active & torch.isnan(lse2)).int() * int(Flag.NONFINITE_STUDENT)
+    return stats, flags
+
+
 def logprobs_bwd(rows: Rows, tokens, lse, coef, coef_h, entropy, temperature, grad):
     for sl, (chunk, g_chunk) in _row_chunks(rows, rows.tensor, grad):
         y, c = tokens[sl], coef[sl]

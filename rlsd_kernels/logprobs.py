@@ -34,9 +34,13 @@ from ._utils import as_rows, call_op, check_tensor, custom_op, raise_on_error_fl
 def _logprobs_fwd_kernel(
     X, stride_xb, stride_xt,
     tokens, lp_out, lse_out, entropy_out, flags_out,
-    n_rows, seqlen, V, scale2,
-    ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    n_rows, seqlen, V, vocab_start, scale2,
+    ENTROPY: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    """Per row: the log-prob of the token (and the entropy). With ``PARTIAL`` the row is one shard of
+    the vocabulary, starting at id ``vocab_start``, and the outputs are the shard's statistics in
+    base 2: ``lse_out`` its logsumexp, ``lp_out`` the token's scaled logit (-inf outside the shard),
+    ``entropy_out`` the entropy of the shard's own softmax."""
     offs = tl.arange(0, BLOCK_V)
     n_blocks = tl.cdiv(V, BLOCK_V)
     # int64 rows: offsets into [N, V] pass 2**31 at real sizes.
@@ -45,6 +49,7 @@ def _logprobs_fwd_kernel(
         x_row = X + b * stride_xb + (row - b * seqlen) * stride_xt
         y = tl.load(tokens + row).to(tl.int64)
         active = y != IGNORE_INDEX
+        y = y - vocab_start
         y_ok = (y >= 0) & (y < V)
         read_end = tl.where(active, V, 0)
         # Per-lane sums against the first block's max, the next block loaded before this one is used.
@@ -67,14 +72,23 @@ def _logprobs_fwd_kernel(
         if active & ~ok:
             lse2, s, t = row_lse_exact(x_row, V, scale2, BLOCK_V, ENTROPY)
         zy = tl.load(x_row + tl.where(y_ok, y, 0), mask=active & y_ok, other=float("-inf")).to(tl.float32)
-        lp = tl.minimum((zy * scale2 - lse2) * LN2, 0.0)
-        tl.store(lp_out + row, tl.where(active, lp, 0.0))
-        tl.store(lse_out + row, tl.where(active, lse2 * LN2, 0.0))
-        if ENTROPY:
-            tl.store(entropy_out + row, tl.where(active, entropy_finish(lse2, s, t), 0.0))
-        flags = tl.where(active & ~y_ok, FLAG_BAD_TOKEN, 0)
-        flags |= tl.where(active & ~is_finite(lse2), FLAG_NONFINITE_STUDENT, 0)
-        tl.store(flags_out + row, flags)
+        if PARTIAL:
+            tl.store(lp_out + row, tl.where(active, zy * scale2, float("-inf")))
+            tl.store(lse_out + row, tl.where(active, lse2, float("-inf")))
+            if ENTROPY:
+                tl.store(entropy_out + row, tl.where(active & (s > 0.0), lse2 - t / s, 0.0))
+            # A shard may hold no finite logit (padding): only NaN and +inf are errors here.
+            tl.store(flags_out + row, tl.where(active & ((lse2 != lse2) | (lse2 == float("inf"))),
+                                               FLAG_NONFINITE_STUDENT, 0))
+        else:
+            lp = tl.minimum((zy * scale2 - lse2) * LN2, 0.0)
+            tl.store(lp_out + row, tl.where(active, lp, 0.0))
+            tl.store(lse_out + row, tl.where(active, lse2 * LN2, 0.0))
+            if ENTROPY:
+                tl.store(entropy_out + row, tl.where(active, entropy_finish(lse2, s, t), 0.0))
+            flags = tl.where(active & ~y_ok, FLAG_BAD_TOKEN, 0)
+            flags |= tl.where(active & ~is_finite(lse2), FLAG_NONFINITE_STUDENT, 0)
+            tl.store(flags_out + row, flags)
 
 
 @triton.jit
@@ -119,21 +133,45 @@ def logprobs_fwd(logits, tokens, temperature, entropy):
     if not use_triton(logits):
         return _cpu.logprobs_fwd(rows, tokens, temperature, entropy)
     n, device = rows.n, logits.device
-    lp = _utils.empty((n,), dtype=torch.float32, device=device)
-    lse = _utils.empty((n,), dtype=torch.float32, device=device)
+    lp, lse = (_utils.empty((n,), dtype=torch.float32, device=device) for _ in range(2))
     ent = _utils.empty((n if entropy else 0,), dtype=torch.float32, device=device)
     flags = _utils.empty((n,), dtype=torch.int32, device=device)
+    _launch_fwd(rows, tokens, (lp, lse, ent), flags, 0, temperature, entropy, partial=False)
+    return lp, lse, ent, flags
 
-    def run(config, n_rows=n):
+
+def partial_stats(logits, tokens, vocab_start, temperature, entropy):
+    """Launcher for one vocabulary shard (ids ``vocab_start ..``): ``(stats, flags)`` with ``stats``
+    ``[3, N]`` float32 in base 2: the shard's logsumexp, the token's scaled logit (-inf when the
+    token is in another shard) and the entropy of the shard's own softmax (0 unless ``entropy``).
+    With ``share_r = exp2(lse_r - lse)`` the row's entropy is ``sum share_r * H_r - sum share_r *
+    log2(share_r)``: two non-negative sums, no cancellation (see ``distributed``)."""
+    rows = as_rows(logits, "logits")
+    tokens = tokens.reshape(-1)
+    if not use_triton(logits):
+        return _cpu.partial_stats(rows, tokens, vocab_start, temperature, entropy)
+    n, device = rows.n, logits.device
+    stats = _utils.empty((3, n), dtype=torch.float32, device=device)
+    if not entropy:
+        stats[2].zero_()
+    flags = _utils.empty((n,), dtype=torch.int32, device=device)
+    _launch_fwd(rows, tokens, (stats[1], stats[0], stats[2]), flags, vocab_start, temperature, entropy, partial=True)
+    return stats, flags
+
+
+def _launch_fwd(rows, tokens, outputs, flags, vocab_start, temperature, entropy, partial):
+    device = rows.tensor.device
+
+    def run(config, n_rows=rows.n):
         _logprobs_fwd_kernel[config.grid(n_rows, device)](
-            rows.tensor, rows.stride_b, rows.stride_t, tokens, lp, lse, ent, flags,
-            n_rows, rows.seqlen, rows.vocab, 1.4426950408889634 / temperature,
-            ENTROPY=entropy, BLOCK_V=config.block_v, num_warps=config.num_warps,
+            rows.tensor, rows.stride_b, rows.stride_t, tokens, *outputs, flags,
+            n_rows, rows.seqlen, rows.vocab, vocab_start, 1.4426950408889634 / temperature,
+            ENTROPY=entropy, PARTIAL=partial, BLOCK_V=config.block_v, num_warps=config.num_warps,
         )
 
-    key = ("logprobs_fwd", logits.dtype, entropy)
-    run(pick_row_config(key, rows.vocab, device, lambda c: run(c, min(n, TRIAL_ROWS)), logits.element_size()))
-    return lp, lse, ent, flags
+    key = ("logprobs_fwd", rows.tensor.dtype, entropy, partial)
+    trial = lambda c: run(c, min(rows.n, TRIAL_ROWS))  # noqa: E731
+    run(pick_row_config(key, rows.vocab, device, trial, rows.tensor.element_size()))
 
 
 def bwd_launcher(rows, tokens, lse, coef, coef_h, entropy, temperature):

@@ -81,3 +81,31 @@ class _null:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_partial_statistics_of_vocabulary_shards_combine(device, backend):
+    """Shards' base-2 statistics (logsumexp, the token's logit where it lives, the shard's entropy)
+    combine into the full row's log-prob and entropy; a shard of padding alone is no error."""
+    from rlsd_kernels.logprobs import partial_stats
+
+    vocab = 41
+    logits = torch.randn(2, 5, vocab + 7, device=device) * 2
+    logits[..., vocab:] = float("-inf")
+    tokens = torch.randint(0, vocab, (2, 5), device=device)
+    tokens[1, 1] = -100
+    shards = []
+    with force_row_config(RowConfig(BLOCK, 1)):
+        for start, stop in ((0, 13), (13, 30), (30, vocab), (vocab, vocab + 7)):
+            stats, flags = partial_stats(logits[..., start:stop], tokens, start, 0.7, True)
+            assert not flags.any()
+            shards.append(stats)
+    stats = torch.stack(shards)  # [shards, 3, N]
+    lse2 = torch.logsumexp(stats[:, 0] * 0.6931471805599453, dim=0) * 1.4426950408889634
+    share = torch.exp2(stats[:, 0] - lse2)
+    lp = (stats[:, 1].max(0).values - lse2) * 0.6931471805599453
+    mixture = torch.where(share > 0, share * (stats[:, 2] - torch.log2(share)), 0.0).sum(0)
+    entropy = mixture * 0.6931471805599453
+    ref_lp, ref_entropy = reference.token_logprobs(logits.double(), tokens, temperature=0.7, return_entropy=True)
+    on = tokens.reshape(-1) != -100
+    assert_close(lp[on], ref_lp.reshape(-1)[on], what="lp", **FP32)
+    assert_close(entropy[on], ref_entropy.reshape(-1)[on], what="entropy", **FP32)
