@@ -347,6 +347,14 @@ def logits_ours_rows(inp, backward):
                         lambda: [x])
 
 
+def logits_ours_nosync(inp, backward):
+    # validate=False: no device-to-host sync for the input checks, so host work overlaps the GPU's.
+    x = _rows_leaf(inp)
+    return lambda: _run(backward, lambda: rlsd_kernels.rlsd_loss(x, inp.teacher[:, :-1], inp.tokens, inp.adv,
+                                                                 old_logprobs=inp.old, mask=inp.mask, validate=False),
+                        lambda: [x])
+
+
 def logits_ours_inplace(inp, backward):
     # Each call overwrites the logits with their gradient, which the next call reads as logits: the
     # work and the bytes moved are the same, only the values differ (so it runs after the others).
@@ -431,6 +439,8 @@ PROVIDERS = [
              "logits, as the peers return it", ours=True),
     Provider("rlsd_kernels_rows", "logits", logits_ours_rows, "fused; gradient of the [B, T, V] rows the loss "
              "reads (no zero-filled [B, T+1, V] buffer)", ours=True, modes=("fwd_bwd",)),
+    Provider("rlsd_kernels_nosync", "logits", logits_ours_nosync, "as rlsd_kernels_rows, with validate=False "
+             "(no device-to-host sync for the input checks)", ours=True),
     Provider("rlsd_kernels_inplace", "logits", logits_ours_inplace, "fused; gradient written into the logits "
              "(inplace_backward=True)", ours=True, modes=("fwd_bwd",), clobbers=True),
     Provider("naive_eager", "linear", linear_naive_eager, "materialised logits of both, then the naive loss",
