@@ -10,9 +10,12 @@ Public API (keyword-only options, defaults from the official recipe):
 
 from . import reference
 from .flags import Flag
+from .linear import rlsd_linear_loss, token_logprobs_linear
 from .logprobs import token_logprobs
 from .rlsd import rlsd_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["Flag", "reference", "rlsd_loss", "token_logprobs", "__version__"]
+__all__ = [
+    "Flag", "reference", "rlsd_linear_loss", "rlsd_loss", "token_logprobs", "token_logprobs_linear", "__version__",
+]
