@@ -32,7 +32,7 @@ FLOAT_ARGS = {"scale2", "inv_temp", "log_w_lo", "log_w_hi", "lam", "clip_lo", "c
               "kl_coef", "entropy_coef"}
 OTHER_POINTERS = {"tokens": "*i64", "flags_out": "*i32"}
 LOGIT_POINTERS = {"S", "T", "dS", "X", "dX"}
-INT_ARGS = {"V", "n_rows", "seqlen", "n"}
+INT_ARGS = {"V", "n_rows", "seqlen", "n", "vocab_start"}
 
 
 def compile_kernel(kernel, constexprs, *, logits="bf16", num_warps=8, capability=90):
@@ -88,8 +88,9 @@ def variants():
         for block, warps in candidates:
             for flags in (RLSD_OFF, dict(RLSD_OFF, HAS_T_LOGITS=False), RLSD_ALL):
                 yield _rlsd_fwd_kernel, dict(flags, BLOCK_V=block), logits, warps
+            for entropy, partial in ((False, False), (True, False), (True, True)):
+                yield _logprobs_fwd_kernel, dict(ENTROPY=entropy, PARTIAL=partial, BLOCK_V=block), logits, warps
             for entropy in (False, True):
-                yield _logprobs_fwd_kernel, dict(ENTROPY=entropy, BLOCK_V=block), logits, warps
                 yield _logprobs_bwd_kernel, dict(HAS_ENTROPY=entropy, BLOCK_V=block), logits, warps
     yield _rlsd_token_kernel, dict(TOKEN_FLAGS, BLOCK=1024), "bf16", 4
     yield _scale_kernel, dict(BLOCK_V=4096), "bf16", 4

@@ -40,12 +40,12 @@ def test_every_variant_compiled(report):
 
 
 def test_nothing_spills(report):
-    # ptxas keeps a few variants at 64-72 registers and spills 8-16 bytes there, and with every
+    # ptxas keeps a few variants at 64-72 registers and spills 8-24 bytes there, and with every
     # loss option on (entropy, KL, importance weights) the 128-register cap of 16 warps costs
     # 24-40 bytes; anything more is a regression.
     plain = [row for row in report if not row.get("ENTROPY") and not row.get("HAS_ENTROPY")]
     assert not [row for row in report if row["local"] or row["stack"] > 48]
-    assert not [row for row in plain if row["stack"] > 16]
+    assert not [row for row in plain if row["stack"] > 24]
 
 
 def test_row_loads_are_16_bytes_wide(report):
