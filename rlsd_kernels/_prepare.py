@@ -165,9 +165,12 @@ def sequence_log_is(lp_old, inputs, num_seqs):
 
 
 def needs_sequence_pass(inputs, params):
-    """Whether the epilogue waits for every token's log-prob: sequence-level ratios, or sequence-level
-    importance weights of on-policy tokens (whose old log-probs are the current ones)."""
-    return params["ratio_level"] == "sequence" or (inputs["seq_ids"] is not None and inputs["log_is"] is None)
+    """Whether sequence-level terms are still missing from ``inputs``: they wait for every token's
+    log-prob (sequence-level ratios, and sequence-level importance weights of on-policy tokens,
+    whose old log-probs are the current ones). ``sequence_terms`` adds them."""
+    missing_ratio = params["ratio_level"] == "sequence" and inputs["seq_ratio"] is None
+    missing_is = inputs["rollout"] is not None and params["tis_level"] == "sequence" and inputs["log_is"] is None
+    return missing_ratio or missing_is
 
 
 def sequence_terms(lp_s, inputs, params):

@@ -172,10 +172,9 @@ def loss_fwd(hidden, teacher, weight, bias, inputs, params, chunk, needs):
         inputs = dict(inputs, lp_t=lp_t)
     if needs_sequence_pass(inputs, params):
         lp_s = logprobs_fwd_chunked(hidden, weight, bias, scored, temperature, False, chunk)[0]
-        # The sequence terms join the per-token inputs, so that no chunk's launcher recomputes them
-        # from its own tokens alone.
-        inputs = dict(sequence_terms(lp_s, inputs, params), seq_ids=None)
-        params = dict(params, ratio_level="token")
+        # The sequence terms join the per-token inputs before the chunks: each chunk's launcher
+        # then finds them present instead of recomputing them from its own tokens alone.
+        inputs = sequence_terms(lp_s, inputs, params)
 
     track = any(needs)
     rows, chunks = _chunks(hidden, chunk)
