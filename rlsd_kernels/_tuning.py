@@ -109,6 +109,9 @@ def pick_row_config(key: tuple, vocab: int, device: torch.device, trial, itemsiz
     """The configuration for a row kernel; ``trial(config)`` runs one candidate on scratch outputs."""
     if _forced is not None:
         return _forced
+    cached = _cache.get((device.index, vocab) + tuple(key)) if device.type == "cuda" else None
+    if cached is not None:
+        return cached
     options = {config: (lambda c=config: trial(c)) for config in _candidates(vocab, itemsize)}
     return pick_choice((vocab,) + tuple(key), device, options, _heuristic(vocab))
 
