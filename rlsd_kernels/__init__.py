@@ -12,10 +12,12 @@ from . import reference
 from .flags import Flag
 from .linear import rlsd_linear_loss, token_logprobs_linear
 from .logprobs import token_logprobs
+from .opsd import grpo_opsd_loss, opsd_loss
 from .rlsd import rlsd_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Flag", "reference", "rlsd_linear_loss", "rlsd_loss", "token_logprobs", "token_logprobs_linear", "__version__",
+    "Flag", "grpo_opsd_loss", "opsd_loss", "reference", "rlsd_linear_loss", "rlsd_loss", "token_logprobs",
+    "token_logprobs_linear", "__version__",
 ]

@@ -201,3 +201,41 @@ def softmax_grad_block(z2, lse2, cols, y, coef, coef_h, entropy, HAS_ENTROPY: tl
         log_p = (z2 - lse2) * LN2
         g -= coef_h * tl.where(p > 0, p * (log_p + entropy), 0.0)
     return g
+
+
+@triton.jit
+def jsd_mixture(a2, b2, beta):
+    """``(S, T, log2 M)`` per entry from the base-2 log-probs ``a2 = log2 S`` and ``b2 = log2 T``, with
+    ``M = beta * T + (1 - beta) * S`` taken by logsumexp (never by adding probabilities): three
+    transcendentals, the larger weighted term's ``exp2`` giving the smaller's through the ratio.
+    ``log2 M`` is -inf only where both are -inf; ``0 < beta < 1``."""
+    u = b2 + tl.log2(beta)
+    w = a2 + tl.log2(1.0 - beta)
+    hi = tl.maximum(u, w)
+    r = tl.exp2(tl.minimum(u, w) - tl.where(hi == float("-inf"), 0.0, hi))
+    e_hi = tl.exp2(hi)
+    teacher_first = u >= w
+    s = tl.where(teacher_first, e_hi * r, e_hi) * (1.0 / (1.0 - beta))
+    t = tl.where(teacher_first, e_hi, e_hi * r) * (1.0 / beta)
+    return s, t, hi + tl.log2(1.0 + r)
+
+
+@triton.jit
+def divergence_grad_block(zs2, zt2, lse2_s, lse2_t, k, beta, DIV: tl.constexpr):
+    """``tau * dD/dz_S`` over one block of base-2 scaled logits, 0 wherever ``S = 0`` (and ``T = 0``);
+    NaN stays NaN.
+
+    ``DIV`` 0: forward KL, ``S - T``; 1: reverse KL, ``S * ((a - b) - k)``; 2: JSD_beta,
+    ``(1 - beta) * S * ((a - log M) - k)``; ``k`` is the row's ``KL(S || T)`` or ``KL(S || M)`` in nats.
+    """
+    a2 = zs2 - lse2_s
+    b2 = zt2 - lse2_t
+    if DIV == 0:
+        g = tl.exp2(a2) - tl.exp2(b2)
+    elif DIV == 1:
+        s = tl.exp2(a2)
+        g = tl.where(s == 0.0, 0.0, s * ((a2 - b2) * LN2 - k))
+    else:
+        s, _, log_m = jsd_mixture(a2, b2, beta)
+        g = tl.where(s == 0.0, 0.0, (1.0 - beta) * s * ((a2 - log_m) * LN2 - k))
+    return g

@@ -415,3 +415,165 @@ def rlsd_loss(
             shown["is_weight"] = terms["is_weight"]
         return loss, rlsd_metrics(shown, m)
     return loss
+
+
+OPSD_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "sampled_token")
+
+
+def _weighted_log_ratio(p, x, y):
+    """``sum_v p_v * (x_v - y_v)`` over the last dimension, where entries with ``p_v = 0`` give 0
+    (never ``0 * inf`` or ``(-inf) - (-inf)``, in the value or in the gradient); NaN stays NaN."""
+    on = p != 0
+    zero = torch.zeros_like(p)
+    return torch.where(on, p * (torch.where(on, x, zero) - torch.where(on, y, zero)), zero).sum(-1)
+
+
+def opsd_token_divergence(student_logits, teacher_logits, *, divergence="jsd", beta=0.5, temperature=1.0):
+    """Per-token divergence between the student and the (detached) teacher over the full vocabulary.
+
+    With ``S = softmax(z_S / tau)``, ``T = softmax(z_T / tau)``, ``a = log S``, ``b = log T``::
+
+        forward_kl  KL(T || S) = sum_v T_v (b_v - a_v)          d/dz_S = (S - T) / tau
+        reverse_kl  KL(S || T) = sum_v S_v (a_v - b_v)          d/dz_S = S * ((a - b) - KL(S || T)) / tau
+        jsd         M = beta * T + (1 - beta) * S,  log M_v = logsumexp(log beta + b_v, log(1 - beta) + a_v)
+                    JSD = beta * KL(T || M) + (1 - beta) * KL(S || M)
+                    d/dz_S = (1 - beta) * S * ((a - log M) - KL(S || M)) / tau
+
+    ``beta = 0`` is the forward KL and ``beta = 1`` the reverse KL (TRL's generalised JSD special-cases
+    the two endpoints the same way; the mixture formula itself would give 0 there). Entries where a
+    distribution is zero (``-inf`` logits, a padded vocabulary) contribute nothing. Shapes: logits
+    ``[..., V]``; returns ``[...]`` in float32 (float64 for float64 logits), differentiable in the
+    student logits only.
+    """
+    if divergence not in OPSD_DIVERGENCES[:3]:
+        raise ValueError(f"divergence must be one of {OPSD_DIVERGENCES[:3]}, got {divergence!r}")
+    if not 0 <= beta <= 1:
+        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+    if divergence == "jsd" and beta in (0, 1):
+        divergence = "forward_kl" if beta == 0 else "reverse_kl"
+    a = torch.log_softmax(student_logits.to(_compute_dtype(student_logits)) / temperature, dim=-1)
+    b = torch.log_softmax(teacher_logits.detach().to(a.dtype) / temperature, dim=-1)
+    s, t = a.exp(), b.exp()
+    if divergence == "forward_kl":
+        return _weighted_log_ratio(t, b, a)
+    if divergence == "reverse_kl":
+        return _weighted_log_ratio(s, a, b)
+    # Both -inf (a padded entry): any finite stand-in, the entry is masked out below.
+    both = (a == float("-inf")) & (b == float("-inf"))
+    a0, b0 = torch.where(both, 0.0, a), torch.where(both, 0.0, b)
+    log_m = torch.logsumexp(torch.stack([b0 + math.log(beta), a0 + math.log1p(-beta)]), dim=0)
+    return beta * _weighted_log_ratio(t, b, log_m) + (1 - beta) * _weighted_log_ratio(s, a, log_m)
+
+
+def opsd_metrics(divergence, clipped, mask):
+    """``divergence_mean`` (the unclipped per-token divergence), ``token_clip_frac`` and
+    ``num_tokens``: masked means and their count, detached 0-d tensors."""
+    m = mask.to(torch.float64 if divergence.dtype == torch.float64 else torch.float32)
+    total = m.sum()
+    denominator = torch.where(total != 0, total, torch.ones_like(total))
+
+    def mean(x):
+        x = x.detach().to(m.dtype)
+        return torch.where(m != 0, x * m, torch.zeros_like(m)).sum() / denominator
+
+    return {"divergence_mean": mean(divergence), "token_clip_frac": mean(clipped), "num_tokens": total.detach()}
+
+
+def opsd_loss(
+    student_logits,
+    teacher_logits,
+    tokens=None,
+    *,
+    teacher_logprobs=None,
+    mask=None,
+    divergence="jsd",
+    beta=0.5,
+    temperature=1.0,
+    token_clip=None,
+    loss_agg="token-mean",
+    normalizer=None,
+    cu_seqlens=None,
+    return_metrics=False,
+):
+    """On-policy self-distillation: the teacher distribution as the student's target.
+
+    Per token, ``D`` is :func:`opsd_token_divergence` for the full-vocabulary divergences, and the
+    loss is ``min(D, token_clip)``: a token whose divergence exceeds ``token_clip`` adds the constant
+    ``token_clip`` and no gradient. ``divergence="sampled_token"`` is the sampled-token surrogate
+    with the log-probs of the sampled tokens (``tokens`` needed)::
+
+        D = sg(lp_S - lp_T)      loss = D * lp_S      d/dz_S = D * (1[v = y] - S) / tau
+
+    (a one-sample estimate of the reverse KL's gradient; clipped tokens add ``token_clip * sg(lp_S)``).
+    Its teacher may be given as ``teacher_logprobs`` instead of logits. ``tokens`` (optional for the
+    full-vocabulary divergences) mask with ``IGNORE_INDEX``, as ``mask`` does; the losses are
+    aggregated by :func:`aggregate_loss`. Metrics: :func:`opsd_metrics`.
+    """
+    if divergence not in OPSD_DIVERGENCES:
+        raise ValueError(f"divergence must be one of {OPSD_DIVERGENCES}, got {divergence!r}")
+    token_shape = student_logits.shape[:-1]
+    valid = torch.ones(token_shape, dtype=torch.bool, device=student_logits.device)
+    if tokens is not None:
+        valid = valid & (tokens != IGNORE_INDEX)
+    if mask is not None:
+        valid = valid & (mask != 0)
+    dtype = _compute_dtype(student_logits)
+    if divergence == "sampled_token":
+        scored = torch.where(valid, tokens, IGNORE_INDEX)
+        lp_s = token_logprobs(student_logits, scored, temperature=temperature)
+        if teacher_logits is not None:
+            with torch.no_grad():
+                lp_t = token_logprobs(teacher_logits, scored, temperature=temperature)
+        else:
+            lp_t = torch.where(valid, teacher_logprobs.to(dtype), 0.0)
+        d = _log_diff(lp_s.detach(), lp_t)
+        clipped = d > token_clip if token_clip is not None else torch.zeros_like(valid)
+        per_token = torch.where(clipped, d.clamp(max=token_clip or 0.0) * lp_s.detach(), d * lp_s)
+    else:
+        d = opsd_token_divergence(student_logits, teacher_logits, divergence=divergence, beta=beta,
+                                  temperature=temperature)
+        clipped = d.detach() > token_clip if token_clip is not None else torch.zeros_like(valid)
+        per_token = torch.where(clipped, torch.full_like(d, token_clip or 0.0), d)
+    m = valid.to(dtype) if mask is None else torch.where(valid, mask.to(dtype), 0)
+    loss = aggregate_loss(per_token, m, loss_agg, normalizer=normalizer, cu_seqlens=cu_seqlens)
+    if return_metrics:
+        return loss, opsd_metrics(d, clipped & valid, m)
+    return loss
+
+
+def grpo_opsd_loss(
+    student_logits,
+    teacher_logits,
+    tokens,
+    advantages,
+    *,
+    alpha=1.0,
+    divergence="jsd",
+    beta=0.5,
+    token_clip=None,
+    teacher_logprobs=None,
+    mask=None,
+    lam=0.0,
+    temperature=1.0,
+    loss_agg="token-mean",
+    normalizer=None,
+    cu_seqlens=None,
+    return_metrics=False,
+    **rlsd_options,
+):
+    """``rlsd_loss(...) + alpha * opsd_loss(...)`` on the same tokens, mask and aggregation.
+
+    The policy term takes every option of :func:`rlsd_loss` (``lam = 0``, the default here, is
+    GRPO/DAPO); the OPSD term is :func:`opsd_loss` with ``divergence``, ``beta`` and ``token_clip``.
+    The metrics are both dicts merged (they share ``num_tokens``).
+    """
+    shared = dict(mask=mask, temperature=temperature, loss_agg=loss_agg, normalizer=normalizer,
+                  cu_seqlens=cu_seqlens, return_metrics=return_metrics)
+    pg = rlsd_loss(student_logits, teacher_logits, tokens, advantages, teacher_logprobs=teacher_logprobs, lam=lam,
+                   **shared, **rlsd_options)
+    distill = opsd_loss(student_logits, teacher_logits, tokens, teacher_logprobs=teacher_logprobs,
+                        divergence=divergence, beta=beta, token_clip=token_clip, **shared)
+    if return_metrics:
+        (pg, pg_metrics), (distill, distill_metrics) = pg, distill
+        return pg + alpha * distill, {**pg_metrics, **distill_metrics}
+    return pg + alpha * distill

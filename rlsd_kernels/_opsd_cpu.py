@@ -1,0 +1,143 @@
+"""The PyTorch path behind the OPSD launchers for tensors the Triton kernels do not take (CPU).
+
+Same contract and outputs as ``opsd.opsd_fwd`` / ``opsd.opsd_bwd``, computed chunk by chunk over
+tokens (``_cpu._row_chunks``), with the policy term of the combined loss from ``_cpu.rlsd_fwd``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _cpu, _utils, reference
+from ._prepare import OUTPUTS
+from .flags import Flag
+
+FORWARD_KL, REVERSE_KL, JSD, SAMPLED = range(4)
+OPSD_OUTPUTS = ("lse_t", "div", "opsd", "k", "d_div")
+
+
+def output_names(grpo):
+    """The per-token float32 outputs of the OPSD launchers (the RLSD ones too with the policy term)."""
+    return (OUTPUTS if grpo else ("lp_s", "lp_t", "lse")) + OPSD_OUTPUTS
+
+
+def _mixture(a, b, beta):
+    return torch.logaddexp(b + math.log(beta), a + math.log1p(-beta))
+
+
+def divergence(zs, lse_s, zt, lse_t, code, beta):
+    """``(D, k)`` per row of scaled logits ``[C, V]`` (see ``reference.opsd_token_divergence``): ``k`` is
+    the constant of the gradient, ``KL(S || T)`` (reverse) or ``KL(S || M)`` (JSD), else 0."""
+    a, b = zs - lse_s[:, None], zt - lse_t[:, None]
+    s, t = a.exp(), b.exp()
+    if code == FORWARD_KL:
+        d = torch.where(t == 0, 0.0, t * (b - a)).sum(-1)
+        return d, torch.zeros_like(d)
+    if code == REVERSE_KL:
+        d = torch.where(s == 0, 0.0, s * (a - b)).sum(-1)
+        return d, d
+    log_m = _mixture(a, b, beta)
+    k = torch.where(s == 0, 0.0, s * (a - log_m)).sum(-1)
+    return beta * torch.where(t == 0, 0.0, t * (b - log_m)).sum(-1) + (1 - beta) * k, k
+
+
+def divergence_grad(zs, lse_s, zt, lse_t, k, code, beta):
+    """``tau * dD/dz_S`` for a chunk (mirrors ``_jit.divergence_grad_block``)."""
+    a, b = zs - lse_s[:, None], zt - lse_t[:, None]
+    s = a.exp()
+    if code == FORWARD_KL:
+        return s - b.exp()
+    if code == REVERSE_KL:
+        return torch.where(s == 0, 0.0, s * ((a - b) - k[:, None]))
+    return torch.where(s == 0, 0.0, (1 - beta) * s * ((a - _mixture(a, b, beta)) - k[:, None]))
+
+
+def token_terms(div, lp_s, code, token_clip):
+    """``(opsd, d_div, clipped)``: the per-token OPSD loss, its derivative by ``D`` (full vocabulary)
+    or by ``lp_S`` (sampled token), and where ``token_clip`` bound."""
+    clip = math.inf if token_clip is None else token_clip
+    clipped = div > clip
+    if code == SAMPLED:
+        return div.clamp(max=clip) * lp_s, torch.where(clipped, 0.0, div), clipped
+    return div.clamp(max=clip), torch.where(clipped, 0.0, 1.0), clipped
+
+
+def opsd_fwd(s_rows, t_rows, inputs, params, opsd, grad):
+    """Per-token outputs as the Triton launcher returns them; writes ``weight * dl/dz`` into ``grad``."""
+    n, device = s_rows.n, s_rows.tensor.device
+    code, grpo, temperature = opsd["div"], opsd["grpo"], params["temperature"]
+    if grpo:
+        out, flags = _cpu.rlsd_fwd(s_rows, t_rows, inputs, params, None)
+    else:
+        out = {k: _utils.empty((n,), dtype=torch.float32, device=device) for k in ("lp_s", "lp_t", "lse")}
+        flags = _utils.empty((n,), dtype=torch.int32, device=device)
+    for key in OPSD_OUTPUTS:
+        out[key] = _utils.empty((n,), dtype=torch.float32, device=device)
+    active = inputs["weight"] != 0
+    need_lp = code == SAMPLED or grpo
+    tensors = [s_rows.tensor] + ([t_rows.tensor] if t_rows is not None else [])
+    for sl, views in _cpu._row_chunks(s_rows, *tensors):
+        on = active[sl]
+        y = inputs["tokens"][sl] if need_lp else torch.zeros_like(on, dtype=torch.long)
+        zs, lse_s, lp_s, _, bad, nonfinite_s = _cpu._stats(views[0], y, temperature, on)
+        nonfinite_t = torch.zeros_like(on)
+        lse_t = lse_s
+        if t_rows is not None:
+            zt, lse_t, lp_t, _, _, nonfinite_t = _cpu._stats(views[1], y, temperature, on)
+        else:
+            lp_t = torch.where(on, inputs["lp_t"][sl], 0.0)
+        if code == SAMPLED:
+            div, k = reference._log_diff(lp_s, lp_t), torch.zeros_like(lp_s)
+        else:
+            div, k = divergence(zs, lse_s, zt, lse_t, code, opsd["beta"])
+        if not grpo:
+            out["lse"][sl], out["lp_s"][sl], out["lp_t"][sl] = lse_s, lp_s, lp_t
+            bad = bad if need_lp else torch.zeros_like(bad)
+            flags[sl] = (bad.int() * int(Flag.BAD_TOKEN) + nonfinite_s.int() * int(Flag.NONFINITE_STUDENT)
+                         + nonfinite_t.int() * int(Flag.NONFINITE_TEACHER))
+        out["lse_t"][sl] = torch.where(on, lse_t, 0.0)
+        out["div"][sl] = torch.where(on, div, 0.0)
+        out["k"][sl] = torch.where(on, k, 0.0)
+    opsd_value, d_div, _ = token_terms(out["div"], out["lp_s"], code, opsd["token_clip"])
+    out["opsd"] = torch.where(active, opsd_value, 0.0)
+    out["d_div"] = torch.where(active, d_div, 0.0)
+    if grad is not None:
+        c_lp, c_h, c_d = grad_coefficients(out, inputs["weight"], params["entropy_coef"], opsd)
+        opsd_grad(s_rows, t_rows, inputs["tokens"], out, c_lp, c_h, c_d, params["temperature"], opsd, grad)
+    return out, flags
+
+
+def grad_coefficients(out, scale, entropy_coef, opsd):
+    """``(c_lp, c_h, c_d)`` of the row gradient for per-token scales (the aggregation weights, times
+    the upstream gradient in the per-token backward); ``c_h`` is None without the entropy term."""
+    c_lp = scale * out["d_lp"] if opsd["grpo"] else torch.zeros_like(scale)
+    c_d = scale * (opsd["alpha"] * out["d_div"])
+    if opsd["div"] == SAMPLED:
+        c_lp, c_d = c_lp + c_d, torch.zeros_like(c_d)
+    c_h = scale * -entropy_coef if opsd["grpo"] and entropy_coef != 0 else None
+    return c_lp.contiguous(), None if c_h is None else c_h.contiguous(), c_d.contiguous()
+
+
+def opsd_grad(s_rows, t_rows, tokens, out, c_lp, c_h, c_d, temperature, opsd, grad):
+    """Writes ``(c_lp * (1[v = y] - p) - c_h * p * (log p + H) + c_d * tau * dD/dz_S) / tau`` into ``grad``."""
+    code = opsd["div"]
+    tensors = [s_rows.tensor, grad] + ([t_rows.tensor] if code != SAMPLED else [])
+    for sl, views in _cpu._row_chunks(s_rows, *tensors):
+        y = tokens[sl]
+        active = (c_lp[sl] != 0) | (c_d[sl] != 0)
+        if c_h is not None:
+            active |= c_h[sl] != 0
+        zs = views[0].float() / temperature
+        lse_s = out["lse"][sl]
+        g = torch.zeros_like(zs)
+        if code == SAMPLED or opsd["grpo"]:
+            g = _cpu._softmax_grad(zs, lse_s, y, c_lp[sl], None if c_h is None else c_h[sl],
+                                   None if c_h is None else out["entropy"][sl])
+        if code != SAMPLED:
+            zt = views[2].float() / temperature
+            dd = divergence_grad(zs, lse_s, zt, out["lse_t"][sl], out["k"][sl], code, opsd["beta"])
+            g = g + torch.where(c_d[sl][:, None] != 0, c_d[sl][:, None] * dd, 0.0)
+        views[1].copy_(torch.where(active[:, None], g / temperature, 0.0))
+    return grad
