@@ -13,7 +13,7 @@ import torch
 from . import _utils, reference
 from ._prepare import FLAG_TERMS, OUTPUTS, needs_sequence_pass, sequence_terms
 from ._utils import Rows
-from .flags import Flag
+from .flags import ERRORS, Flag
 
 CHUNK_ELEMENTS = 1 << 22
 
@@ -140,6 +140,22 @@ def rlsd_fwd(s_rows: Rows, t_rows, inputs, params, grad):
 
     if needs_sequence_pass(inputs, params):
         inputs = sequence_terms(out["lp_s"], inputs, params)
+    rlsd_token_epilogue(out, flags, inputs, params)
+
+    if grad is not None:
+        coef = torch.where(active, inputs["weight"] * out["d_lp"], 0.0)
+        coef_h = None
+        if params["entropy_coef"] != 0:
+            coef_h = torch.where(active, -inputs["weight"] * params["entropy_coef"], 0.0)
+        logprobs_bwd(s_rows, inputs["tokens"], out["lse"], coef, coef_h, out["entropy"], temperature, grad)
+    return out, flags
+
+
+def rlsd_token_epilogue(out, flags, inputs, params):
+    """The per-token terms of every token whose log-probs (and entropies) ``out`` holds, as
+    ``rlsd.rlsd_token_epilogue`` computes them: overwrites the loss, derivative, weight, ratio,
+    importance weight and KL in ``out`` and the clip bits of ``flags``, keeping its error bits."""
+    active = inputs["weight"] != 0
     terms = reference.rlsd_token_terms(
         out["lp_s"], out["lp_t"], inputs["adv"], lp_old=inputs["lp_old"], eps_w_low=params["eps_w_low"],
         eps_w_high=params["eps_w_high"], lam=params["lam"], clip_low=params["clip_low"],
@@ -152,13 +168,6 @@ def rlsd_fwd(s_rows: Rows, t_rows, inputs, params, grad):
     for key, name in (("loss", "loss"), ("d_lp", "d_loss"), ("w", "weight"), ("ratio", "ratio"),
                       ("is_weight", "is_weight"), ("kl", "kl")):
         out[key] = torch.where(active, terms[name], 0.0)
+    flags &= int(ERRORS)
     for name, bit in FLAG_TERMS:
         flags |= (active & terms[name]).int() * int(bit)
-
-    if grad is not None:
-        coef = torch.where(active, inputs["weight"] * out["d_lp"], 0.0)
-        coef_h = None
-        if params["entropy_coef"] != 0:
-            coef_h = torch.where(active, -inputs["weight"] * params["entropy_coef"], 0.0)
-        logprobs_bwd(s_rows, inputs["tokens"], out["lse"], coef, coef_h, out["entropy"], temperature, grad)
-    return out, flags

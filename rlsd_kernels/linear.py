@@ -369,6 +369,7 @@ def rlsd_linear_loss(
     cu_seqlens=None,
     validate=True,
     chunk_size=None,
+    process_group=None,
 ):
     """``rlsd_loss`` on the logits ``student_hidden @ weight.T + bias``, without materialising them.
 
@@ -396,6 +397,12 @@ def rlsd_linear_loss(
             weights); fewer rows save memory and cost bandwidth.
         validate: as for ``rlsd_loss``; rows of NaN or ``+inf`` logits are reported for
             ``student_hidden @ weight.T`` or ``teacher_hidden @ weight.T``.
+        process_group: a ``torch.distributed`` group over which the vocabulary is sharded: ``weight``
+            (and ``bias``) are this rank's contiguous rows of the lm_head, in group rank order, as
+            Megatron's ``ColumnParallelLinear`` holds them. One all-gather per forward, none in the
+            backward. The weight and bias get this rank's rows' gradients; the hidden states get
+            this rank's partial dH, whose sum over ranks is the gradient (Megatron's layer adds it
+            in its input's backward). See ``rlsd_kernels.distributed``.
 
     Returns:
         The loss (a scalar, or per-token ``[B, T]`` / ``[N]`` for ``none``), or ``(loss, metrics)``.
@@ -420,6 +427,14 @@ def rlsd_linear_loss(
         return (loss, output_metrics(empty, m.int(), m, inputs, params)) if return_metrics else loss
 
     teacher = None if teacher_hidden is None else teacher_hidden.detach()
+    if process_group is not None:
+        from . import distributed
+
+        return distributed.sharded_loss(
+            distributed.LinearShard(params["temperature"], chunk, teacher), (student_hidden, weight, bias),
+            (inputs, params, m, token_shape), process_group, loss_agg=loss_agg, inplace=False,
+            return_metrics=return_metrics, validate=validate,
+        )
     args = (student_hidden, weight, bias, teacher, inputs, params, chunk)
     if loss_agg == "none":
         loss, out, flags = RLSDLinearTokenLossFunction.apply(*args, validate)
@@ -432,7 +447,7 @@ def rlsd_linear_loss(
 
 
 def token_logprobs_linear(hidden, weight, tokens, *, bias=None, temperature=1.0, return_entropy=False,
-                          validate=True, chunk_size=None):
+                          validate=True, chunk_size=None, process_group=None):
     """``token_logprobs`` of the logits ``hidden @ weight.T + bias``, a chunk of rows at a time.
 
     The memory-light pass for teacher, reference and old-policy log-probs: only one float32
@@ -440,7 +455,8 @@ def token_logprobs_linear(hidden, weight, tokens, *, bias=None, temperature=1.0,
     Under autograd the backward recomputes each chunk's logits and returns gradients for
     ``hidden``, ``weight`` and ``bias``. Shapes and dtypes as for :func:`rlsd_linear_loss`; tokens
     ``[B, T]`` / ``[N]`` with ``-100`` for an ignored token (``lp = H = 0``, no gradient).
-    ``validate`` and ``chunk_size`` as for :func:`rlsd_linear_loss` (ids outside ``[0, V)`` raise).
+    ``validate``, ``chunk_size`` and ``process_group`` (``weight`` and ``bias`` as this rank's rows
+    of a vocabulary-sharded lm_head) as for :func:`rlsd_linear_loss` (ids outside ``[0, V)`` raise).
 
     Returns:
         ``lp`` shaped like ``tokens`` in float32, or ``(lp, entropy)``.
@@ -453,6 +469,12 @@ def token_logprobs_linear(hidden, weight, tokens, *, bias=None, temperature=1.0,
     if tokens.numel() == 0:
         lp = _empty_loss(hidden, weight, bias).expand(tokens.shape)
         return (lp, lp.clone()) if return_entropy else lp
+    if process_group is not None:
+        from . import distributed
+
+        return distributed.sharded_logprobs(distributed.LinearShard(float(temperature), chunk, student="hidden"),
+                                            (hidden, weight, bias), tokens, process_group,
+                                            return_entropy=return_entropy, validate=validate)
     lp, ent = TokenLogprobsLinearFunction.apply(
         hidden, weight, bias, tokens.reshape(-1), float(temperature), bool(return_entropy), chunk, validate
     )

@@ -301,7 +301,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def token_logprobs(logits, tokens, *, temperature=1.0, return_entropy=False, validate=True):
+def token_logprobs(logits, tokens, *, temperature=1.0, return_entropy=False, validate=True, process_group=None):
     """Log-probability of each sampled token under ``softmax(logits / temperature)``.
 
     ``lp = min(z[y] / tau - logsumexp(z / tau), 0)`` and, with ``return_entropy=True``, the row
@@ -316,6 +316,9 @@ def token_logprobs(logits, tokens, *, temperature=1.0, return_entropy=False, val
         temperature: logits are divided by it.
         validate: raise ``ValueError`` for ids outside ``[0, V)`` and for rows with NaN or ``+inf``
             (one device-to-host sync). With ``False`` such rows give non-finite values.
+        process_group: a ``torch.distributed`` group over which the vocabulary is sharded: the
+            logits are this rank's contiguous slice of it, in group rank order. One all-gather per
+            forward, none in the backward (see ``rlsd_kernels.distributed``).
 
     Returns:
         ``lp`` shaped like ``tokens`` in float32, or ``(lp, entropy)``.
@@ -328,6 +331,12 @@ def token_logprobs(logits, tokens, *, temperature=1.0, return_entropy=False, val
     if rows.n == 0:
         lp = logits.float().sum(-1) * 0.0
         return (lp, lp.clone()) if return_entropy else lp
+    if process_group is not None:
+        from . import distributed
+
+        source = distributed.LogitsShard(float(temperature), names={"tokens": "tokens", "student": "logits"})
+        return distributed.sharded_logprobs(source, (rows.tensor,), tokens, process_group,
+                                            return_entropy=return_entropy, validate=validate)
     lp, ent = TokenLogprobsFunction.apply(rows.tensor, tokens, float(temperature), bool(return_entropy), validate)
     lp = lp.view(tokens.shape)
     return (lp, ent.view(tokens.shape)) if return_entropy else lp

@@ -131,7 +131,10 @@ def _row_backward(student, inputs, params, out, grad):
 def rlsd_token_epilogue(out, flags, inputs, params):
     """Reruns the epilogue over the tokens with everything in ``inputs`` known (sequence-level
     terms included), overwriting the loss, derivative, weight, ratio, importance weight, KL and clip
-    flags in ``out`` and ``flags``; the log-probs and entropies stay."""
+    flags in ``out`` and ``flags``; the log-probs and entropies stay. Tensors the Triton kernels
+    do not take go to the PyTorch counterpart in ``_cpu``."""
+    if not use_triton(flags):
+        return _cpu.rlsd_token_epilogue(out, flags, inputs, params)
     n = flags.numel()
     adv = inputs["adv"]
     _rlsd_token_kernel[(triton.cdiv(n, TOKEN_BLOCK),)](
@@ -350,6 +353,7 @@ def rlsd_loss(
     entropy_coef=0.0,
     cu_seqlens=None,
     validate=True,
+    process_group=None,
 ):
     """The RLSD policy loss, fused over the vocabulary: GRPO's direction, the teacher's magnitude.
 
@@ -403,6 +407,11 @@ def rlsd_loss(
         validate: raise ``ValueError`` for token ids outside ``[0, V)`` at unmasked positions and for
             unmasked rows holding NaN or ``+inf`` (one device-to-host sync per call). With
             ``False`` such rows give non-finite values; use it where syncs are not allowed.
+        process_group: a ``torch.distributed`` group over which the vocabulary is sharded (tensor
+            parallelism): the logits (student and teacher alike) are this rank's contiguous slice of
+            the vocabulary, in group rank order, sizes may differ. One all-gather per forward, none
+            in the backward; the loss and metrics are the same on every rank and the gradient is
+            this rank's slice. See ``rlsd_kernels.distributed``.
 
     Returns:
         The loss (a scalar, or per-token ``[B, T]`` / ``[N]`` for ``none``), or ``(loss, metrics)``.
@@ -432,6 +441,13 @@ def rlsd_loss(
         raise ValueError("inplace_backward=True is not supported under torch.compile")
 
     teacher = None if teacher_logits is None else teacher_logits.detach()
+    if process_group is not None:
+        from . import distributed
+
+        return distributed.sharded_loss(
+            distributed.LogitsShard(params["temperature"], teacher), (s_rows.tensor,), prepared, process_group,
+            loss_agg=loss_agg, inplace=inplace_backward, return_metrics=return_metrics, validate=validate,
+        )
     tensors, floats, ints = pack(inputs, params)
     if loss_agg == "none":
         loss, *per_token = RLSDTokenLossFunction.apply(s_rows.tensor, teacher, tensors, floats, ints,
