@@ -135,6 +135,11 @@ def main(argv=None) -> int:
                 if sweep.gate_rows:
                     common.write_csv(sweep.gate_rows, "throughput_gate", out, device.type)
     progress.close()
+    from rlsd_kernels._tuning import tuned_configs
+
+    # What the autotuner picked for each kernel and shape (configurations, fused or split strategy).
+    for key, choice in tuned_configs().items():
+        print(f"tuned {key[1:]}: {choice}")
     if not args.no_plot:
         data = report.load(out)
         plot = report.plot_throughput(data["throughput"], out / "throughput.png")
