@@ -3,7 +3,13 @@
 Public API (keyword-only options, defaults from the official recipe):
 
 - :func:`rlsd_loss`: the RLSD policy loss from student and teacher logits, fused over the vocabulary.
-- :func:`token_logprobs`: per-token log-probs (and entropies) without a log-softmax tensor.
+- :func:`rlsd_linear_loss`: the same from hidden states and the lm_head weight, never materialising
+  the logits.
+- :func:`token_logprobs`, :func:`token_logprobs_linear`: per-token log-probs (and entropies).
+- :func:`opsd_loss`, :func:`grpo_opsd_loss`: the on-policy self-distillation baselines.
+- :func:`lam_schedule`: the official schedule of the credit mix ``lam``.
+
+Every loss and log-prob function takes ``process_group`` for vocabulary-parallel inputs.
 
 ``rlsd_kernels.reference`` holds the plain PyTorch specification of every op.
 """
@@ -14,10 +20,19 @@ from .linear import rlsd_linear_loss, token_logprobs_linear
 from .logprobs import token_logprobs
 from .opsd import grpo_opsd_loss, opsd_loss
 from .rlsd import rlsd_loss
+from .schedule import lam_schedule
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Flag", "grpo_opsd_loss", "opsd_loss", "reference", "rlsd_linear_loss", "rlsd_loss", "token_logprobs",
-    "token_logprobs_linear", "__version__",
+    "Flag",
+    "grpo_opsd_loss",
+    "lam_schedule",
+    "opsd_loss",
+    "reference",
+    "rlsd_linear_loss",
+    "rlsd_loss",
+    "token_logprobs",
+    "token_logprobs_linear",
+    "__version__",
 ]
