@@ -52,7 +52,8 @@ def _softmax_grad(z, lse, y, coef, coef_h=None, entropy=None):
     """``coef * (1[v = y] - p) - coef_h * p * (log p + H)`` for scaled logits ``z`` (mirrors the kernel)."""
     p = torch.exp(z - lse[:, None])
     onehot = torch.zeros_like(z).scatter_(1, y.clamp(0, z.shape[-1] - 1).long()[:, None], 1.0)
-    onehot = torch.where((y >= 0)[:, None], onehot, 0.0)
+    # Like the kernels, an id outside [0, V) (only with validate=False) matches no column.
+    onehot = torch.where(((y >= 0) & (y < z.shape[-1]))[:, None], onehot, 0.0)
     g = coef[:, None] * (onehot - p)
     if coef_h is not None:
         log_p = torch.where(p > 0, z - lse[:, None], 0.0)
