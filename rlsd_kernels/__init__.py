@@ -19,6 +19,7 @@ from .flags import Flag
 from .linear import rlsd_linear_loss, token_logprobs_linear
 from .logprobs import token_logprobs
 from .opsd import grpo_opsd_loss, opsd_loss
+from .opsd_linear import grpo_opsd_linear_loss, opsd_linear_loss
 from .rlsd import rlsd_loss
 from .schedule import lam_schedule
 
@@ -26,8 +27,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Flag",
+    "grpo_opsd_linear_loss",
     "grpo_opsd_loss",
     "lam_schedule",
+    "opsd_linear_loss",
     "opsd_loss",
     "reference",
     "rlsd_linear_loss",
