@@ -6,10 +6,12 @@ Public API (keyword-only options, defaults from the official recipe):
 - :func:`rlsd_linear_loss`: the same from hidden states and the lm_head weight, never materialising
   the logits.
 - :func:`token_logprobs`, :func:`token_logprobs_linear`: per-token log-probs (and entropies).
-- :func:`opsd_loss`, :func:`grpo_opsd_loss`: the on-policy self-distillation baselines.
+- :func:`opsd_loss`, :func:`grpo_opsd_loss`: the on-policy self-distillation baselines, and
+  :func:`opsd_linear_loss`, :func:`grpo_opsd_linear_loss` from hidden states.
 - :func:`lam_schedule`: the official schedule of the credit mix ``lam``.
 
-Every loss and log-prob function takes ``process_group`` for vocabulary-parallel inputs.
+The functions from logits and the RLSD linear ones take ``process_group`` for vocabulary-parallel
+inputs.
 
 ``rlsd_kernels.reference`` holds the plain PyTorch specification of every op.
 """
