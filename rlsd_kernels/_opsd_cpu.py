@@ -1,7 +1,8 @@
 """The PyTorch path behind the OPSD launchers for tensors the Triton kernels do not take (CPU).
 
-Same contract and outputs as ``opsd.opsd_fwd`` / ``opsd.opsd_bwd``, computed chunk by chunk over
-tokens (``_cpu._row_chunks``), with the policy term of the combined loss from ``_cpu.rlsd_fwd``.
+Same contract and outputs as ``opsd.opsd_fwd`` / ``opsd.opsd_bwd`` (and the shard statistics of
+``opsd.partial_stats`` / ``opsd.jsd_sums``), computed chunk by chunk over tokens
+(``_cpu._row_chunks``), with the policy term of the combined loss from ``_cpu.rlsd_fwd``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from ._prepare import OUTPUTS
 from .flags import Flag
 
 FORWARD_KL, REVERSE_KL, JSD, SAMPLED = range(4)
+_LN2 = math.log(2.0)
+_LOG2E = 1.0 / _LN2
 OPSD_OUTPUTS = ("lse_t", "div", "opsd", "k", "d_div")
 
 
@@ -141,3 +144,42 @@ def opsd_grad(s_rows, t_rows, tokens, out, c_lp, c_h, c_d, temperature, opsd, gr
             g = g + torch.where(c_d[sl][:, None] != 0, c_d[sl][:, None] * dd, 0.0)
         views[1].copy_(torch.where(active[:, None], g / temperature, 0.0))
     return grad
+
+
+def stats_rows(code, need_lp, entropy, has_teacher=True):
+    """The rows of one vocabulary shard's base-2 statistics (``opsd.partial_stats``), in order: the
+    student's logsumexp, token logit and entropy, the teacher's logsumexp and token logit, and the
+    shard's own KL (forward or reverse); each only where it is needed."""
+    names = ("lse_s",) + (("zy_s",) if need_lp else ()) + (("h_s",) if entropy else ())
+    if has_teacher:
+        names += ("lse_t",) + (("zy_t",) if need_lp else ())
+    return names + (("d",) if code in (FORWARD_KL, REVERSE_KL) else ())
+
+
+def partial_stats(s_rows, t_rows, tokens, vocab_start, temperature, code, need_lp, entropy):
+    """One vocabulary shard's statistics as ``opsd.partial_stats`` returns them: ``[k, N]`` float32."""
+    s_stats, _ = _cpu.partial_stats(s_rows, tokens, vocab_start, temperature, entropy)
+    t_stats, _ = _cpu.partial_stats(t_rows, tokens, vocab_start, temperature, False)
+    found = {"lse_s": s_stats[0], "zy_s": s_stats[1], "h_s": s_stats[2], "lse_t": t_stats[0], "zy_t": t_stats[1]}
+    if code in (FORWARD_KL, REVERSE_KL):
+        found["d"] = _utils.empty((s_rows.n,), dtype=torch.float32, device=s_rows.tensor.device)
+        for sl, (zs, zt) in _cpu._row_chunks(s_rows, s_rows.tensor, t_rows.tensor):
+            on = tokens[sl] != reference.IGNORE_INDEX
+            lse_s, lse_t = (torch.where(on, x[sl], 0.0) * _LN2 for x in (s_stats[0], t_stats[0]))
+            d, _ = divergence(zs.float() / temperature, lse_s, zt.float() / temperature, lse_t, code, 0.5)
+            found["d"][sl] = torch.where(on, d * _LOG2E, 0.0)
+    return torch.stack([found[k] for k in stats_rows(code, need_lp, entropy)])
+
+
+def jsd_sums(s_rows, t_rows, tokens, lse_s, lse_t, temperature, beta):
+    """The JSD's two sums of one shard in base 2, as ``opsd.jsd_sums`` returns them: ``[2, N]``."""
+    sums = _utils.empty((2, s_rows.n), dtype=torch.float32, device=s_rows.tensor.device)
+    for sl, (zs, zt) in _cpu._row_chunks(s_rows, s_rows.tensor, t_rows.tensor):
+        on = tokens[sl] != reference.IGNORE_INDEX
+        a = zs.float() / temperature - torch.where(on, lse_s[sl], 0.0)[:, None]
+        b = zt.float() / temperature - torch.where(on, lse_t[sl], 0.0)[:, None]
+        log_m = _mixture(a, b, beta)
+        s, t = a.exp(), b.exp()
+        sums[0, sl] = torch.where(on, torch.where(t == 0, 0.0, t * (b - log_m)).sum(-1) * _LOG2E, 0.0)
+        sums[1, sl] = torch.where(on, torch.where(s == 0, 0.0, s * (a - log_m)).sum(-1) * _LOG2E, 0.0)
+    return sums

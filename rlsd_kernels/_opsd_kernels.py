@@ -11,7 +11,12 @@ student logits' gradient of both terms, walking against the previous sweep's dir
 blocks read last come first.
 
 ``_opsd_bwd_kernel``: the gradient alone, from the per-row statistics the row kernel wrote (the
-split strategy and per-token upstream gradients).
+split strategy and per-token upstream gradients), or from the whole rows' statistics combined across
+vocabulary shards (``distributed``).
+
+``_opsd_stats_kernel`` and ``_jsd_sums_kernel``: the per-shard statistics of the vocabulary-parallel
+form (``distributed``): the first sweep alone (logsumexps, token logits, entropy, the shard's own
+KL), and the JSD's second sweep under the logsumexps of the whole rows.
 """
 
 import triton
@@ -21,6 +26,7 @@ from ._jit import (
     FLAG_BAD_TOKEN,
     FLAG_NONFINITE_STUDENT,
     FLAG_NONFINITE_TEACHER,
+    IGNORE_INDEX,
     LN2,
     LOG2E,
     divergence_grad_block,
@@ -93,6 +99,99 @@ def _pair_exact(s_row, t_row, V, scale2, c, DIV: tl.constexpr, ENTROPY: tl.const
 
 
 @triton.jit
+def _pair_sweep(s_row, t_row, V, read_end, active, scale2, DIV: tl.constexpr, ENTROPY: tl.constexpr,
+                HAS_T: tl.constexpr, KEEP_S: tl.constexpr, KEEP_T: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The first sweep over a student row and its teacher row: ``(lse2_s, sum_s, m_s, lse2_t, sum_t,
+    m_t, c, x, sum_e)``, the base-2 logsumexps, the sums and references they come from, the KL cross
+    sum ``x`` centred by ``c`` (see ``_pair_exact``) and the entropy sum; the exact pass for a row
+    whose per-lane sums overflowed. Without ``HAS_T`` the teacher's values are the student's."""
+    offs = tl.arange(0, BLOCK_V)
+    n_blocks = tl.cdiv(V, BLOCK_V)
+    # Per-lane sums against each row's first-block max, the next blocks loaded before these are
+    # used. ``c`` centres the KL cross terms: zt - zs - c = (zt - ref_t) - (zs - ref_s).
+    zs_next = _load_block(s_row, offs, read_end, KEEP_S)
+    ref_s = row_reference(zs_next.to(tl.float32) * scale2)
+    zt_next = zs_next
+    ref_t = ref_s
+    if HAS_T:
+        zt_next = _load_block(t_row, offs, read_end, KEEP_T)
+        ref_t = row_reference(zt_next.to(tl.float32) * scale2)
+    c = ref_t - ref_s
+    acc_s = tl.zeros([BLOCK_V], dtype=tl.float32)
+    acc_t = tl.zeros([BLOCK_V], dtype=tl.float32)
+    acc_x = tl.zeros([BLOCK_V], dtype=tl.float32)
+    acc_e = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for i in tl.range(0, tl.where(active, n_blocks, 0)):
+        zs = zs_next.to(tl.float32) * scale2
+        zt = zt_next.to(tl.float32) * scale2
+        cols = (i + 1) * BLOCK_V + offs
+        zs_next = _load_block(s_row, cols, read_end, KEEP_S)
+        if HAS_T:
+            zt_next = _load_block(t_row, cols, read_end, KEEP_T)
+        if ENTROPY:
+            es, ez = entropy_terms(zs, ref_s)
+            acc_e += ez
+        else:
+            es = tl.exp2(zs - ref_s)
+        acc_s += es
+        if HAS_T:
+            et = tl.exp2(zt - ref_t)
+            acc_t += et
+            if DIV == DIV_FORWARD_KL:
+                acc_x += tl.where(zt > float("-inf"), et * (zt - zs - c), 0.0)
+            elif DIV == DIV_REVERSE_KL:
+                acc_x += tl.where(zs > float("-inf"), es * (zs - zt + c), 0.0)
+    m_s = ref_s
+    m_t = ref_t
+    lse2_s, sum_s, ok = finish_sum(ref_s, acc_s)
+    lse2_t = lse2_s
+    sum_t = sum_s
+    if HAS_T:
+        lse2_t, sum_t, ok_t = finish_sum(ref_t, acc_t)
+        ok = ok & ok_t
+    x = tl.sum(acc_x, axis=0)
+    sum_e = tl.sum(acc_e, axis=0)
+    if active & ~ok:
+        m_s, sum_s, m_t, sum_t, x, sum_e = _pair_exact(s_row, t_row, V, scale2, c, DIV, ENTROPY, HAS_T, BLOCK_V)
+        lse2_s = m_s + tl.log2(sum_s)
+        if HAS_T:
+            lse2_t = m_t + tl.log2(sum_t)
+    return lse2_s, sum_s, m_s, lse2_t, sum_t, m_t, c, x, sum_e
+
+
+@triton.jit
+def _kl_of_sums(x, sum_s, m_s, sum_t, m_t, c, DIV: tl.constexpr):
+    """The row's forward (``KL(T || S)``) or reverse KL in base 2 from ``_pair_sweep``'s sums."""
+    if DIV == DIV_FORWARD_KL:
+        d = x / sum_t + (c - (m_t - m_s)) - tl.log2(sum_t) + tl.log2(sum_s)
+    else:
+        d = x / sum_s + ((m_t - m_s) - c) - tl.log2(sum_s) + tl.log2(sum_t)
+    return d
+
+
+@triton.jit
+def _jsd_sweep(s_row, t_row, V, read_end, active, scale2, lse2_s, lse2_t, beta, KEEP: tl.constexpr,
+               BLOCK_V: tl.constexpr):
+    """``(sum_v T_v (b_v - log2 M_v), sum_v S_v (a_v - log2 M_v))`` over a row in base 2, with ``a``,
+    ``b`` the log-probs under the logsumexps ``lse2_s``, ``lse2_t``: a sweep backwards (the blocks
+    read last first), each block loaded where it is used (the next blocks of both rows held as well
+    spill at 8 warps)."""
+    offs = tl.arange(0, BLOCK_V)
+    n_blocks = tl.cdiv(V, BLOCK_V)
+    acc_t = tl.zeros([BLOCK_V], dtype=tl.float32)
+    acc_s = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for i in tl.range(0, tl.where(active, n_blocks, 0)):
+        cols = (n_blocks - 1 - i) * BLOCK_V + offs
+        a2 = _load_block(s_row, cols, read_end, KEEP).to(tl.float32) * scale2 - lse2_s
+        b2 = _load_block(t_row, cols, read_end, KEEP).to(tl.float32) * scale2 - lse2_t
+        p_s, p_t, log_m = jsd_mixture(a2, b2, beta)
+        # Zero-probability entries add nothing; NaN (an invalid row) stays NaN.
+        acc_t += tl.where(p_t == 0.0, 0.0, p_t * (b2 - log_m))
+        acc_s += tl.where(p_s == 0.0, 0.0, p_s * (a2 - log_m))
+    return tl.sum(acc_t, axis=0), tl.sum(acc_s, axis=0)
+
+
+@triton.jit
 def _write_grad(
     s_row, t_row, d_row, V, read_end, scale2, inv_temp, lse2_s, lse2_t, y, c_lp, c_h, entropy, c_d, k, beta,
     NEED_LP: tl.constexpr, ENTROPY_GRAD: tl.constexpr, DIV: tl.constexpr, BACKWARD: tl.constexpr,
@@ -148,8 +247,6 @@ def _opsd_fwd_kernel(
     ENTROPY: tl.constexpr, ENTROPY_GRAD: tl.constexpr, WRITE_GRAD: tl.constexpr, KEEP_S: tl.constexpr,
     KEEP_T: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    offs = tl.arange(0, BLOCK_V)
-    n_blocks = tl.cdiv(V, BLOCK_V)
     # int64 rows: offsets into [N, V] pass 2**31 at real sizes.
     for row in tl.range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
         b = row // seqlen
@@ -167,56 +264,8 @@ def _opsd_fwd_kernel(
         y_safe = tl.where(y_ok, y, 0)
         read_end = tl.where(active, V, 0)
 
-        # Per-lane sums against each row's first-block max, the next blocks loaded before these are
-        # used. ``c`` centres the KL cross terms: zt - zs - c = (zt - ref_t) - (zs - ref_s).
-        zs_next = _load_block(s_row, offs, read_end, KEEP_S)
-        ref_s = row_reference(zs_next.to(tl.float32) * scale2)
-        zt_next = zs_next
-        ref_t = ref_s
-        if HAS_T_LOGITS:
-            zt_next = _load_block(t_row, offs, read_end, KEEP_T)
-            ref_t = row_reference(zt_next.to(tl.float32) * scale2)
-        c = ref_t - ref_s
-        acc_s = tl.zeros([BLOCK_V], dtype=tl.float32)
-        acc_t = tl.zeros([BLOCK_V], dtype=tl.float32)
-        acc_x = tl.zeros([BLOCK_V], dtype=tl.float32)
-        acc_e = tl.zeros([BLOCK_V], dtype=tl.float32)
-        for i in tl.range(0, tl.where(active, n_blocks, 0)):
-            zs = zs_next.to(tl.float32) * scale2
-            zt = zt_next.to(tl.float32) * scale2
-            cols = (i + 1) * BLOCK_V + offs
-            zs_next = _load_block(s_row, cols, read_end, KEEP_S)
-            if HAS_T_LOGITS:
-                zt_next = _load_block(t_row, cols, read_end, KEEP_T)
-            if ENTROPY:
-                es, ez = entropy_terms(zs, ref_s)
-                acc_e += ez
-            else:
-                es = tl.exp2(zs - ref_s)
-            acc_s += es
-            if HAS_T_LOGITS:
-                et = tl.exp2(zt - ref_t)
-                acc_t += et
-                if DIV == DIV_FORWARD_KL:
-                    acc_x += tl.where(zt > float("-inf"), et * (zt - zs - c), 0.0)
-                elif DIV == DIV_REVERSE_KL:
-                    acc_x += tl.where(zs > float("-inf"), es * (zs - zt + c), 0.0)
-        m_s = ref_s
-        m_t = ref_t
-        lse2_s, sum_s, ok = finish_sum(ref_s, acc_s)
-        lse2_t = lse2_s
-        sum_t = sum_s
-        if HAS_T_LOGITS:
-            lse2_t, sum_t, ok_t = finish_sum(ref_t, acc_t)
-            ok = ok & ok_t
-        x = tl.sum(acc_x, axis=0)
-        sum_e = tl.sum(acc_e, axis=0)
-        if active & ~ok:
-            m_s, sum_s, m_t, sum_t, x, sum_e = _pair_exact(s_row, t_row, V, scale2, c, DIV, ENTROPY, HAS_T_LOGITS,
-                                                           BLOCK_V)
-            lse2_s = m_s + tl.log2(sum_s)
-            if HAS_T_LOGITS:
-                lse2_t = m_t + tl.log2(sum_t)
+        lse2_s, sum_s, m_s, lse2_t, sum_t, m_t, c, x, sum_e = _pair_sweep(
+            s_row, t_row, V, read_end, active, scale2, DIV, ENTROPY, HAS_T_LOGITS, KEEP_S, KEEP_T, BLOCK_V)
         flags = tl.where(active & ~is_finite(lse2_s), FLAG_NONFINITE_STUDENT, 0)
         if HAS_T_LOGITS:
             flags |= tl.where(active & ~is_finite(lse2_t), FLAG_NONFINITE_TEACHER, 0)
@@ -237,25 +286,16 @@ def _opsd_fwd_kernel(
 
         k = 0.0
         if DIV == DIV_FORWARD_KL:
-            div = LN2 * (x / sum_t + (c - (m_t - m_s)) - tl.log2(sum_t) + tl.log2(sum_s))
+            div = LN2 * _kl_of_sums(x, sum_s, m_s, sum_t, m_t, c, DIV)
         elif DIV == DIV_REVERSE_KL:
-            div = LN2 * (x / sum_s + ((m_t - m_s) - c) - tl.log2(sum_s) + tl.log2(sum_t))
+            div = LN2 * _kl_of_sums(x, sum_s, m_s, sum_t, m_t, c, DIV)
             k = div
         elif DIV == DIV_JSD:
-            # log M needs both logsumexps: a second sweep, backwards (the blocks read last first), each
-            # block loaded where it is used (the next blocks of both rows held as well spill at 8 warps).
-            acc_t = tl.zeros([BLOCK_V], dtype=tl.float32)
-            acc_s = tl.zeros([BLOCK_V], dtype=tl.float32)
-            for i in tl.range(0, tl.where(active, n_blocks, 0)):
-                cols = (n_blocks - 1 - i) * BLOCK_V + offs
-                a2 = _load_block(s_row, cols, read_end, WRITE_GRAD).to(tl.float32) * scale2 - lse2_s
-                b2 = _load_block(t_row, cols, read_end, WRITE_GRAD).to(tl.float32) * scale2 - lse2_t
-                p_s, p_t, log_m = jsd_mixture(a2, b2, beta)
-                # Zero-probability entries add nothing; NaN (an invalid row) stays NaN.
-                acc_t += tl.where(p_t == 0.0, 0.0, p_t * (b2 - log_m))
-                acc_s += tl.where(p_s == 0.0, 0.0, p_s * (a2 - log_m))
-            k = LN2 * tl.sum(acc_s, axis=0)
-            div = beta * LN2 * tl.sum(acc_t, axis=0) + (1.0 - beta) * k
+            # log M needs both logsumexps: a second sweep, backwards (the blocks read last first).
+            sum_tm, sum_sm = _jsd_sweep(s_row, t_row, V, read_end, active, scale2, lse2_s, lse2_t, beta, WRITE_GRAD,
+                                        BLOCK_V)
+            k = LN2 * sum_sm
+            div = beta * LN2 * sum_tm + (1.0 - beta) * k
         else:
             div = log_diff(lp_s, lp_t)
         clipped = div > token_clip
@@ -340,3 +380,64 @@ def _opsd_bwd_kernel(
             tl.where(active, tl.load(lse_t + row) * LOG2E, 0.0), y, c_lp, c_h, h, c_d,
             tl.where(active, tl.load(k_in + row), 0.0), beta, NEED_LP, ENTROPY_GRAD, DIV, False, BLOCK_V,
         )
+
+
+@triton.jit
+def _opsd_stats_kernel(
+    S, stride_sb, stride_st,
+    T, stride_tb, stride_tt,
+    tokens, lse_s_out, zy_s_out, h_s_out, lse_t_out, zy_t_out, d_out,
+    n_rows, seqlen, V, vocab_start, scale2,
+    DIV: tl.constexpr, NEED_LP: tl.constexpr, ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Per row of one vocabulary shard (ids from ``vocab_start``), in base 2 and under the shard's
+    own softmaxes: both logsumexps, the token's scaled logits (``NEED_LP``; -inf when the token is
+    in another shard), the student's entropy (``ENTROPY``) and, for ``DIV`` 0 or 1, the shard's own
+    forward or reverse KL. Rows whose token is ``IGNORE_INDEX`` are not read (logsumexps -inf)."""
+    for row in tl.range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
+        b = row // seqlen
+        t = row - b * seqlen
+        s_row = S + b * stride_sb + t * stride_st
+        t_row = T + b * stride_tb + t * stride_tt
+        y = tl.load(tokens + row).to(tl.int64)
+        active = y != IGNORE_INDEX
+        read_end = tl.where(active, V, 0)
+        lse2_s, sum_s, m_s, lse2_t, sum_t, m_t, c, x, sum_e = _pair_sweep(
+            s_row, t_row, V, read_end, active, scale2, DIV, ENTROPY, True, False, False, BLOCK_V)
+        tl.store(lse_s_out + row, tl.where(active, lse2_s, float("-inf")))
+        tl.store(lse_t_out + row, tl.where(active, lse2_t, float("-inf")))
+        if NEED_LP:
+            y = y - vocab_start
+            mine = active & (y >= 0) & (y < V)
+            y = tl.where(mine, y, 0)
+            zy_s = tl.load(s_row + y, mask=mine, other=float("-inf")).to(tl.float32) * scale2
+            zy_t = tl.load(t_row + y, mask=mine, other=float("-inf")).to(tl.float32) * scale2
+            tl.store(zy_s_out + row, zy_s)
+            tl.store(zy_t_out + row, zy_t)
+        if ENTROPY:
+            tl.store(h_s_out + row, tl.where(active & (sum_s > 0.0), lse2_s - sum_e / sum_s, 0.0))
+        if DIV < DIV_JSD:
+            tl.store(d_out + row, tl.where(active, _kl_of_sums(x, sum_s, m_s, sum_t, m_t, c, DIV), 0.0))
+
+
+@triton.jit
+def _jsd_sums_kernel(
+    S, stride_sb, stride_st,
+    T, stride_tb, stride_tt,
+    tokens, lse_s, lse_t, sum_t_out, sum_s_out,
+    n_rows, seqlen, V, scale2, beta,
+    BLOCK_V: tl.constexpr,
+):
+    """Per row of one vocabulary shard, the JSD's two sums (``_jsd_sweep``) over the shard's columns
+    under the whole rows' logsumexps ``lse_s``, ``lse_t`` (natural units); 0 where the token is
+    ``IGNORE_INDEX``. The sums over every shard give the row's JSD and ``KL(S || M)``."""
+    for row in tl.range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
+        b = row // seqlen
+        t = row - b * seqlen
+        active = tl.load(tokens + row) != IGNORE_INDEX
+        lse2_s = tl.where(active, tl.load(lse_s + row) * LOG2E, 0.0)
+        lse2_t = tl.where(active, tl.load(lse_t + row) * LOG2E, 0.0)
+        sum_tm, sum_sm = _jsd_sweep(S + b * stride_sb + t * stride_st, T + b * stride_tb + t * stride_tt, V,
+                                    tl.where(active, V, 0), active, scale2, lse2_s, lse2_t, beta, False, BLOCK_V)
+        tl.store(sum_t_out + row, sum_tm)
+        tl.store(sum_s_out + row, sum_sm)

@@ -1,6 +1,7 @@
 """Vocabulary parallelism: the ops on logits, or lm_head rows, sharded over the vocabulary across a
-process group, as Megatron's ``ColumnParallelLinear`` leaves them without gathering its output. The
-only module that communicates; the public functions reach it through their ``process_group``.
+process group, as Megatron's ``ColumnParallelLinear`` leaves them without gathering its output (the
+OPSD losses: on logits). The only module that communicates; the public functions reach it through
+their ``process_group``.
 
 Layout. Rank ``r`` of the group holds the contiguous slice ``[start_r, start_r + V_r)`` of the
 vocabulary, in group rank order, with ``start_r = V_0 + ... + V_{r-1}``: the offsets are derived, and
@@ -41,6 +42,32 @@ token at ``k = 5, W = 8``, 1.3 MB for 8192 tokens, where gathering the bf16 logi
 ``2 * V`` bytes a token (304 KB at V = 151,936). Megatron's vocab-parallel cross entropy issues
 two all-reduces for one model (three unfused), the max before the sums.
 
+The OPSD losses send, per token, the two logsumexps and for the KLs ``KL_r``: ``k`` = 3 for the
+forward and reverse KL (and the JSD with ``beta`` 0 or 1), 2 for the JSD, 4 for the sampled token
+(2 with teacher log-probs); the policy term adds the two token logits, where not already there, and
+the entropy when needed (``k`` = 5 or 6 for GRPO+KL, 4 or 5 for GRPO+JSD and GRPO+sampled token).
+At ``W = 8`` the forward KL receives 96 bytes a token. The JSD adds one all-reduce of two float32
+values a token (a ring moves about 16 bytes a token in and out of each rank): two collectives per
+forward, none in the backward. Every rank gets the same sums from the all-reduce, so the JSD too is
+bit for bit the same on every rank.
+
+OPSD (``opsd_loss`` and ``grpo_opsd_loss`` with a ``process_group``). The full-vocabulary
+divergences need more per token than the log-probs. With ``a``, ``b`` the student's and teacher's
+log-probs: forward ``KL(T || S) = E_T[b - a]``, reverse ``KL(S || T) = E_S[a - b]``. Each rank's
+statistics kernel (``opsd.partial_stats``, one sweep over both shards) gives, per token, the shard's
+base-2 logsumexps of S and T and the KL between the shard's own softmaxes, ``KL_r``; ``combine_kl``
+puts them together by the chain rule over the shards, ``KL = sum_r t_r * (KL_r + log2 t_r - log2
+s_r)`` with shares ``t_r = exp2(lse_T_r - lse_T)`` (and ``s_r`` alike, roles swapped for the reverse
+KL), the way the entropy combines. The JSD needs ``log M_v = logsumexp(log beta + b_v, log(1 - beta)
++ a_v)``, which depends on both logsumexps of the whole rows: after the all-gather each rank sums
+``T (b - log M)`` and ``S (a - log M)`` over its columns (``opsd.jsd_sums``, a second sweep) and an
+all-reduce (sum) of those two values per token gives the JSD and ``KL(S || M)``. The sampled-token
+surrogate needs only the token log-probs, the RLSD statistics above. With the policy term its
+statistics (token logits, the student's entropy) come out of the same sweep and travel in the same
+all-gather. The backward needs only the whole rows' logsumexps and the divergence's constant (``KL(S
+|| T)`` or ``KL(S || M)``) per token, which every rank holds: each rank's row gradient
+(``opsd.opsd_bwd``, the unsharded op's own) writes its columns with no communication.
+
 Shard sizes. The first call on a group gathers every rank's ``V_r`` once (a handshake of one int per
 rank) and caches the layout. Every later buffer carries ``V_r`` again, so a change of any rank's
 shard size is seen by every rank alike: with ``validate=True`` the offsets are re-derived and the
@@ -65,11 +92,14 @@ import torch
 import torch.distributed as dist
 
 from . import _utils
-from ._prepare import needs_sequence_pass, output_metrics, sequence_terms
+from ._opsd_cpu import FORWARD_KL, JSD, REVERSE_KL, SAMPLED, grad_coefficients, stats_rows, token_terms
+from ._prepare import _log_diff, needs_sequence_pass, output_metrics, sequence_terms
 from ._utils import raise_on_error_flags
 from .flags import Flag
 from .linear import _chunks, _logits_into, _tiles, rows_bwd
 from .logprobs import logprobs_bwd, partial_stats
+from .opsd import _per_token_loss, jsd_sums, opsd_bwd
+from .opsd import partial_stats as opsd_partial_stats
 from .reference import IGNORE_INDEX
 from .rlsd import _backward_coefficients, rlsd_token_epilogue, scale_grad_
 
@@ -78,6 +108,8 @@ LN2 = 0.6931471805599453
 # would skip the row, whose columns still get -coef * p).
 ELSEWHERE = -1
 EPILOGUE_OUTPUTS = ("loss", "d_lp", "w", "ratio", "is_weight", "kl")
+# What the OPSD row gradient needs of the forward, per token (with the policy term, "d_lp" and "entropy" too).
+GRAD_STATS = ("lse", "lse_t", "k", "d_div")
 
 
 @dataclass
@@ -146,23 +178,45 @@ def gather_stats(local_stats, local_vocab, device, group, validate):
     raise RuntimeError("the vocabulary shard sizes changed between two all-gathers of one call")
 
 
-def combine(stats, active):
-    """``(lp, lse, lse2, entropy)`` of the whole vocabulary from every rank's base-2 statistics
-    ``stats`` ``[W, 2 or 3, N]`` (logsumexp, the token's logit, the shard's entropy): ``lp``,
-    ``lse`` and ``entropy`` in natural units and 0 at inactive tokens, as the unsharded launchers
-    give them; ``lse2`` unmasked, for the error checks; ``entropy`` None without the third row."""
-    lse_r, zy_r = stats[:, 0], stats[:, 1]
+def combine_lse(lse_r):
+    """The base-2 logsumexp of the whole rows from every shard's ``lse_r`` ``[W, N]``: -inf where
+    every shard's is, NaN where any is."""
     top = lse_r.amax(0)
     # All -inf: a reference of 0 keeps -inf - ref from being NaN; a NaN top stays NaN through the sum.
     ref = torch.where(torch.isfinite(top), top, 0.0)
-    lse2 = ref + torch.log2(torch.exp2(lse_r - ref).sum(0))
-    lp = torch.where(active, ((zy_r.amax(0) - lse2) * LN2).clamp(max=0.0), 0.0)
+    return ref + torch.log2(torch.exp2(lse_r - ref).sum(0))
+
+
+def combine(stats, active):
+    """``(lp, lse, lse2, entropy)`` of the whole vocabulary from every rank's base-2 statistics
+    ``stats`` ``[W, 1 to 3, N]`` (logsumexp, the token's logit, the shard's entropy): ``lp``,
+    ``lse`` and ``entropy`` in natural units and 0 at inactive tokens, as the unsharded launchers
+    give them; ``lse2`` unmasked, for the error checks; ``lp`` 0 without the second row, ``entropy``
+    None without the third."""
+    lse_r = stats[:, 0]
+    lse2 = combine_lse(lse_r)
+    lp = torch.zeros_like(lse2)
+    if stats.shape[1] > 1:
+        lp = torch.where(active, ((stats[:, 1].amax(0) - lse2) * LN2).clamp(max=0.0), 0.0)
     entropy = None
     if stats.shape[1] > 2:
         share = torch.exp2(lse_r - lse2)
         mixture = torch.where(share > 0, share * (stats[:, 2] - torch.log2(share)), 0.0).sum(0)
         entropy = torch.where(active, mixture * LN2, 0.0)
     return lp, torch.where(active, lse2 * LN2, 0.0), lse2, entropy
+
+
+def combine_kl(lse_p_r, lse_q_r, kl_r, lse_p, lse_q):
+    """``KL(P || Q)`` of the whole rows in nats, from every shard's base-2 logsumexps of P and Q
+    (``[W, N]``), its own ``KL(P_r || Q_r)`` between the shard's softmaxes (base 2) and the whole
+    rows' logsumexps ``lse_p``, ``lse_q``, by the chain rule over the shards: with the shares
+    ``p_r = exp2(lse_p_r - lse_p)`` and ``q_r`` alike, ``KL = sum_r p_r * (KL_r + log2 p_r - log2
+    q_r)``. A shard without P mass adds nothing; one with P mass and no Q mass makes the KL +inf;
+    NaN stays NaN."""
+    log_p, log_q = lse_p_r - lse_p, lse_q_r - lse_q
+    share = torch.exp2(log_p)
+    kl_r = torch.where(lse_q_r == float("-inf"), 0.0, kl_r)
+    return LN2 * torch.where(share == 0, 0.0, share * (kl_r + log_p - log_q)).sum(0)
 
 
 def _error_flags(tokens, active, vocab, lse2_s, lse2_t=None):
@@ -339,6 +393,121 @@ class ShardedLogprobsFunction(torch.autograd.Function):
         return (None,) * 5 + ctx.source.grads(tensors, terms, ctx.needs_input_grad[5:])
 
 
+def opsd_forward(student, teacher, inputs, params, opsd, group, validate):
+    """``(outputs, flags, local tokens)``: the OPSD launchers' per-token outputs (``output_names``)
+    over the whole vocabulary, the same on every rank, from this rank's ``student`` and ``teacher``
+    shards (``teacher`` None with precomputed teacher log-probs); ``opsd`` as for ``opsd.opsd_fwd``."""
+    live = inputs["weight"] != 0
+    tokens = inputs["tokens"]
+    scored = tokens.masked_fill(~live, IGNORE_INDEX)
+    code, grpo, temperature = opsd["div"], opsd["grpo"], params["temperature"]
+    need_lp = grpo or code == SAMPLED
+    entropy = grpo and bool(params["want_entropy"])
+    names = stats_rows(code, need_lp, entropy, teacher is not None)
+    k_s = 1 + need_lp + entropy
+    # The rows of each model in ``stats`` ([W, k, N]), in combine's order.
+    of_s, of_t = ([i for i, name in enumerate(names) if name.endswith(m)] for m in ("_s", "_t"))
+
+    def local(start):
+        if code != SAMPLED:
+            return opsd_partial_stats(student, teacher, scored, start, temperature, code, need_lp, entropy)
+        # The sampled token needs the token log-probs only: the RLSD loss's statistics.
+        parts = [partial_stats(student, scored, start, temperature, entropy)[0][:k_s]]
+        if teacher is not None:
+            parts.append(partial_stats(teacher, scored, start, temperature, False)[0][:2])
+        return torch.cat(parts)
+
+    stats, layout = gather_stats(local, student.shape[-1], tokens.device, group, validate)
+    zeros = torch.zeros_like(inputs["weight"])
+    out = {"entropy": zeros, "lse_t": zeros, "k": zeros}
+    out["lp_s"], out["lse"], lse2_s, ent = combine(stats[:, of_s], live)
+    if entropy:
+        out["entropy"] = ent
+    lse2_t = None
+    if teacher is not None:
+        out["lp_t"], out["lse_t"], lse2_t, _ = combine(stats[:, of_t], live)
+    else:
+        out["lp_t"] = torch.where(live, inputs["lp_t"], 0.0)
+    flags = _error_flags(tokens, live, layout.total, lse2_s, lse2_t)
+    if not need_lp:
+        # The full-vocabulary divergences use the ids only as a mask, as the unsharded loss does.
+        flags &= ~int(Flag.BAD_TOKEN)
+    if validate:
+        raise_on_error_flags(flags, tokens, layout.total, {"tokens": "tokens", "student": "student_logits",
+                                                           "teacher": "teacher_logits"})
+    if code in (FORWARD_KL, REVERSE_KL):
+        lse_s_r, lse_t_r, kl_r = (stats[:, names.index(name)] for name in ("lse_s", "lse_t", "d"))
+        if code == FORWARD_KL:
+            div = combine_kl(lse_t_r, lse_s_r, kl_r, lse2_t, lse2_s)
+        else:
+            div = out["k"] = combine_kl(lse_s_r, lse_t_r, kl_r, lse2_s, lse2_t)
+    elif code == JSD:
+        # log M needs both logsumexps of the whole rows: the second collective, a sum of every
+        # shard's two sums per token.
+        sums = jsd_sums(student, teacher, scored, out["lse"], out["lse_t"], temperature, opsd["beta"])
+        dist.all_reduce(sums, group=group)
+        out["k"] = LN2 * sums[1]
+        div = opsd["beta"] * LN2 * sums[0] + (1.0 - opsd["beta"]) * out["k"]
+    else:
+        div = _log_diff(out["lp_s"], out["lp_t"])
+    out["k"] = torch.where(live, out["k"], 0.0)
+    out["div"] = torch.where(live, div, 0.0)
+    value, d_div, _ = token_terms(out["div"], out["lp_s"], code, opsd["token_clip"])
+    out["opsd"], out["d_div"] = torch.where(live, value, 0.0), torch.where(live, d_div, 0.0)
+    if grpo:
+        out.update({key: _utils.empty(tokens.shape, dtype=torch.float32, device=tokens.device)
+                    for key in EPILOGUE_OUTPUTS})
+        if needs_sequence_pass(inputs, params):
+            inputs = sequence_terms(out["lp_s"], inputs, params)
+        rlsd_token_epilogue(out, flags, inputs, params)
+    return out, flags, _local_tokens(scored, layout)
+
+
+def _opsd_grad(student, teacher, tokens, out, scale, params, opsd, inplace):
+    coefs = grad_coefficients(out, scale, params["entropy_coef"], opsd)
+    return opsd_bwd(student, teacher, tokens, out, coefs, params["temperature"], opsd,
+                    out=student if inplace else None)
+
+
+class ShardedOPSDFunction(torch.autograd.Function):
+    """OPSD (or GRPO+OPSD) over vocabulary shards, as ``ShardedLossFunction``: a scalar loss has its
+    gradient written in the forward and scaled in the backward; per-token losses (``per_token``) run
+    the row gradient then, from the saved per-token statistics of the whole rows."""
+
+    @staticmethod
+    def forward(ctx, inputs, params, opsd, group, per_token, track, inplace, validate, student, teacher):
+        out, flags, tokens = opsd_forward(student, teacher, inputs, params, opsd, group, validate)
+        loss = inputs["weight"] * _per_token_loss(out, opsd)
+        ctx.params, ctx.opsd, ctx.per_token, ctx.inplace = params, opsd, per_token, inplace
+        if per_token:
+            ctx.keys = GRAD_STATS + (("d_lp", "entropy") if opsd["grpo"] else ())
+            ctx.save_for_backward(student, teacher, tokens, inputs["weight"], *(out[k] for k in ctx.keys))
+        else:
+            grad = None
+            if track and ctx.needs_input_grad[8]:
+                grad = _opsd_grad(student, teacher, tokens, out, inputs["weight"], params, opsd, inplace).detach()
+            ctx.grad, ctx.used = grad, False
+            loss = loss.sum()
+        ctx.mark_non_differentiable(flags)
+        return loss, out, flags
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        head = (None,) * 8
+        if ctx.per_token:
+            student, teacher, tokens, weight, *saved = ctx.saved_tensors
+            stats = dict(zip(ctx.keys, saved, strict=True))
+            scale = grad_loss.float().reshape(-1) * weight
+            return head + (_opsd_grad(student, teacher, tokens, stats, scale, ctx.params, ctx.opsd, ctx.inplace), None)
+        if ctx.used:
+            raise RuntimeError("the gradient of the vocabulary-parallel OPSD loss was computed in the forward pass "
+                               "and is already used; backward through it twice is not supported")
+        grad, ctx.grad, ctx.used = ctx.grad, None, True
+        if grad is not None:
+            scale_grad_(grad, grad_loss.float().reshape(1))
+        return head + (grad, None)
+
+
 def _check_eager():
     if torch.compiler.is_compiling():
         raise ValueError("process_group is not supported under torch.compile")
@@ -364,3 +533,14 @@ def sharded_logprobs(source, tensors, tokens, group, *, return_entropy, validate
                                             *tensors)
     lp = lp.view(tokens.shape)
     return (lp, ent.view(tokens.shape)) if return_entropy else lp
+
+
+def sharded_opsd_loss(student, teacher, prepared, opsd, group, *, loss_agg, inplace, validate):
+    """``opsd_loss`` / ``grpo_opsd_loss`` with a ``process_group``, from their prepared arguments:
+    ``(loss, per-token outputs, flags)``, the outputs and flags for their metrics."""
+    _check_eager()
+    inputs, params, _, token_shape = prepared
+    per_token = loss_agg == "none"
+    loss, out, flags = ShardedOPSDFunction.apply(inputs, params, opsd, group, per_token, torch.is_grad_enabled(),
+                                                 inplace, validate, student, teacher)
+    return (loss.view(token_shape) if per_token else loss), out, flags

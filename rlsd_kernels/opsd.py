@@ -7,6 +7,11 @@ it), and per-token upstream gradients (``loss_agg="none"``) take a backward that
 again. Passes over ``[N, V]`` per divergence, fused: forward and reverse KL read S and T, then read
 them again backwards (from L2 where it holds them) while writing dS; the JSD reads them three times
 (the second sweep for ``log M``); the sampled-token surrogate re-reads S only.
+
+With a ``process_group`` (vocabulary-sharded logits) the losses go through ``distributed``, which
+runs the shard launchers here (``partial_stats``: one sweep over both shards; ``jsd_sums``: the JSD's
+second sweep) around its collectives, then the same row gradient (``opsd_bwd``), always split: the
+KLs read S and T twice, the JSD three times, the sampled token S twice and T once.
 """
 
 from __future__ import annotations
@@ -16,8 +21,17 @@ import math
 import torch
 
 from . import _opsd_cpu, _utils
-from ._opsd_cpu import FORWARD_KL, JSD, OPSD_OUTPUTS, REVERSE_KL, SAMPLED, grad_coefficients, output_names
-from ._opsd_kernels import _opsd_bwd_kernel, _opsd_fwd_kernel
+from ._opsd_cpu import (
+    FORWARD_KL,
+    JSD,
+    OPSD_OUTPUTS,
+    REVERSE_KL,
+    SAMPLED,
+    grad_coefficients,
+    output_names,
+    stats_rows,
+)
+from ._opsd_kernels import _jsd_sums_kernel, _opsd_bwd_kernel, _opsd_fwd_kernel, _opsd_stats_kernel
 from ._prepare import (
     OUTPUTS,
     _check_range,
@@ -194,6 +208,54 @@ def opsd_bwd(student, teacher, tokens, stats, coefs, temperature, opsd, out=None
     g_rows = as_rows(grad, "grad")
     launch(config, s_rows.n, grad, (g_rows.stride_b, g_rows.stride_t))
     return grad
+
+
+def partial_stats(student, teacher, tokens, vocab_start, temperature, code, need_lp, entropy):
+    """Launcher for one vocabulary shard (ids ``vocab_start ..``) of the full-vocabulary divergences:
+    ``[k, N]`` float32 statistics in base 2 under the shard's own softmaxes, rows ``stats_rows(code,
+    need_lp, entropy)``: logsumexps, token logits (-inf outside the shard), the student's entropy,
+    and for the KLs the shard's own KL. Rows whose token is ``IGNORE_INDEX`` are not read."""
+    s_rows, t_rows = as_rows(student, "student_logits"), as_rows(teacher, "teacher_logits")
+    tokens = tokens.reshape(-1)
+    if not use_triton(student):
+        return _opsd_cpu.partial_stats(s_rows, t_rows, tokens, vocab_start, temperature, code, need_lp, entropy)
+    names = stats_rows(code, need_lp, entropy)
+    stats = _utils.empty((len(names), s_rows.n), dtype=torch.float32, device=student.device)
+    rows = [stats[names.index(k)] if k in names else stats[0] for k in ("lse_s", "zy_s", "h_s", "lse_t", "zy_t", "d")]
+
+    def run(config, n_rows=s_rows.n):
+        _opsd_stats_kernel[config.grid(n_rows, student.device)](
+            student, s_rows.stride_b, s_rows.stride_t, teacher, t_rows.stride_b, t_rows.stride_t, tokens, *rows,
+            n_rows, s_rows.seqlen, s_rows.vocab, vocab_start, LOG2E / temperature,
+            DIV=code, NEED_LP=need_lp, ENTROPY=entropy, BLOCK_V=config.block_v, num_warps=config.num_warps,
+        )
+
+    key = ("opsd_stats", student.dtype, teacher.dtype, code, need_lp, entropy)
+    run(pick_config(key, s_rows, lambda c: run(c, min(s_rows.n, TRIAL_ROWS))))
+    return stats
+
+
+def jsd_sums(student, teacher, tokens, lse, lse_t, temperature, beta):
+    """Launcher of the JSD's second sweep over one vocabulary shard: ``[2, N]`` float32, per row
+    ``sum_v T_v (log2 T_v - log2 M_v)`` and ``sum_v S_v (log2 S_v - log2 M_v)`` over the shard's
+    columns, with ``log S``, ``log T`` under the whole rows' logsumexps ``lse``, ``lse_t`` (natural
+    units); 0 where the token is ``IGNORE_INDEX``."""
+    s_rows, t_rows = as_rows(student, "student_logits"), as_rows(teacher, "teacher_logits")
+    tokens = tokens.reshape(-1)
+    if not use_triton(student):
+        return _opsd_cpu.jsd_sums(s_rows, t_rows, tokens, lse, lse_t, temperature, beta)
+    sums = _utils.empty((2, s_rows.n), dtype=torch.float32, device=student.device)
+
+    def run(config, n_rows=s_rows.n):
+        _jsd_sums_kernel[config.grid(n_rows, student.device)](
+            student, s_rows.stride_b, s_rows.stride_t, teacher, t_rows.stride_b, t_rows.stride_t, tokens, lse, lse_t,
+            sums[0], sums[1], n_rows, s_rows.seqlen, s_rows.vocab, LOG2E / temperature, beta,
+            BLOCK_V=config.block_v, num_warps=config.num_warps,
+        )
+
+    key = ("opsd_jsd_sums", student.dtype, teacher.dtype)
+    run(pick_config(key, s_rows, lambda c: run(c, min(s_rows.n, TRIAL_ROWS))))
+    return sums
 
 
 def _opsd_scalars(opsd):
@@ -406,7 +468,7 @@ def _metrics(per_token, flags, m, inputs, params, opsd):
 
 
 def _loss(student_logits, teacher_logits, tokens, advantages, teacher_logprobs, opsd, options, *, loss_agg,
-          inplace_backward, return_metrics, validate):
+          inplace_backward, return_metrics, validate, process_group):
     """What ``opsd_loss`` and ``grpo_opsd_loss`` share: checks, preparation, the autograd call, metrics."""
     s_rows = as_rows(student_logits, "student_logits")
     sampled = opsd["div"] == SAMPLED
@@ -438,6 +500,13 @@ def _loss(student_logits, teacher_logits, tokens, advantages, teacher_logprobs, 
         raise ValueError("inplace_backward=True is not supported under torch.compile")
 
     teacher = None if teacher_logits is None else teacher_logits.detach()
+    if process_group is not None:
+        from . import distributed
+
+        loss, per_token, flags = distributed.sharded_opsd_loss(
+            s_rows.tensor, teacher, (inputs, params, m, token_shape), opsd, process_group, loss_agg=loss_agg,
+            inplace=inplace_backward, validate=validate)
+        return (loss, _metrics(per_token, flags, m, inputs, params, opsd)) if return_metrics else loss
     tensors, floats, ints = _pack(inputs, params, opsd)
     if loss_agg == "none":
         loss, *outs = OPSDTokenLossFunction.apply(s_rows.tensor, teacher, tensors, floats, ints, inplace_backward,
@@ -475,6 +544,7 @@ def opsd_loss(
     inplace_backward=False,
     return_metrics=False,
     validate=True,
+    process_group=None,
 ):
     """On-policy self-distillation: the teacher's distribution as the student's target, per token.
 
@@ -510,6 +580,12 @@ def opsd_loss(
         return_metrics: also return detached metrics: ``divergence_mean`` (of the unclipped ``D``),
             ``token_clip_frac`` (masked means) and ``num_tokens`` (multiply a mean by it to reduce
             across ranks).
+        process_group: a ``torch.distributed`` group over which the vocabulary is sharded (tensor
+            parallelism): student and teacher logits are this rank's contiguous slice of it, in group
+            rank order (sizes may differ). One all-gather per forward for the KLs and the sampled
+            token, an all-gather and an all-reduce for the JSD, none in the backward; the loss and
+            metrics are the same on every rank, the gradient is this rank's slice. Eager mode only.
+            See ``rlsd_kernels.distributed``.
 
     Returns:
         The loss (a scalar, or per-token ``[B, T]`` / ``[N]`` for ``none``), or ``(loss, metrics)``.
@@ -520,7 +596,8 @@ def opsd_loss(
     options = dict(old_logprobs=None, mask=mask, eps_w=0.2, lam=0.0, clip_low=0.2, clip_high=0.28, dual_clip=None,
                    temperature=temperature, normalizer=normalizer, cu_seqlens=cu_seqlens)
     return _loss(student_logits, teacher_logits, tokens, None, teacher_logprobs, opsd, options, loss_agg=loss_agg,
-                 inplace_backward=inplace_backward, return_metrics=return_metrics, validate=validate)
+                 inplace_backward=inplace_backward, return_metrics=return_metrics, validate=validate,
+                 process_group=process_group)
 
 
 def grpo_opsd_loss(
@@ -562,6 +639,7 @@ def grpo_opsd_loss(
     entropy_coef=0.0,
     cu_seqlens=None,
     validate=True,
+    process_group=None,
 ):
     """The policy loss plus OPSD, ``L = L_PG + alpha * L_OPSD``, both aggregated by ``loss_agg``, in one
     pass: each program streams the student and teacher rows, and from the same statistics computes
@@ -571,7 +649,8 @@ def grpo_opsd_loss(
 
     ``teacher_logprobs`` replaces ``teacher_logits`` only with ``divergence="sampled_token"``. The
     metrics are ``rlsd_loss``'s and ``opsd_loss``'s together; the specification is
-    ``reference.grpo_opsd_loss``.
+    ``reference.grpo_opsd_loss``. With ``process_group`` (vocabulary-sharded logits, as in
+    ``opsd_loss``) the policy term's statistics travel in the divergence's one all-gather.
     """
     _check_opsd_options(divergence, beta, token_clip, alpha)
     opsd = dict(div=divergence_code(divergence, beta), beta=float(beta), alpha=float(alpha),
@@ -586,4 +665,4 @@ def grpo_opsd_loss(
     )
     return _loss(student_logits, teacher_logits, tokens, advantages, teacher_logprobs, opsd, options,
                  loss_agg=loss_agg, inplace_backward=inplace_backward, return_metrics=return_metrics,
-                 validate=validate)
+                 validate=validate, process_group=process_group)
