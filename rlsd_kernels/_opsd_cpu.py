@@ -1,7 +1,7 @@
 """The PyTorch path behind the OPSD launchers for tensors the Triton kernels do not take (CPU).
 
-Same contract and outputs as ``opsd.opsd_fwd`` / ``opsd.opsd_bwd`` (and the shard statistics of
-``opsd.partial_stats`` / ``opsd.jsd_sums``), computed chunk by chunk over tokens
+Same contract and outputs as ``_opsd_launch.opsd_fwd`` / ``_opsd_launch.opsd_bwd`` (and the shard statistics of
+``_opsd_launch.partial_stats`` / ``_opsd_launch.jsd_sums``), computed chunk by chunk over tokens
 (``_cpu._row_chunks``), with the policy term of the combined loss from ``_cpu.rlsd_fwd``.
 """
 
@@ -147,7 +147,7 @@ def opsd_grad(s_rows, t_rows, tokens, out, c_lp, c_h, c_d, temperature, opsd, gr
 
 
 def stats_rows(code, need_lp, entropy, has_teacher=True):
-    """The rows of one vocabulary shard's base-2 statistics (``opsd.partial_stats``), in order: the
+    """The rows of one vocabulary shard's base-2 statistics (``_opsd_launch.partial_stats``), in order: the
     student's logsumexp, token logit and entropy, the teacher's logsumexp and token logit, and the
     shard's own KL (forward or reverse); each only where it is needed."""
     names = ("lse_s",) + (("zy_s",) if need_lp else ()) + (("h_s",) if entropy else ())
@@ -157,7 +157,7 @@ def stats_rows(code, need_lp, entropy, has_teacher=True):
 
 
 def partial_stats(s_rows, t_rows, tokens, vocab_start, temperature, code, need_lp, entropy):
-    """One vocabulary shard's statistics as ``opsd.partial_stats`` returns them: ``[k, N]`` float32."""
+    """One vocabulary shard's statistics as ``_opsd_launch.partial_stats`` returns them: ``[k, N]`` float32."""
     s_stats, _ = _cpu.partial_stats(s_rows, tokens, vocab_start, temperature, entropy)
     t_stats, _ = _cpu.partial_stats(t_rows, tokens, vocab_start, temperature, False)
     found = {"lse_s": s_stats[0], "zy_s": s_stats[1], "h_s": s_stats[2], "lse_t": t_stats[0], "zy_t": t_stats[1]}
@@ -172,7 +172,7 @@ def partial_stats(s_rows, t_rows, tokens, vocab_start, temperature, code, need_l
 
 
 def jsd_sums(s_rows, t_rows, tokens, lse_s, lse_t, temperature, beta):
-    """The JSD's two sums of one shard in base 2, as ``opsd.jsd_sums`` returns them: ``[2, N]``."""
+    """The JSD's two sums of one shard in base 2, as ``_opsd_launch.jsd_sums`` returns them: ``[2, N]``."""
     sums = _utils.empty((2, s_rows.n), dtype=torch.float32, device=s_rows.tensor.device)
     for sl, (zs, zt) in _cpu._row_chunks(s_rows, s_rows.tensor, t_rows.tensor):
         on = tokens[sl] != reference.IGNORE_INDEX

@@ -54,19 +54,19 @@ bit for bit the same on every rank.
 OPSD (``opsd_loss`` and ``grpo_opsd_loss`` with a ``process_group``). The full-vocabulary
 divergences need more per token than the log-probs. With ``a``, ``b`` the student's and teacher's
 log-probs: forward ``KL(T || S) = E_T[b - a]``, reverse ``KL(S || T) = E_S[a - b]``. Each rank's
-statistics kernel (``opsd.partial_stats``, one sweep over both shards) gives, per token, the shard's
+statistics kernel (``_opsd_launch.partial_stats``, one sweep over both shards) gives, per token, the shard's
 base-2 logsumexps of S and T and the KL between the shard's own softmaxes, ``KL_r``; ``combine_kl``
 puts them together by the chain rule over the shards, ``KL = sum_r t_r * (KL_r + log2 t_r - log2
 s_r)`` with shares ``t_r = exp2(lse_T_r - lse_T)`` (and ``s_r`` alike, roles swapped for the reverse
 KL), the way the entropy combines. The JSD needs ``log M_v = logsumexp(log beta + b_v, log(1 - beta)
 + a_v)``, which depends on both logsumexps of the whole rows: after the all-gather each rank sums
-``T (b - log M)`` and ``S (a - log M)`` over its columns (``opsd.jsd_sums``, a second sweep) and an
+``T (b - log M)`` and ``S (a - log M)`` over its columns (``_opsd_launch.jsd_sums``, a second sweep) and an
 all-reduce (sum) of those two values per token gives the JSD and ``KL(S || M)``. The sampled-token
 surrogate needs only the token log-probs, the RLSD statistics above. With the policy term its
 statistics (token logits, the student's entropy) come out of the same sweep and travel in the same
 all-gather. The backward needs only the whole rows' logsumexps and the divergence's constant (``KL(S
 || T)`` or ``KL(S || M)``) per token, which every rank holds: each rank's row gradient
-(``opsd.opsd_bwd``, the unsharded op's own) writes its columns with no communication.
+(``_opsd_launch.opsd_bwd``, the unsharded op's own) writes its columns with no communication.
 
 Shard sizes. The first call on a group gathers every rank's ``V_r`` once (a handshake of one int per
 rank) and caches the layout. Every later buffer carries ``V_r`` again, so a change of any rank's
@@ -93,13 +93,14 @@ import torch.distributed as dist
 
 from . import _utils
 from ._opsd_cpu import FORWARD_KL, JSD, REVERSE_KL, SAMPLED, grad_coefficients, stats_rows, token_terms
+from ._opsd_launch import jsd_sums, opsd_bwd
+from ._opsd_launch import partial_stats as opsd_partial_stats
 from ._prepare import _log_diff, needs_sequence_pass, output_metrics, sequence_terms
 from ._utils import raise_on_error_flags
 from .flags import Flag
 from .linear import _chunks, _logits_into, _tiles, rows_bwd
 from .logprobs import logprobs_bwd, partial_stats
-from .opsd import _per_token_loss, jsd_sums, opsd_bwd
-from .opsd import partial_stats as opsd_partial_stats
+from .opsd import _per_token_loss
 from .reference import IGNORE_INDEX
 from .rlsd import _backward_coefficients, rlsd_token_epilogue, scale_grad_
 
@@ -396,7 +397,7 @@ class ShardedLogprobsFunction(torch.autograd.Function):
 def opsd_forward(student, teacher, inputs, params, opsd, group, validate):
     """``(outputs, flags, local tokens)``: the OPSD launchers' per-token outputs (``output_names``)
     over the whole vocabulary, the same on every rank, from this rank's ``student`` and ``teacher``
-    shards (``teacher`` None with precomputed teacher log-probs); ``opsd`` as for ``opsd.opsd_fwd``."""
+    shards (``teacher`` None with precomputed teacher log-probs); ``opsd`` as for ``_opsd_launch.opsd_fwd``."""
     live = inputs["weight"] != 0
     tokens = inputs["tokens"]
     scored = tokens.masked_fill(~live, IGNORE_INDEX)

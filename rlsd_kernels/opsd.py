@@ -1,7 +1,8 @@
 """On-policy self-distillation (OPSD) losses fused over the vocabulary, alone and added to the RLSD /
-GRPO policy loss: launchers, custom ops, autograd, API.
+GRPO policy loss: custom ops, autograd, API.
 
-The kernels are in ``_opsd_kernels.py``, the CPU path in ``_opsd_cpu.py``. As for ``rlsd_loss``, a
+The kernels are in ``_opsd_kernels.py``, their launchers in ``_opsd_launch.py``, the CPU path in
+``_opsd_cpu.py``. As for ``rlsd_loss``, a
 scalar loss gets its student-logit gradient written in the forward pass (the backward only scales
 it), and per-token upstream gradients (``loss_agg="none"``) take a backward that streams the rows
 again. Passes over ``[N, V]`` per divergence, fused: forward and reverse KL read S and T, then read
@@ -9,7 +10,7 @@ them again backwards (from L2 where it holds them) while writing dS; the JSD rea
 (the second sweep for ``log M``); the sampled-token surrogate re-reads S only.
 
 With a ``process_group`` (vocabulary-sharded logits) the losses go through ``distributed``, which
-runs the shard launchers here (``partial_stats``: one sweep over both shards; ``jsd_sums``: the JSD's
+runs the shard launchers of ``_opsd_launch`` (``partial_stats``: one sweep over both shards; ``jsd_sums``: the JSD's
 second sweep) around its collectives, then the same row gradient (``opsd_bwd``), always split: the
 KLs read S and T twice, the JSD three times, the sampled token S twice and T once.
 """
@@ -20,242 +21,28 @@ import math
 
 import torch
 
-from . import _opsd_cpu, _utils
+from . import _utils
 from ._opsd_cpu import (
-    FORWARD_KL,
-    JSD,
-    OPSD_OUTPUTS,
-    REVERSE_KL,
     SAMPLED,
     grad_coefficients,
     output_names,
-    stats_rows,
 )
-from ._opsd_kernels import _jsd_sums_kernel, _opsd_bwd_kernel, _opsd_fwd_kernel, _opsd_stats_kernel
+from ._opsd_launch import (
+    divergence_code,
+    opsd_bwd,
+    opsd_fwd,
+)
 from ._prepare import (
-    OUTPUTS,
     _check_range,
-    kernel_flags,
-    kernel_scalars,
-    needs_sequence_pass,
     output_metrics,
     pack,
     prepare_loss_inputs,
-    sequence_terms,
     unpack,
 )
-from ._tuning import TRIAL_ROWS, RowConfig, pick_choice, pick_row_config
-from ._utils import as_rows, call_op, custom_op, raise_on_error_flags, same_rows, use_triton
-from .logprobs import _bwd_inplace_op, _bwd_op, bwd_launcher, trial_destination
+from ._utils import as_rows, call_op, custom_op, raise_on_error_flags, same_rows
+from .logprobs import _bwd_inplace_op, _bwd_op
 from .reference import OPSD_DIVERGENCES, opsd_metrics
-from .rlsd import _grad_shape, _scale_op, _slice_of_base, rlsd_token_epilogue
-
-LOG2E = 1.4426950408889634
-# The OPSD row kernels carry three or four per-lane sums and both rows' next blocks: with 32 logits a
-# thread (8192-wide blocks of 8 warps, 4096 of 4) they spill on sm_90 (up to ~190 bytes,
-# bench/kernel_resources.py), with 16 at most 24. The tuner times the candidates it has for 4-byte
-# logits, whose blocks stop at 4096, and a choice with more than 16 logits a thread gets more warps.
-MAX_BLOCK = 4096
-MAX_PER_THREAD = 16
-
-
-def divergence_code(divergence, beta):
-    """The kernels' ``DIV``: JSD with ``beta`` 0 or 1 is the forward or reverse KL (TRL's convention)."""
-    if divergence == "jsd" and beta in (0, 1):
-        return FORWARD_KL if beta == 0 else REVERSE_KL
-    return OPSD_DIVERGENCES.index(divergence)
-
-
-def _optional(inputs, key, fallback):
-    return inputs[key] if inputs[key] is not None else fallback
-
-
-def pick_config(key, rows, trial):
-    """``pick_row_config`` for the OPSD kernels (blocks of at most ``MAX_BLOCK``); the log-prob backward
-    that the sampled-token surrogate reuses keeps its own candidates (and cache entry)."""
-    device, vocab = rows.tensor.device, rows.vocab
-    if key[0] == "logprobs_bwd":
-        return pick_row_config(key, vocab, device, trial, rows.tensor.element_size())
-    config = pick_row_config(key, vocab, device, trial, 4)
-    if config.block_v > MAX_BLOCK:
-        config = RowConfig(MAX_BLOCK, 8)
-    return config._replace(num_warps=max(config.num_warps, config.block_v // (32 * MAX_PER_THREAD)))
-
-
-def opsd_fwd(student, teacher, inputs, params, opsd, grad):
-    """Launcher. ``inputs`` and ``params`` are those of ``_prepare.LossInputs``; ``opsd`` holds ``div``
-    (``divergence_code``), ``beta``, ``alpha``, ``token_clip`` (or None) and ``grpo`` (add the policy
-    term). ``grad`` is None, a tensor shaped like ``student`` to write ``weight * dl/dz`` into, or
-    ``student`` itself (in place). Returns ``(outputs, flags)``: ``output_names(grpo)`` ``[N]``
-    float32 tensors and int32 flags.
-
-    As in ``rlsd.rlsd_fwd``, a gradient is written either by the same program (``fused``) or by the
-    row backward kernel after the forward (``split``), whichever ran faster on a prefix of the rows;
-    sequence-level policy options always split, with the RLSD token epilogue in between."""
-    s_rows = as_rows(student, "student_logits")
-    t_rows = None if teacher is None else as_rows(teacher, "teacher_logits")
-    if not use_triton(student):
-        return _opsd_cpu.opsd_fwd(s_rows, t_rows, inputs, params, opsd, grad)
-    n, device, code, grpo = s_rows.n, student.device, opsd["div"], opsd["grpo"]
-    out = {k: _utils.empty((n,), dtype=torch.float32, device=device) for k in output_names(grpo)}
-    flags = _utils.empty((n,), dtype=torch.int32, device=device)
-    temperature = params["temperature"]
-    row_flags = kernel_flags(inputs, params)
-    if not grpo:
-        row_flags = {k: type(v)(0) for k, v in row_flags.items()}
-    entropy = grpo and bool(params["want_entropy"])
-    outputs = [out.get(k, out["lse"]) for k in OUTPUTS] + [out[k] for k in OPSD_OUTPUTS]
-    token_clip = math.inf if opsd["token_clip"] is None else opsd["token_clip"]
-    adv = inputs["adv"]
-
-    def run(config, n_rows, dest=None, dest_strides=(0, 0)):
-        reread = dest is not None or code == JSD
-        _opsd_fwd_kernel[config.grid(n_rows, device)](
-            student, s_rows.stride_b, s_rows.stride_t,
-            teacher if teacher is not None else student,
-            *((t_rows.stride_b, t_rows.stride_t) if t_rows is not None else (0, 0)),
-            dest if dest is not None else student, *dest_strides,
-            inputs["tokens"], adv, *(_optional(inputs, k, adv) for k in ("lp_t", "lp_old")), inputs["weight"],
-            *(_optional(inputs, k, adv) for k in ("credit", "seq_ratio", "rollout", "log_is", "ref")),
-            *outputs, flags,
-            n_rows, s_rows.seqlen, s_rows.vocab, LOG2E / temperature, 1.0 / temperature, opsd["alpha"],
-            opsd["beta"], token_clip, *kernel_scalars(params),
-            DIV=code, HAS_T_LOGITS=teacher is not None, NEED_LP=grpo or code == SAMPLED, GRPO=grpo, **row_flags,
-            ENTROPY=entropy, WRITE_GRAD=dest is not None, KEEP_S=reread, KEEP_T=reread and code != SAMPLED,
-            BLOCK_V=config.block_v, num_warps=config.num_warps,
-        )
-
-    trial_rows = min(n, TRIAL_ROWS)
-    key = ("opsd_fwd", student.dtype, None if teacher is None else teacher.dtype, code, grpo, entropy,
-           tuple(row_flags.values()))
-    plain = pick_config(key + (False,), s_rows, lambda c: run(c, trial_rows))
-    sequence_pass = grpo and needs_sequence_pass(inputs, params)
-    if grad is None and not sequence_pass:
-        run(plain, n)
-        return out, flags
-    if sequence_pass:
-        run(plain, n)
-        inputs = sequence_terms(out["lp_s"], inputs, params)
-        rlsd_token_epilogue(out, flags, inputs, params)
-        if grad is not None:
-            coefs = grad_coefficients(out, inputs["weight"], params["entropy_coef"], opsd)
-            opsd_bwd(student, teacher, inputs["tokens"], out, coefs, temperature, opsd, out=grad)
-        return out, flags
-
-    trial_dest = trial_destination(grad, s_rows)
-    fused = pick_config(key + (True,), s_rows, lambda c: run(c, trial_rows, *trial_dest()))
-    # Ones, so that a timing trial of the row backward reads every row.
-    coefs = [torch.ones_like(inputs["weight"]) for _ in range(3)]
-    if not (grpo and params["entropy_coef"] != 0):
-        coefs[1] = None
-    backward, bwd_key = _bwd_launcher(s_rows, t_rows, inputs["tokens"], out, coefs, temperature, opsd, grad.dtype)
-    bwd_config = pick_config(bwd_key, s_rows, lambda c: backward(c, trial_rows, *trial_dest()))
-
-    def split(n_rows, dest, dest_strides):
-        run(plain, n_rows)
-        values = grad_coefficients(out, inputs["weight"], params["entropy_coef"], opsd)
-        for buf, value in zip(coefs, values, strict=True):
-            if buf is not None:
-                buf.copy_(value)
-        backward(bwd_config, n_rows, dest, dest_strides)
-
-    strategies = {"fused": lambda: run(fused, trial_rows, *trial_dest()),
-                  "split": lambda: split(trial_rows, *trial_dest())}
-    g_rows = as_rows(grad, "grad")
-    if pick_choice(key + ("strategy",), device, strategies, default="fused") == "fused":
-        run(fused, n, grad, (g_rows.stride_b, g_rows.stride_t))
-    else:
-        split(n, grad, (g_rows.stride_b, g_rows.stride_t))
-    return out, flags
-
-
-def _bwd_launcher(s_rows, t_rows, tokens, stats, coefs, temperature, opsd, grad_dtype):
-    """``(launch(config, n_rows, dest, dest_strides), tuning key)`` of the row gradient for the
-    coefficients ``(c_lp, c_h, c_d)``; the sampled-token surrogate takes the log-prob backward."""
-    c_lp, c_h, c_d = coefs
-    entropy = stats["entropy"] if c_h is not None else None
-    if opsd["div"] == SAMPLED:
-        launch = bwd_launcher(s_rows, tokens, stats["lse"], c_lp, c_h, entropy, temperature)
-        return launch, ("logprobs_bwd", s_rows.tensor.dtype, grad_dtype, c_h is not None)
-    need_lp = opsd["grpo"]
-
-    def launch(config, n_rows, dest, dest_strides):
-        _opsd_bwd_kernel[config.grid(n_rows, s_rows.tensor.device)](
-            s_rows.tensor, s_rows.stride_b, s_rows.stride_t, t_rows.tensor, t_rows.stride_b, t_rows.stride_t,
-            dest, *dest_strides, tokens, stats["lse"], stats["lse_t"], stats["k"], c_lp,
-            c_h if c_h is not None else c_lp, entropy if entropy is not None else c_lp, c_d,
-            n_rows, s_rows.seqlen, s_rows.vocab, LOG2E / temperature, 1.0 / temperature, opsd["beta"],
-            DIV=opsd["div"], NEED_LP=need_lp, ENTROPY_GRAD=c_h is not None, BLOCK_V=config.block_v,
-            num_warps=config.num_warps,
-        )
-
-    key = ("opsd_bwd", s_rows.tensor.dtype, t_rows.tensor.dtype, grad_dtype, opsd["div"], need_lp, c_h is not None)
-    return launch, key
-
-
-def opsd_bwd(student, teacher, tokens, stats, coefs, temperature, opsd, out=None):
-    """Launcher of the row gradient: writes it into ``out`` (shaped like ``student``, possibly
-    ``student`` itself) or a new tensor in the logits' dtype, and returns it. ``stats`` holds the
-    per-row ``lse``, ``lse_t``, ``k`` (and ``entropy``) of the forward, ``coefs`` ``(c_lp, c_h, c_d)``."""
-    s_rows = as_rows(student, "student_logits")
-    t_rows = None if teacher is None else as_rows(teacher, "teacher_logits")
-    grad = out if out is not None else _utils.empty(student.shape, dtype=student.dtype, device=student.device)
-    if not use_triton(student):
-        return _opsd_cpu.opsd_grad(s_rows, t_rows, tokens, stats, *coefs, temperature, opsd, grad)
-    launch, key = _bwd_launcher(s_rows, t_rows, tokens, stats, coefs, temperature, opsd, grad.dtype)
-    trial_dest = trial_destination(grad, s_rows)
-    config = pick_config(key, s_rows, lambda c: launch(c, min(s_rows.n, TRIAL_ROWS), *trial_dest()))
-    g_rows = as_rows(grad, "grad")
-    launch(config, s_rows.n, grad, (g_rows.stride_b, g_rows.stride_t))
-    return grad
-
-
-def partial_stats(student, teacher, tokens, vocab_start, temperature, code, need_lp, entropy):
-    """Launcher for one vocabulary shard (ids ``vocab_start ..``) of the full-vocabulary divergences:
-    ``[k, N]`` float32 statistics in base 2 under the shard's own softmaxes, rows ``stats_rows(code,
-    need_lp, entropy)``: logsumexps, token logits (-inf outside the shard), the student's entropy,
-    and for the KLs the shard's own KL. Rows whose token is ``IGNORE_INDEX`` are not read."""
-    s_rows, t_rows = as_rows(student, "student_logits"), as_rows(teacher, "teacher_logits")
-    tokens = tokens.reshape(-1)
-    if not use_triton(student):
-        return _opsd_cpu.partial_stats(s_rows, t_rows, tokens, vocab_start, temperature, code, need_lp, entropy)
-    names = stats_rows(code, need_lp, entropy)
-    stats = _utils.empty((len(names), s_rows.n), dtype=torch.float32, device=student.device)
-    rows = [stats[names.index(k)] if k in names else stats[0] for k in ("lse_s", "zy_s", "h_s", "lse_t", "zy_t", "d")]
-
-    def run(config, n_rows=s_rows.n):
-        _opsd_stats_kernel[config.grid(n_rows, student.device)](
-            student, s_rows.stride_b, s_rows.stride_t, teacher, t_rows.stride_b, t_rows.stride_t, tokens, *rows,
-            n_rows, s_rows.seqlen, s_rows.vocab, vocab_start, LOG2E / temperature,
-            DIV=code, NEED_LP=need_lp, ENTROPY=entropy, BLOCK_V=config.block_v, num_warps=config.num_warps,
-        )
-
-    key = ("opsd_stats", student.dtype, teacher.dtype, code, need_lp, entropy)
-    run(pick_config(key, s_rows, lambda c: run(c, min(s_rows.n, TRIAL_ROWS))))
-    return stats
-
-
-def jsd_sums(student, teacher, tokens, lse, lse_t, temperature, beta):
-    """Launcher of the JSD's second sweep over one vocabulary shard: ``[2, N]`` float32, per row
-    ``sum_v T_v (log2 T_v - log2 M_v)`` and ``sum_v S_v (log2 S_v - log2 M_v)`` over the shard's
-    columns, with ``log S``, ``log T`` under the whole rows' logsumexps ``lse``, ``lse_t`` (natural
-    units); 0 where the token is ``IGNORE_INDEX``."""
-    s_rows, t_rows = as_rows(student, "student_logits"), as_rows(teacher, "teacher_logits")
-    tokens = tokens.reshape(-1)
-    if not use_triton(student):
-        return _opsd_cpu.jsd_sums(s_rows, t_rows, tokens, lse, lse_t, temperature, beta)
-    sums = _utils.empty((2, s_rows.n), dtype=torch.float32, device=student.device)
-
-    def run(config, n_rows=s_rows.n):
-        _jsd_sums_kernel[config.grid(n_rows, student.device)](
-            student, s_rows.stride_b, s_rows.stride_t, teacher, t_rows.stride_b, t_rows.stride_t, tokens, lse, lse_t,
-            sums[0], sums[1], n_rows, s_rows.seqlen, s_rows.vocab, LOG2E / temperature, beta,
-            BLOCK_V=config.block_v, num_warps=config.num_warps,
-        )
-
-    key = ("opsd_jsd_sums", student.dtype, teacher.dtype)
-    run(pick_config(key, s_rows, lambda c: run(c, min(s_rows.n, TRIAL_ROWS))))
-    return sums
+from .rlsd import _grad_shape, _scale_op, _slice_of_base
 
 
 def _opsd_scalars(opsd):

@@ -42,6 +42,7 @@ from __future__ import annotations
 import torch
 
 from ._opsd_cpu import SAMPLED, grad_coefficients, output_names
+from ._opsd_launch import divergence_code, opsd_bwd, opsd_fwd
 from ._prepare import needs_sequence_pass, prepare_loss_inputs, sequence_terms
 from .linear import (
     _check_linear,
@@ -55,7 +56,7 @@ from .linear import (
     _tiles,
     logprobs_fwd_chunked,
 )
-from .opsd import _check_opsd_options, _metrics, _per_token_loss, divergence_code, opsd_bwd, opsd_fwd
+from .opsd import _check_opsd_options, _metrics, _per_token_loss
 from .reference import IGNORE_INDEX
 from .rlsd import scale_grad_
 

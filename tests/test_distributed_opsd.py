@@ -338,7 +338,7 @@ from rlsd_kernels._opsd_kernels import _jsd_sums_kernel, _opsd_stats_kernel
 
 
 def variants():
-    # The OPSD tuner's configurations at V = 151,936 (opsd.pick_config): every flag set of the
+    # The OPSD tuner's configurations at V = 151,936 (_opsd_launch.pick_config): every flag set of the
     # statistics kernel at the two 4096-wide ones with bfloat16 logits, the heaviest with float32.
     for logits, configs in (("bf16", ((4096, 16), (4096, 8))), ("fp32", ((4096, 8), (2048, 4)))):
         for block, warps in configs:

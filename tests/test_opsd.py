@@ -481,7 +481,7 @@ def fwd_flags(div, mode, write_grad, teacher=True):
 
 
 def variants():
-    # Every configuration the OPSD tuner can return at V = 151,936 (opsd.pick_config) with float32
+    # Every configuration the OPSD tuner can return at V = 151,936 (_opsd_launch.pick_config) with float32
     # logits (the widest loads), the common and the heaviest flags; the whole flag matrix with
     # bfloat16 logits at the two 4096-wide ones.
     for logits, configs in (("bf16", ((4096, 16), (4096, 8))), ("fp32", ((4096, 16), (4096, 8), (2048, 8), (2048, 4)))):
