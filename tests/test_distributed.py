@@ -12,15 +12,11 @@ the project's GPU checks run on one, so there is no gpu-marked test here; the NC
 in the device of its buffers.
 """
 
-import datetime
-import os
-import sys
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from multiprocess import finish_rank, spawn, start_rank
 from tolerances import FP32, GRAD, assert_close
 
 VOCAB = 37
@@ -32,45 +28,20 @@ LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mea
 # The aggregation is the same code for both backends: the interpreted kernels see a scalar and a
 # per-token reduction (every mode runs on the PyTorch path).
 TRITON_AGGS = ("seq-mean-token-mean", "none")
-TIMEOUT_S = 240
 # The collective of the forward (``all_gather_into_tensor`` where torch lacks ``all_gather_single``).
 GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
 
 
-def _spawn(world, tmp_path):
-    """Runs ``_worker`` on ``world`` ranks; a rank's exception fails the test with its traceback."""
-    init = f"file://{tmp_path / 'rendezvous'}"
-    ctx = mp.start_processes(_worker, args=(world, init), nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the {world}-rank run did not finish in {TIMEOUT_S} s")
-
-
 @pytest.mark.parametrize("world", sorted(SPLITS))
 def test_sharded_ops_equal_unsharded_and_count_collectives(world, tmp_path):
-    _spawn(world, tmp_path)
+    spawn(_worker, world, tmp_path)
 
 
 def _worker(rank, world, init):
-    # Before anything imports triton (this module imports neither triton nor rlsd_kernels at the top).
-    os.environ["TRITON_INTERPRET"] = "1"
-    assert "triton" not in sys.modules
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    start_rank(rank, world, init)
     from rlsd_kernels import _utils
     from rlsd_kernels._tuning import RowConfig, force_row_config
 
-    real_empty = _utils.empty
-
-    def poisoned(shape, *, dtype, device):
-        # As the conftest does: an output a kernel forgets to write fails the comparison.
-        return real_empty(shape, dtype=dtype, device=device).fill_(float("nan") if dtype.is_floating_point else -1)
-
-    _utils.empty = poisoned
     run = Run(rank, world, dist.group.WORLD, SPLITS[world])
     with force_row_config(RowConfig(BLOCK, 1)):
         run.count_collectives()
@@ -82,10 +53,7 @@ def _worker(rank, world, init):
                 run.bad_input()
         if world == 2:
             run.change_of_shard_sizes()
-    # No rank tears its connections down while another still uses them. (After a failure the
-    # parent ends the other ranks.)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_rank()
 
 
 def unsharded():

@@ -14,15 +14,13 @@ and how many collectives a forward and a backward issue. All checks run in one s
 group size (spawning is slow).
 """
 
-import datetime
 import os
 import sys
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from multiprocess import finish_rank, spawn, start_rank
 from test_distributed import GATHER, Counter
 from tolerances import FP32, GRAD, assert_close
 
@@ -35,43 +33,18 @@ DIVERGENCES = (("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0
 AGGS = ("token-mean", "none", "seq-mean-token-sum", "sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 # Columns from PAD on are -inf in both models: with 4 ranks the whole last shard.
 PAD = 25
-TIMEOUT_S = 240
-
-
-def _spawn(world, tmp_path):
-    """Runs ``_worker`` on ``world`` ranks; a rank's exception fails the test with its traceback."""
-    init = f"file://{tmp_path / 'rendezvous'}"
-    ctx = mp.start_processes(_worker, args=(world, init), nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the {world}-rank run did not finish in {TIMEOUT_S} s")
 
 
 @pytest.mark.parametrize("world", sorted(SPLITS))
 def test_sharded_opsd_equals_unsharded_and_counts_collectives(world, tmp_path):
-    _spawn(world, tmp_path)
+    spawn(_worker, world, tmp_path)
 
 
 def _worker(rank, world, init):
-    # Before anything imports triton (this module imports neither triton nor rlsd_kernels at the top).
-    os.environ["TRITON_INTERPRET"] = "1"
-    assert "triton" not in sys.modules
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    start_rank(rank, world, init)
     from rlsd_kernels import _utils
     from rlsd_kernels._tuning import RowConfig, force_row_config
 
-    real_empty = _utils.empty
-
-    def poisoned(shape, *, dtype, device):
-        # As the conftest does: an output a kernel forgets to write fails the comparison.
-        return real_empty(shape, dtype=dtype, device=device).fill_(float("nan") if dtype.is_floating_point else -1)
-
-    _utils.empty = poisoned
     run = Run(rank, world, dist.group.WORLD, SPLITS[world])
     with force_row_config(RowConfig(BLOCK, 1)):
         run.count_collectives()
@@ -83,9 +56,7 @@ def _worker(rank, world, init):
             run.no_grad_and_backward_twice()
         with _utils.backend("triton"):
             run.interpreted()
-    # No rank tears its connections down while another still uses them.
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_rank()
 
 
 class Run:
