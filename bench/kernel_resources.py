@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Compile every kernel specialisation for a GPU target on this machine, no GPU needed.
+"""Compile every kernel specialisation (RLSD, log-prob, OPSD) for a GPU target on this machine, no GPU needed.
 
 Builds each kernel to a cubin with Triton's own compiler and ptxas, as the launchers' runtime
 specialisation would (16-divisible pointers, strides and vocabulary), and reports registers, spills
@@ -11,11 +11,13 @@ specialisation would (16-divisible pointers, strides and vocabulary), and report
 import argparse
 import itertools
 import json
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("kernel_resources.py compiles real kernels: run it without TRITON_INTERPRET=1")
@@ -24,12 +26,18 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from rlsd_kernels._opsd_kernels import (  # noqa: E402
+    _jsd_sums_kernel,
+    _opsd_bwd_kernel,
+    _opsd_fwd_kernel,
+    _opsd_stats_kernel,
+)
 from rlsd_kernels._rlsd_kernels import _rlsd_fwd_kernel, _rlsd_token_kernel, _scale_kernel  # noqa: E402
 from rlsd_kernels._tuning import _candidates  # noqa: E402
 from rlsd_kernels.logprobs import _logprobs_bwd_kernel, _logprobs_fwd_kernel  # noqa: E402
 
 FLOAT_ARGS = {"scale2", "inv_temp", "log_w_lo", "log_w_hi", "lam", "clip_lo", "clip_hi", "dual_clip", "log_tis_cap",
-              "kl_coef", "entropy_coef"}
+              "kl_coef", "entropy_coef", "alpha", "beta", "token_clip"}
 OTHER_POINTERS = {"tokens": "*i64", "flags_out": "*i32"}
 LOGIT_POINTERS = {"S", "T", "dS", "X", "dX"}
 INT_ARGS = {"V", "n_rows", "seqlen", "n", "vocab_start"}
@@ -94,19 +102,78 @@ def variants():
                 yield _logprobs_bwd_kernel, dict(HAS_ENTROPY=entropy, BLOCK_V=block), logits, warps
     yield _rlsd_token_kernel, dict(TOKEN_FLAGS, BLOCK=1024), "bf16", 4
     yield _scale_kernel, dict(BLOCK_V=4096), "bf16", 4
+    yield from opsd_variants()
+
+
+OPSD_OFF = {k: v for k, v in RLSD_OFF.items() if k not in ("HAS_T_LOGITS", "ENTROPY", "WRITE_GRAD")}
+OPSD_OFF.update(HAS_OLD=False, HAS_DUAL=False)
+OPSD_MODES = {
+    "opsd": OPSD_OFF,
+    "grpo": dict(OPSD_OFF, HAS_OLD=True, HAS_DUAL=True),
+    "all": dict(OPSD_OFF, HAS_OLD=True, HAS_DUAL=True, HAS_CREDIT=True, IS_MODE=1, KL=3, ENTROPY_GRAD=True),
+    "other": dict(OPSD_OFF, HAS_OLD=True, CISPO=True, CREDIT_OLD=True, SEQ_RATIO=True, IS_MODE=2, KL=1),
+}
+
+
+def _opsd_fwd_flags(div, mode, write_grad, teacher=True):
+    grpo = mode != "opsd"
+    # Rows read again (the gradient, or the JSD's second sweep) are asked to stay in cache.
+    reread = write_grad or div == 2
+    return dict(OPSD_MODES[mode], DIV=div, HAS_T_LOGITS=teacher, NEED_LP=grpo or div == 3, GRPO=grpo,
+                ENTROPY=mode == "all", WRITE_GRAD=write_grad, KEEP_S=reread, KEEP_T=reread and div != 3)
+
+
+def opsd_variants():
+    """Every configuration the OPSD tuner can return at V = 151,936 (``_opsd_launch.pick_config``):
+    the whole flag matrix with bfloat16 logits at the two 4096-wide ones, the common and the heaviest
+    flags with float32 logits (the widest loads), and the vocabulary-parallel statistics kernels."""
+    for logits, configs in (("bf16", ((4096, 16), (4096, 8))), ("fp32", ((4096, 16), (4096, 8), (2048, 8), (2048, 4)))):
+        full = logits == "bf16"
+        for block, warps in configs:
+            for div in range(4):
+                for mode in (OPSD_MODES if full else ("opsd", "all")):
+                    for write_grad in ((True, False) if full else (True,)):
+                        flags = dict(_opsd_fwd_flags(div, mode, write_grad), BLOCK_V=block)
+                        yield _opsd_fwd_kernel, flags, logits, warps
+            if full:
+                for mode in ("opsd", "all"):
+                    for write_grad in (True, False):
+                        flags = dict(_opsd_fwd_flags(3, mode, write_grad, teacher=False), BLOCK_V=block)
+                        yield _opsd_fwd_kernel, flags, logits, warps
+            for div in range(3):
+                for need_lp, entropy in (((False, False), (True, False), (True, True)) if full else ((True, True),)):
+                    flags = dict(DIV=div, NEED_LP=need_lp, ENTROPY_GRAD=entropy, BLOCK_V=block)
+                    yield _opsd_bwd_kernel, flags, logits, warps
+            for div in range(3):
+                for lp in ((False, True) if full else (True,)):
+                    yield _opsd_stats_kernel, dict(DIV=div, NEED_LP=lp, ENTROPY=lp, BLOCK_V=block), logits, warps
+            yield _jsd_sums_kernel, dict(BLOCK_V=block), logits, warps
+
+
+def _build(index):
+    # Kernels do not pickle: a compiling process gets an index into the variants it already holds.
+    kernel, flags, logits, warps = _CHOSEN[index]
+    compiled = compile_kernel(kernel, flags, logits=logits, num_warps=warps, capability=_CAPABILITY)
+    return dict(kernel=kernel.__name__, logits=logits, num_warps=warps, **flags, **resources(compiled))
+
+
+_CAPABILITY = 90
+_CHOSEN = []
 
 
 def main():
+    global _CAPABILITY
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--capability", type=int, default=90, help="compute capability, e.g. 90 (Hopper), 80")
-    parser.add_argument("--quick", action="store_true", help="only the default block size")
+    parser.add_argument("--quick", action="store_true", help="only the default block sizes")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiling processes")
     args = parser.parse_args()
-    for kernel, flags, logits, warps in variants():
-        if args.quick and flags.get("BLOCK_V", 8192) not in (8192, 4096):
-            continue
-        compiled = compile_kernel(kernel, flags, logits=logits, num_warps=warps, capability=args.capability)
-        row = dict(kernel=kernel.__name__, logits=logits, num_warps=warps, **flags, **resources(compiled))
-        print(json.dumps(row), flush=True)
+    _CAPABILITY = args.capability
+    _CHOSEN.extend(v for v in variants() if not args.quick or v[1].get("BLOCK_V", 8192) in (8192, 4096))
+    # Forked workers inherit the variants and the target.
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=multiprocessing.get_context("fork")) as pool:
+        for row in pool.map(_build, range(len(_CHOSEN))):
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ and how many collectives a forward and a backward issue. All checks run in one s
 group size (spawning is slow).
 """
 
-import os
-import sys
 
 import pytest
 import torch
@@ -297,61 +295,3 @@ class Run:
         dist.destroy_process_group(group)
 
 
-COMPILE_SCRIPT = r"""
-import json, os, sys
-from concurrent.futures import ProcessPoolExecutor
-
-sys.path.insert(0, sys.argv[1])
-import kernel_resources as kr
-
-kr.FLOAT_ARGS |= {"beta"}
-from rlsd_kernels._opsd_kernels import _jsd_sums_kernel, _opsd_stats_kernel
-
-
-def variants():
-    # The OPSD tuner's configurations at V = 151,936 (_opsd_launch.pick_config): every flag set of the
-    # statistics kernel at the two 4096-wide ones with bfloat16 logits, the heaviest with float32.
-    for logits, configs in (("bf16", ((4096, 16), (4096, 8))), ("fp32", ((4096, 8), (2048, 4)))):
-        for block, warps in configs:
-            for div in range(3):
-                for lp in ((False, True) if logits == "bf16" else (True,)):
-                    flags = dict(DIV=div, NEED_LP=lp, ENTROPY=lp, BLOCK_V=block)
-                    yield "_opsd_stats_kernel", flags, logits, warps
-            yield "_jsd_sums_kernel", dict(BLOCK_V=block), logits, warps
-
-
-def build(variant):
-    name, flags, logits, warps = variant
-    kernel = {"_opsd_stats_kernel": _opsd_stats_kernel, "_jsd_sums_kernel": _jsd_sums_kernel}[name]
-    compiled = kr.compile_kernel(kernel, flags, logits=logits, num_warps=warps, capability=90)
-    return dict(kernel=name, logits=logits, num_warps=warps, **flags, **kr.resources(compiled))
-
-
-if __name__ == "__main__":
-    with ProcessPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        for row in pool.map(build, list(variants())):
-            print(json.dumps(row), flush=True)
-"""
-
-
-def test_shard_kernels_compile_for_sm90_without_spills(tmp_path):
-    """The shard kernels built to cubins for Hopper (in a process without the interpreter), as
-    ``test_opsd`` does for the others: no spill above 48 bytes, 16-byte row loads."""
-    import json
-    import subprocess
-    from pathlib import Path
-
-    bench = Path(__file__).resolve().parents[1] / "bench"
-    script = tmp_path / "compile_shard_kernels.py"
-    script.write_text(COMPILE_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
-    out = subprocess.run([sys.executable, str(script), str(bench)], capture_output=True, text=True, env=env,
-                         timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [json.loads(line) for line in out.stdout.splitlines()]
-    assert {row["kernel"] for row in rows} == {"_opsd_stats_kernel", "_jsd_sums_kernel"} and len(rows) == 22
-    spills = [row for row in rows if row["local"] or row["stack"] > 48]
-    assert not spills, spills
-    narrow = [row for row in rows if not row["wide_loads"]]
-    assert not narrow, narrow

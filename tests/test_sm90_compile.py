@@ -23,7 +23,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "kernel_resources.py"
 def report():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, str(SCRIPT), "--capability", "90"], capture_output=True, text=True,
-                         env=env, timeout=1200)
+                         env=env, timeout=2400)
     assert out.returncode == 0, out.stderr[-3000:]
     return [json.loads(line) for line in out.stdout.splitlines()]
 
@@ -31,7 +31,9 @@ def report():
 def test_every_variant_compiled(report):
     kernels = {row["kernel"] for row in report}
     assert kernels == {"_rlsd_fwd_kernel", "_rlsd_token_kernel", "_logprobs_fwd_kernel", "_logprobs_bwd_kernel",
-                       "_scale_kernel"}
+                       "_scale_kernel", "_opsd_fwd_kernel", "_opsd_bwd_kernel", "_opsd_stats_kernel",
+                       "_jsd_sums_kernel"}
+    assert sum(row["kernel"].startswith(("_opsd", "_jsd")) for row in report) > 140
     for logits, itemsize in (("bf16", 2), ("fp32", 4)):
         configs = {(c.block_v, c.num_warps) for c in _candidates(151936, itemsize) + _candidates(4096)}
         tested = {(row["BLOCK_V"], row["num_warps"]) for row in report
@@ -43,7 +45,9 @@ def test_nothing_spills(report):
     # ptxas keeps a few variants at 64-72 registers and spills 8-24 bytes there, and with every
     # loss option on (entropy, KL, importance weights) the 128-register cap of 16 warps costs
     # 24-40 bytes; anything more is a regression.
-    plain = [row for row in report if not row.get("ENTROPY") and not row.get("HAS_ENTROPY")]
+    # The OPSD kernels carry two rows' sums and blocks: up to 48 bytes for every one of their variants.
+    plain = [row for row in report if not row.get("ENTROPY") and not row.get("HAS_ENTROPY")
+             and not row["kernel"].startswith(("_opsd", "_jsd"))]
     assert not [row for row in report if row["local"] or row["stack"] > 48]
     assert not [row for row in plain if row["stack"] > 24]
 
