@@ -33,7 +33,7 @@ from ._tuning import TRIAL_ROWS, RowConfig, pick_choice, pick_row_config
 from ._utils import as_rows, use_triton
 from .logprobs import bwd_launcher, trial_destination
 from .reference import OPSD_DIVERGENCES
-from .rlsd import rlsd_token_epilogue
+from .rlsd import _optional, rlsd_token_epilogue
 
 LOG2E = 1.4426950408889634
 # The OPSD row kernels carry three or four per-lane sums and both rows' next blocks: with 32 logits a
@@ -49,10 +49,6 @@ def divergence_code(divergence, beta):
     if divergence == "jsd" and beta in (0, 1):
         return FORWARD_KL if beta == 0 else REVERSE_KL
     return OPSD_DIVERGENCES.index(divergence)
-
-
-def _optional(inputs, key, fallback):
-    return inputs[key] if inputs[key] is not None else fallback
 
 
 def pick_config(key, rows, trial):

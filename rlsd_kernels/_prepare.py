@@ -23,6 +23,7 @@ from .reference import (
     LOSS_AGG_MODES,
     RATIO_LEVELS,
     SURROGATES,
+    _log_diff,
     rlsd_metrics,
     sequence_ids,
     sequence_sums,
@@ -153,10 +154,6 @@ def prepare_loss_inputs(
     return LossInputs(inputs, params, m, token_shape)
 
 
-def _log_diff(a, b):
-    return torch.where((a == float("-inf")) & (b == float("-inf")), 0.0, a - b)
-
-
 def sequence_log_is(lp_old, inputs, num_seqs):
     """Per token, the sum over its sequence's unmasked tokens of ``lp_old - lp_rollout``."""
     valid = inputs["weight"] != 0
@@ -235,11 +232,6 @@ FLAG_TERMS = (
     ("weight_clip_low", Flag.WEIGHT_CLIP_LOW), ("weight_clip_high", Flag.WEIGHT_CLIP_HIGH),
     ("ppo_clip_low", Flag.PPO_CLIP_LOW), ("ppo_clip_high", Flag.PPO_CLIP_HIGH), ("dual_clip", Flag.DUAL_CLIP),
 )
-
-
-def loss_metrics(lp_s, lp_t, w, ratio, flags, mask):
-    """The core metrics from the four per-token outputs they need (see ``output_metrics``)."""
-    return output_metrics({"lp_s": lp_s, "lp_t": lp_t, "w": w, "ratio": ratio}, flags, mask)
 
 
 def output_metrics(outputs, flags, mask, inputs=None, params=None):
