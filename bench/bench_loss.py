@@ -54,7 +54,7 @@ def main(argv=None):
         chosen = [p for p in chosen if p.name != "naive_compile"]
     gate = []
     if interpret and not gpu:
-        from rlsd_kernels._utils import backend
+        from rlsd_kernels.launch.common import backend
 
         # The interpreter runs about 1 ms per program per loop iteration: ours only, on 2 x 16 rows.
         with backend("triton"):

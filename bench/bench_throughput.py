@@ -135,7 +135,7 @@ def main(argv=None) -> int:
                 if sweep.gate_rows:
                     common.write_csv(sweep.gate_rows, "throughput_gate", out, device.type)
     progress.close()
-    from rlsd_kernels._tuning import tuned_configs
+    from rlsd_kernels.launch.tuning import tuned_configs
 
     # What the autotuner picked for each kernel and shape (configurations, fused or split strategy).
     for key, choice in tuned_configs().items():

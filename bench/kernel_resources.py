@@ -26,15 +26,11 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from rlsd_kernels._opsd_kernels import (  # noqa: E402
-    _jsd_sums_kernel,
-    _opsd_bwd_kernel,
-    _opsd_fwd_kernel,
-    _opsd_stats_kernel,
-)
-from rlsd_kernels._rlsd_kernels import _rlsd_fwd_kernel, _rlsd_token_kernel, _scale_kernel  # noqa: E402
-from rlsd_kernels._tuning import _candidates  # noqa: E402
-from rlsd_kernels.logprobs import _logprobs_bwd_kernel, _logprobs_fwd_kernel  # noqa: E402
+from rlsd_kernels.kernels.logprobs import _logprobs_bwd_kernel, _logprobs_fwd_kernel  # noqa: E402
+from rlsd_kernels.kernels.opsd import _opsd_bwd_kernel, _opsd_fwd_kernel  # noqa: E402
+from rlsd_kernels.kernels.opsd_shard import _jsd_sums_kernel, _opsd_stats_kernel  # noqa: E402
+from rlsd_kernels.kernels.rlsd import _rlsd_fwd_kernel, _rlsd_token_kernel, _scale_kernel  # noqa: E402
+from rlsd_kernels.launch.tuning import _candidates  # noqa: E402
 
 FLOAT_ARGS = {"scale2", "inv_temp", "log_w_lo", "log_w_hi", "lam", "clip_lo", "clip_hi", "dual_clip", "log_tis_cap",
               "kl_coef", "entropy_coef", "alpha", "beta", "token_clip"}

@@ -10,25 +10,21 @@ Public API (keyword-only options, defaults from the official recipe):
   :func:`opsd_linear_loss`, :func:`grpo_opsd_linear_loss` from hidden states.
 - :func:`lam_schedule`: the official schedule of the credit mix ``lam``.
 
-The functions from logits and the RLSD linear ones take ``process_group`` for vocabulary-parallel
-inputs.
-
-``rlsd_kernels.reference`` holds the plain PyTorch specification of every op.
+Every loss and log-prob function takes ``process_group`` for vocabulary-parallel inputs.
+``rlsd_kernels.reference`` holds the plain PyTorch specification of every op. The layers, from the
+bottom: ``reference`` / ``flags`` / ``schedule``; ``kernels/``; ``launch/``; ``call/``; ``forms/``;
+``autograd/``; ``api/`` (README: Layout).
 """
 
 from . import reference
-from .flags import Flag
-from .linear import rlsd_linear_loss, token_logprobs_linear
-from .logprobs import token_logprobs
-from .opsd import grpo_opsd_loss, opsd_loss
-from .opsd_linear import grpo_opsd_linear_loss, opsd_linear_loss
-from .rlsd import rlsd_loss
+from .api.linear import grpo_opsd_linear_loss, opsd_linear_loss, rlsd_linear_loss, token_logprobs_linear
+from .api.logprobs import token_logprobs
+from .api.losses import grpo_opsd_loss, opsd_loss, rlsd_loss
 from .schedule import lam_schedule
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "Flag",
     "grpo_opsd_linear_loss",
     "grpo_opsd_loss",
     "lam_schedule",

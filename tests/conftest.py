@@ -19,7 +19,7 @@ if "TRITON_INTERPRET" not in os.environ:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from rlsd_kernels import _utils  # noqa: E402
+from rlsd_kernels.launch import common as _utils  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 

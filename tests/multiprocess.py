@@ -35,7 +35,7 @@ def start_rank(rank, world, init):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=TIMEOUT_S))
-    from rlsd_kernels import _utils
+    from rlsd_kernels.launch import common as _utils
 
     real_empty = _utils.empty
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tolerances import FP32, assert_close, assert_grad_close
+from tolerances import FP32, MATMUL_FP32, assert_close, assert_grad_close
 
 import rlsd_kernels
 from rlsd_kernels import reference
@@ -60,9 +60,9 @@ def test_benchmark_linear_form_cpu(benchmark, name):
     benchmark.group = "RLSD loss, fused linear, forward + backward, CPU, N=128 V=2048 H=64"
     loss, grads = benchmark.pedantic(run, rounds=3, warmup_rounds=1)
     ref_loss, ref_grads = G.reference_result(inp, "rlsd", True)
-    assert_close(loss, ref_loss, what="loss", rtol=1e-4, atol=1e-5)
+    assert_close(loss, ref_loss, what="loss", **MATMUL_FP32)
     for got, want, what in zip(grads, ref_grads, ("d hidden", "d weight"), strict=True):
-        assert_close(got, want, what=what, rtol=1e-4, atol=1e-5)
+        assert_close(got, want, what=what, **MATMUL_FP32)
 
 
 def test_benchmark_token_logprobs_cpu(benchmark):

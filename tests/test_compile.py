@@ -6,7 +6,7 @@ from cases import make_case
 from tolerances import FP32, assert_close
 
 import rlsd_kernels
-from rlsd_kernels._tuning import RowConfig, force_row_config
+from rlsd_kernels.launch.tuning import RowConfig, force_row_config
 
 
 @pytest.mark.parametrize("loss_agg", ["token-mean", "none"])

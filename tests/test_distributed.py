@@ -39,8 +39,8 @@ def test_sharded_ops_equal_unsharded_and_count_collectives(world, tmp_path):
 
 def _worker(rank, world, init):
     start_rank(rank, world, init)
-    from rlsd_kernels import _utils
-    from rlsd_kernels._tuning import RowConfig, force_row_config
+    from rlsd_kernels.launch import common as _utils
+    from rlsd_kernels.launch.tuning import RowConfig, force_row_config
 
     run = Run(rank, world, dist.group.WORLD, SPLITS[world])
     with force_row_config(RowConfig(BLOCK, 1)):
@@ -49,6 +49,7 @@ def _worker(rank, world, init):
             with _utils.backend(backend):
                 run.logits_losses(aggs)
                 run.linear_losses(aggs)
+                run.opsd_linear_losses(aggs)
                 run.logprobs()
                 run.bad_input()
         if world == 2:
@@ -59,7 +60,7 @@ def _worker(rank, world, init):
 def unsharded():
     """The oracle: the unsharded op on the PyTorch path (itself tested against the reference), so
     that the interpreter runs only the sharded kernels."""
-    from rlsd_kernels import _utils
+    from rlsd_kernels.launch import common as _utils
 
     return _utils.backend("torch")
 
@@ -208,6 +209,32 @@ class Run:
             s_w, s_b = (x[self.lo:self.hi].clone().requires_grad_() for x in (self.weight, self.bias))
             s_loss, s_metrics = rlsd_kernels.rlsd_linear_loss(s_h, s_w, self.tokens, self.adv, bias=s_b,
                                                               process_group=self.group, **kwargs)
+            self.compare(what, s_loss, s_metrics, loss, metrics)
+            self.backward(s_loss, loss_agg)
+            self.compare_linear_grads(what, (s_h, s_w, s_b), (h, w, b))
+
+    def opsd_linear_losses(self, aggs):
+        """The OPSD losses of the fused linear form over shards of the weight rows: the sharded
+        wrapper around the linear form, each divergence, alone and with the policy term."""
+        import rlsd_kernels
+
+        cases = [("forward_kl", False, aggs[0]), ("jsd", True, aggs[-1]), ("sampled_token", False, aggs[-1]),
+                 ("reverse_kl", True, "none")]
+        for divergence, grpo, loss_agg in cases:
+            what = f"opsd_linear_loss {divergence} grpo={grpo} {loss_agg}"
+            kwargs = dict(mask=self.mask, return_metrics=True, loss_agg=loss_agg, chunk_size=5,
+                          teacher_hidden=self.t_hidden, divergence=divergence)
+            op = rlsd_kernels.grpo_opsd_linear_loss if grpo else rlsd_kernels.opsd_linear_loss
+            args = (self.tokens, self.adv) if grpo else (self.tokens,)
+            if grpo:
+                kwargs.update(old_logprobs=self.old, lam=0.5)
+            h, w, b = (x.clone().requires_grad_() for x in (self.hidden, self.weight, self.bias))
+            with unsharded():
+                loss, metrics = op(h, w, *args, bias=b, **kwargs)
+                self.backward(loss, loss_agg)
+            s_h = self.hidden.clone().requires_grad_()
+            s_w, s_b = (x[self.lo:self.hi].clone().requires_grad_() for x in (self.weight, self.bias))
+            s_loss, s_metrics = op(s_h, s_w, *args, bias=s_b, process_group=self.group, **kwargs)
             self.compare(what, s_loss, s_metrics, loss, metrics)
             self.backward(s_loss, loss_agg)
             self.compare_linear_grads(what, (s_h, s_w, s_b), (h, w, b))

@@ -40,8 +40,8 @@ def test_sharded_opsd_equals_unsharded_and_counts_collectives(world, tmp_path):
 
 def _worker(rank, world, init):
     start_rank(rank, world, init)
-    from rlsd_kernels import _utils
-    from rlsd_kernels._tuning import RowConfig, force_row_config
+    from rlsd_kernels.launch import common as _utils
+    from rlsd_kernels.launch.tuning import RowConfig, force_row_config
 
     run = Run(rank, world, dist.group.WORLD, SPLITS[world])
     with force_row_config(RowConfig(BLOCK, 1)):

@@ -7,7 +7,7 @@ from tolerances import FP32, assert_close, assert_grad_close
 
 import rlsd_kernels
 from rlsd_kernels import reference
-from rlsd_kernels._tuning import RowConfig, force_row_config
+from rlsd_kernels.launch.tuning import RowConfig, force_row_config
 
 BLOCK = 16
 
@@ -86,7 +86,7 @@ class _null:
 def test_partial_statistics_of_vocabulary_shards_combine(device, backend):
     """Shards' base-2 statistics (logsumexp, the token's logit where it lives, the shard's entropy)
     combine into the full row's log-prob and entropy; a shard of padding alone is no error."""
-    from rlsd_kernels.logprobs import partial_stats
+    from rlsd_kernels.launch.logprobs import partial_stats
 
     vocab = 41
     logits = torch.randn(2, 5, vocab + 7, device=device) * 2

@@ -8,12 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 from test_linear import _gpu_inputs, assert_sum_close, logits64, make_linear_case
-from tolerances import FP32, GRAD, assert_close, assert_grad_close
+from tolerances import FP32, GRAD, MATMUL_FP32, PAIR_GRAD, assert_close, assert_grad_close
 
 import rlsd_kernels
 from rlsd_kernels import reference
-from rlsd_kernels._tuning import RowConfig, force_row_config
-from rlsd_kernels.opsd_linear import default_chunk_size
+from rlsd_kernels.forms.linear import default_chunk_size
+from rlsd_kernels.launch.tuning import RowConfig, force_row_config
 
 BLOCK = 16  # forced under test so that small vocabularies hit the block edges
 DIVERGENCES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.2), ("sampled_token", 0.5)]
@@ -41,7 +41,7 @@ def call(case, grpo, hidden=None, weight=None, bias=None, **extra):
         if grpo:
             return rlsd_kernels.grpo_opsd_linear_loss(hidden, weight, case.tokens, case.advantages,
                                                       teacher_hidden=case.teacher, **kwargs)
-        return rlsd_kernels.opsd_linear_loss(hidden, weight, case.teacher, case.tokens, **kwargs)
+        return rlsd_kernels.opsd_linear_loss(hidden, weight, case.tokens, teacher_hidden=case.teacher, **kwargs)
 
 
 def reference_loss(case, grpo, h, w, b, **extra):
@@ -208,11 +208,6 @@ def test_student_and_teacher_layouts_differ(student_view, device, backend):
     check(case, torch.float32, grpo=True, divergence="forward_kl", loss_agg="none")
 
 
-# Two float32 gradients of the same loss, neither exact: the divergences' gradients take differences
-# such as (log S - log M) - KL(S || M) of O(0.1) from log-probs of O(4), and dW and db add the tokens'
-# gradients of both signs under a random upstream. Measured on this case (jsd, beta = 0.3, "none"):
-# each within 4.8e-6 of the largest float64 value (db), 3.2e-6 of it apart (dW).
-PAIR_GRAD = dict(rtol=2e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("grpo", [False, True])
@@ -291,7 +286,7 @@ def test_fully_masked_and_empty_batches(grpo, device, backend):
         assert loss.shape == (0,)
         loss = loss.sum()
     else:
-        loss = rlsd_kernels.opsd_linear_loss(hidden, weight, hidden.detach())
+        loss = rlsd_kernels.opsd_linear_loss(hidden, weight, teacher_hidden=hidden.detach())
     loss.backward()
     assert float(loss.detach()) == 0.0 and hidden.grad.shape == (0, 8)
     assert torch.equal(weight.grad, torch.zeros_like(weight))
@@ -318,10 +313,10 @@ def test_no_grad_frozen_weight_and_backward_twice(device, backend):
 def test_default_chunk_size():
     """256 rows at the Qwen vocabulary in bf16 on a GPU (240 MiB of chunk buffers), never below 64."""
     cuda = torch.device("cuda")
-    assert default_chunk_size(151936, cuda, torch.bfloat16) == 256
-    assert default_chunk_size(151936, cuda, torch.float32) == 192
-    assert default_chunk_size(32000, cuda, torch.bfloat16) == 1280
-    assert default_chunk_size(10**9, cuda, torch.bfloat16) == 64
+    assert default_chunk_size(151936, cuda, torch.bfloat16, paired=True) == 256
+    assert default_chunk_size(151936, cuda, torch.float32, paired=True) == 192
+    assert default_chunk_size(32000, cuda, torch.bfloat16, paired=True) == 1280
+    assert default_chunk_size(10**9, cuda, torch.bfloat16, paired=True) == 64
     assert 6 * 151936 * 256 <= (240 << 20) < 6 * 151936 * 320
 
 
@@ -354,7 +349,8 @@ def test_argument_errors_name_the_argument(change, error, name, device):
     for key, value in change(case).items():
         (args if key in args else kwargs)[key] = value
     with pytest.raises(error, match=name):
-        rlsd_kernels.opsd_linear_loss(*args.values(), **kwargs)
+        rlsd_kernels.opsd_linear_loss(args["hidden"], args["weight"], args["tokens"],
+                                      teacher_hidden=args["teacher_hidden"], **kwargs)
     if "teacher_logprobs" not in kwargs and args["tokens"] is not None:
         with pytest.raises(error, match=name):
             rlsd_kernels.grpo_opsd_linear_loss(args["hidden"], args["weight"], args["tokens"], case.advantages,
@@ -384,11 +380,6 @@ def test_non_finite_hidden_states_are_reported(which, device, backend):
     assert (hidden.grad[1, 1] == 0).all()
 
 
-# Per-token values at H = 4096 against float64 logits: measured on CPU (the chunked PyTorch path,
-# 48 rows of bf16 hidden states, H = 4096, V = 151,936, temperature 0.9), the per-token losses were
-# within 2.5e-6 of the largest float64 value and 1.4e-5 of their own (the sampled-token loss
-# D * lp_S carries |lp_S| ~ 12 times the matmul's error of D), the token-mean losses within 2.5e-6.
-MATMUL_FP32 = dict(rtol=1e-4, atol=1e-5)
 
 
 def _gpu_reference(hidden, teacher, weight, tokens, adv, mask, vocab_rows, grpo, kwargs, chunk=256):
@@ -427,8 +418,8 @@ def test_qwen_size_against_reference(grpo, divergence, monkeypatch):
     ref_per_token, ref_dh, ref_dw = _gpu_reference(hidden, teacher, weight, tokens, adv, mask, vocab_rows, grpo,
                                                    kwargs)
     op = rlsd_kernels.grpo_opsd_linear_loss if grpo else rlsd_kernels.opsd_linear_loss
-    args = (tokens, adv) if grpo else (teacher, tokens)
-    kwargs = dict(kwargs, mask=mask, **({"teacher_hidden": teacher} if grpo else {}))
+    args = (tokens, adv) if grpo else (tokens,)
+    kwargs = dict(kwargs, mask=mask, teacher_hidden=teacher)
     h = hidden.clone().requires_grad_()
     w = weight.clone().requires_grad_()
     loss = op(h, w, *args, **kwargs)

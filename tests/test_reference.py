@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlsd_kernels import reference
-from rlsd_kernels._agg import token_weights
+from rlsd_kernels.call.aggregate import token_weights
 
 F64 = torch.float64
 

@@ -9,10 +9,11 @@ from tolerances import FP32, assert_close, assert_grad_close
 
 import rlsd_kernels
 from rlsd_kernels import reference
-from rlsd_kernels._prepare import prepare_loss_inputs
-from rlsd_kernels._tuning import RowConfig, force_choice, force_row_config
-from rlsd_kernels.logprobs import logprobs_fwd
-from rlsd_kernels.rlsd import rlsd_fwd
+from rlsd_kernels.call.inputs import prepare
+from rlsd_kernels.call.options import PolicyOptions
+from rlsd_kernels.launch.logprobs import logprobs_fwd
+from rlsd_kernels.launch.rlsd import rlsd_fwd
+from rlsd_kernels.launch.tuning import RowConfig, force_choice, force_row_config
 
 BLOCK = 16  # forced under test so that small vocabularies hit the block edges
 
@@ -191,12 +192,9 @@ def test_invariants(device, backend):
         assert_close(grpo, plain.mean(), what="lam=0 loss vs GRPO", **FP32)
 
         flat = lambda x: x.reshape(-1).contiguous().float()  # noqa: E731
-        prepared = prepare_loss_inputs(
-            case.tokens.shape, device, case.tokens, case.advantages, teacher_logprobs=None,
-            old_logprobs=case.kwargs["old_logprobs"], mask=None, eps_w=0.2, lam=1.0, clip_low=0.2, clip_high=0.28,
-            dual_clip=3.0, temperature=1.0, loss_agg="sum", normalizer=None, cu_seqlens=None, validate=True,
-        )
-        out, _ = rlsd_fwd(case.student.view, case.teacher.view, prepared.inputs, prepared.params, None)
+        prepared = prepare(case.tokens.shape, device, case.tokens, case.advantages, PolicyOptions(lam=1.0),
+                           old_logprobs=case.kwargs["old_logprobs"], loss_agg="sum")
+        out, _ = rlsd_fwd(case.student.view, case.teacher.view, prepared.inputs, prepared.options, None)
         unclipped = (flat(ratio) > 0.8) & (flat(ratio) < 1.28) & (flat(adv) != 0)
         assert unclipped.any()
         assert torch.equal(torch.sign(out["d_lp"][unclipped]), -torch.sign(flat(adv)[unclipped]))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from rlsd_kernels._tuning import _candidates
+from rlsd_kernels.launch.tuning import _candidates
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "kernel_resources.py"
 

@@ -10,8 +10,8 @@ or on blocks of tokens alike (only elementwise ops, no control flow on values), 
 import triton
 import triton.language as tl
 
-from .flags import Flag
-from .reference import IGNORE_INDEX as _IGNORE_INDEX
+from ..flags import Flag
+from ..reference import IGNORE_INDEX as _IGNORE_INDEX
 
 IGNORE_INDEX = tl.constexpr(_IGNORE_INDEX)
 LOG2E = tl.constexpr(1.4426950408889634)

@@ -1,8 +1,8 @@
 """Triton kernels of the RLSD loss: the row kernel, the token epilogue kernel, the gradient scale.
 
 ``_rlsd_fwd_kernel``: one program per token row streams the student row and its teacher row
-together (per-lane exp2 sums, see ``_jit.row_reference``), runs the shared epilogue
-(``_jit.rlsd_epilogue``) on the token and, with ``WRITE_GRAD``, writes the student logits' gradient
+together (per-lane exp2 sums, see ``common.row_reference``), runs the shared epilogue
+(``common.rlsd_epilogue``) on the token and, with ``WRITE_GRAD``, writes the student logits' gradient
 right away, walking the row backwards so that the blocks read last come first.
 
 ``_rlsd_token_kernel``: the same epilogue over blocks of tokens whose log-probs are already known,
@@ -12,7 +12,7 @@ for what needs every token of a sequence first (sequence-level ratios and import
 import triton
 import triton.language as tl
 
-from ._jit import (
+from .common import (
     FLAG_BAD_TOKEN,
     FLAG_NONFINITE_STUDENT,
     FLAG_NONFINITE_TEACHER,

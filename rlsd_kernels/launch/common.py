@@ -1,4 +1,5 @@
-"""Host-side helpers shared by the op files: backend choice, allocation, row layouts, validation."""
+"""Host-side helpers of the launchers: the backend switch, allocation, row layouts by strides, tensor
+checks that name the argument, and the error bits of the kernels' flags turned into one exception."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from typing import NamedTuple
 
 import torch
 
-from .flags import Flag
-from .reference import IGNORE_INDEX
+from ..flags import Flag
+from ..reference import IGNORE_INDEX
 
 # The one environment-dependent switch: under TRITON_INTERPRET=1 the Triton kernels also run on
 # CPU tensors (that is how the test suite checks them without a GPU).
@@ -38,6 +39,7 @@ def backend(name: str):
 
 
 def use_triton(x: torch.Tensor) -> bool:
+    """The one backend dispatcher: whether the launchers take ``x`` to the Triton kernels."""
     if _backend == "torch":
         return False
     if _backend == "triton":
@@ -45,23 +47,6 @@ def use_triton(x: torch.Tensor) -> bool:
             raise RuntimeError("the Triton backend needs CUDA tensors, or TRITON_INTERPRET=1 set before import")
         return True
     return x.is_cuda
-
-
-def custom_op(name: str, *, mutates_args):
-    """``torch.library.custom_op`` that also keeps the plain function, for ``call_op`` in eager mode."""
-
-    def register(fn):
-        op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
-        op.eager = fn
-        return op
-
-    return register
-
-
-def call_op(op, *args):
-    """The registered op under torch.compile (opaque to tracing); the plain function otherwise,
-    skipping the dispatcher's per-call cost (the op bodies are where autograd cannot see)."""
-    return op(*args) if torch.compiler.is_compiling() else op.eager(*args)
 
 
 def empty(shape, *, dtype, device) -> torch.Tensor:
@@ -139,24 +124,6 @@ def same_rows(rows: Rows, other: torch.Tensor, name: str, student_name: str) -> 
     if other.device != rows.tensor.device:
         raise ValueError(f"{name} is on {other.device}, {student_name} on {rows.tensor.device}")
     return other_rows
-
-
-def per_token(x, name, token_shape, *, kinds, dtype, device, broadcast_rows=False):
-    """A per-token tensor as a contiguous ``[N]`` vector (N-sized copies only, never ``[N, V]``).
-
-    With ``broadcast_rows`` a ``[B]`` or ``[B, 1]`` tensor is broadcast over a ``[B, T]`` layout.
-    """
-    check_tensor(x, name, kinds=kinds, device=device)
-    shape = tuple(x.shape)
-    if shape != tuple(token_shape):
-        rows_ok = broadcast_rows and len(token_shape) == 2 and shape in ((token_shape[0],), (token_shape[0], 1))
-        if not rows_ok:
-            allowed = [tuple(token_shape)]
-            if broadcast_rows and len(token_shape) == 2:
-                allowed += [(token_shape[0],), (token_shape[0], 1)]
-            raise ValueError(f"{name} has shape {shape}, expected one of {allowed}")
-        x = x.reshape(token_shape[0], 1).expand(token_shape)
-    return x.detach().to(dtype).reshape(-1).contiguous()
 
 
 def raise_on_error_flags(flags, tokens, vocab, names):

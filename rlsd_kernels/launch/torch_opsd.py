@@ -1,8 +1,8 @@
 """The PyTorch path behind the OPSD launchers for tensors the Triton kernels do not take (CPU).
 
-Same contract and outputs as ``_opsd_launch.opsd_fwd`` / ``_opsd_launch.opsd_bwd`` (and the shard statistics of
-``_opsd_launch.partial_stats`` / ``_opsd_launch.jsd_sums``), computed chunk by chunk over tokens
-(``_cpu._row_chunks``), with the policy term of the combined loss from ``_cpu.rlsd_fwd``.
+Same contract and outputs as ``opsd.opsd_fwd`` / ``opsd.opsd_bwd`` (and the shard statistics of
+``opsd.partial_stats`` / ``opsd.jsd_sums``), computed chunk by chunk over tokens
+(``torch_rows._row_chunks``), with the policy term of the combined loss from ``torch_rows.rlsd_fwd``.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import math
 
 import torch
 
-from . import _cpu, _utils, reference
-from ._prepare import OUTPUTS
-from .flags import Flag
+from .. import reference
+from ..flags import Flag
+from . import common, torch_rows
+from .terms import OUTPUTS
 
 FORWARD_KL, REVERSE_KL, JSD, SAMPLED = range(4)
 _LN2 = math.log(2.0)
@@ -47,7 +48,7 @@ def divergence(zs, lse_s, zt, lse_t, code, beta):
 
 
 def divergence_grad(zs, lse_s, zt, lse_t, k, code, beta):
-    """``tau * dD/dz_S`` for a chunk (mirrors ``_jit.divergence_grad_block``)."""
+    """``tau * dD/dz_S`` for a chunk (mirrors ``kernels/common.py: divergence_grad_block``)."""
     a, b = zs - lse_s[:, None], zt - lse_t[:, None]
     s = a.exp()
     if code == FORWARD_KL:
@@ -70,31 +71,31 @@ def token_terms(div, lp_s, code, token_clip):
 def opsd_fwd(s_rows, t_rows, inputs, params, opsd, grad):
     """Per-token outputs as the Triton launcher returns them; writes ``weight * dl/dz`` into ``grad``."""
     n, device = s_rows.n, s_rows.tensor.device
-    code, grpo, temperature = opsd["div"], opsd["grpo"], params["temperature"]
+    code, grpo, temperature = opsd.div, opsd.grpo, params.temperature
     if grpo:
-        out, flags = _cpu.rlsd_fwd(s_rows, t_rows, inputs, params, None)
+        out, flags = torch_rows.rlsd_fwd(s_rows, t_rows, inputs, params, None)
     else:
-        out = {k: _utils.empty((n,), dtype=torch.float32, device=device) for k in ("lp_s", "lp_t", "lse")}
-        flags = _utils.empty((n,), dtype=torch.int32, device=device)
+        out = {k: common.empty((n,), dtype=torch.float32, device=device) for k in ("lp_s", "lp_t", "lse")}
+        flags = common.empty((n,), dtype=torch.int32, device=device)
     for key in OPSD_OUTPUTS:
-        out[key] = _utils.empty((n,), dtype=torch.float32, device=device)
-    active = inputs["weight"] != 0
+        out[key] = common.empty((n,), dtype=torch.float32, device=device)
+    active = inputs.weight != 0
     need_lp = code == SAMPLED or grpo
     tensors = [s_rows.tensor] + ([t_rows.tensor] if t_rows is not None else [])
-    for sl, views in _cpu._row_chunks(s_rows, *tensors):
+    for sl, views in torch_rows._row_chunks(s_rows, *tensors):
         on = active[sl]
-        y = inputs["tokens"][sl] if need_lp else torch.zeros_like(on, dtype=torch.long)
-        zs, lse_s, lp_s, _, bad, nonfinite_s = _cpu._stats(views[0], y, temperature, on)
+        y = inputs.tokens[sl] if need_lp else torch.zeros_like(on, dtype=torch.long)
+        zs, lse_s, lp_s, _, bad, nonfinite_s = torch_rows._stats(views[0], y, temperature, on)
         nonfinite_t = torch.zeros_like(on)
         lse_t = lse_s
         if t_rows is not None:
-            zt, lse_t, lp_t, _, _, nonfinite_t = _cpu._stats(views[1], y, temperature, on)
+            zt, lse_t, lp_t, _, _, nonfinite_t = torch_rows._stats(views[1], y, temperature, on)
         else:
-            lp_t = torch.where(on, inputs["lp_t"][sl], 0.0)
+            lp_t = torch.where(on, inputs.lp_t[sl], 0.0)
         if code == SAMPLED:
             div, k = reference._log_diff(lp_s, lp_t), torch.zeros_like(lp_s)
         else:
-            div, k = divergence(zs, lse_s, zt, lse_t, code, opsd["beta"])
+            div, k = divergence(zs, lse_s, zt, lse_t, code, opsd.beta)
         if not grpo:
             out["lse"][sl], out["lp_s"][sl], out["lp_t"][sl] = lse_s, lp_s, lp_t
             bad = bad if need_lp else torch.zeros_like(bad)
@@ -103,31 +104,31 @@ def opsd_fwd(s_rows, t_rows, inputs, params, opsd, grad):
         out["lse_t"][sl] = torch.where(on, lse_t, 0.0)
         out["div"][sl] = torch.where(on, div, 0.0)
         out["k"][sl] = torch.where(on, k, 0.0)
-    opsd_value, d_div, _ = token_terms(out["div"], out["lp_s"], code, opsd["token_clip"])
+    opsd_value, d_div, _ = token_terms(out["div"], out["lp_s"], code, opsd.token_clip)
     out["opsd"] = torch.where(active, opsd_value, 0.0)
     out["d_div"] = torch.where(active, d_div, 0.0)
     if grad is not None:
-        c_lp, c_h, c_d = grad_coefficients(out, inputs["weight"], params["entropy_coef"], opsd)
-        opsd_grad(s_rows, t_rows, inputs["tokens"], out, c_lp, c_h, c_d, params["temperature"], opsd, grad)
+        c_lp, c_h, c_d = grad_coefficients(out, inputs.weight, params.entropy_coef, opsd)
+        opsd_grad(s_rows, t_rows, inputs.tokens, out, c_lp, c_h, c_d, params.temperature, opsd, grad)
     return out, flags
 
 
 def grad_coefficients(out, scale, entropy_coef, opsd):
     """``(c_lp, c_h, c_d)`` of the row gradient for per-token scales (the aggregation weights, times
     the upstream gradient in the per-token backward); ``c_h`` is None without the entropy term."""
-    c_lp = scale * out["d_lp"] if opsd["grpo"] else torch.zeros_like(scale)
-    c_d = scale * (opsd["alpha"] * out["d_div"])
-    if opsd["div"] == SAMPLED:
+    c_lp = scale * out["d_lp"] if opsd.grpo else torch.zeros_like(scale)
+    c_d = scale * (opsd.alpha * out["d_div"])
+    if opsd.div == SAMPLED:
         c_lp, c_d = c_lp + c_d, torch.zeros_like(c_d)
-    c_h = scale * -entropy_coef if opsd["grpo"] and entropy_coef != 0 else None
+    c_h = scale * -entropy_coef if opsd.grpo and entropy_coef != 0 else None
     return c_lp.contiguous(), None if c_h is None else c_h.contiguous(), c_d.contiguous()
 
 
 def opsd_grad(s_rows, t_rows, tokens, out, c_lp, c_h, c_d, temperature, opsd, grad):
     """Writes ``(c_lp * (1[v = y] - p) - c_h * p * (log p + H) + c_d * tau * dD/dz_S) / tau`` into ``grad``."""
-    code = opsd["div"]
+    code = opsd.div
     tensors = [s_rows.tensor, grad] + ([t_rows.tensor] if code != SAMPLED else [])
-    for sl, views in _cpu._row_chunks(s_rows, *tensors):
+    for sl, views in torch_rows._row_chunks(s_rows, *tensors):
         y = tokens[sl]
         active = (c_lp[sl] != 0) | (c_d[sl] != 0)
         if c_h is not None:
@@ -135,19 +136,19 @@ def opsd_grad(s_rows, t_rows, tokens, out, c_lp, c_h, c_d, temperature, opsd, gr
         zs = views[0].float() / temperature
         lse_s = out["lse"][sl]
         g = torch.zeros_like(zs)
-        if code == SAMPLED or opsd["grpo"]:
-            g = _cpu._softmax_grad(zs, lse_s, y, c_lp[sl], None if c_h is None else c_h[sl],
+        if code == SAMPLED or opsd.grpo:
+            g = torch_rows._softmax_grad(zs, lse_s, y, c_lp[sl], None if c_h is None else c_h[sl],
                                    None if c_h is None else out["entropy"][sl])
         if code != SAMPLED:
             zt = views[2].float() / temperature
-            dd = divergence_grad(zs, lse_s, zt, out["lse_t"][sl], out["k"][sl], code, opsd["beta"])
+            dd = divergence_grad(zs, lse_s, zt, out["lse_t"][sl], out["k"][sl], code, opsd.beta)
             g = g + torch.where(c_d[sl][:, None] != 0, c_d[sl][:, None] * dd, 0.0)
         views[1].copy_(torch.where(active[:, None], g / temperature, 0.0))
     return grad
 
 
 def stats_rows(code, need_lp, entropy, has_teacher=True):
-    """The rows of one vocabulary shard's base-2 statistics (``_opsd_launch.partial_stats``), in order: the
+    """The rows of one vocabulary shard's base-2 statistics (``opsd.partial_stats``), in order: the
     student's logsumexp, token logit and entropy, the teacher's logsumexp and token logit, and the
     shard's own KL (forward or reverse); each only where it is needed."""
     names = ("lse_s",) + (("zy_s",) if need_lp else ()) + (("h_s",) if entropy else ())
@@ -157,13 +158,13 @@ def stats_rows(code, need_lp, entropy, has_teacher=True):
 
 
 def partial_stats(s_rows, t_rows, tokens, vocab_start, temperature, code, need_lp, entropy):
-    """One vocabulary shard's statistics as ``_opsd_launch.partial_stats`` returns them: ``[k, N]`` float32."""
-    s_stats, _ = _cpu.partial_stats(s_rows, tokens, vocab_start, temperature, entropy)
-    t_stats, _ = _cpu.partial_stats(t_rows, tokens, vocab_start, temperature, False)
+    """One vocabulary shard's statistics as ``opsd.partial_stats`` returns them: ``[k, N]`` float32."""
+    s_stats, _ = torch_rows.partial_stats(s_rows, tokens, vocab_start, temperature, entropy)
+    t_stats, _ = torch_rows.partial_stats(t_rows, tokens, vocab_start, temperature, False)
     found = {"lse_s": s_stats[0], "zy_s": s_stats[1], "h_s": s_stats[2], "lse_t": t_stats[0], "zy_t": t_stats[1]}
     if code in (FORWARD_KL, REVERSE_KL):
-        found["d"] = _utils.empty((s_rows.n,), dtype=torch.float32, device=s_rows.tensor.device)
-        for sl, (zs, zt) in _cpu._row_chunks(s_rows, s_rows.tensor, t_rows.tensor):
+        found["d"] = common.empty((s_rows.n,), dtype=torch.float32, device=s_rows.tensor.device)
+        for sl, (zs, zt) in torch_rows._row_chunks(s_rows, s_rows.tensor, t_rows.tensor):
             on = tokens[sl] != reference.IGNORE_INDEX
             lse_s, lse_t = (torch.where(on, x[sl], 0.0) * _LN2 for x in (s_stats[0], t_stats[0]))
             d, _ = divergence(zs.float() / temperature, lse_s, zt.float() / temperature, lse_t, code, 0.5)
@@ -172,9 +173,9 @@ def partial_stats(s_rows, t_rows, tokens, vocab_start, temperature, code, need_l
 
 
 def jsd_sums(s_rows, t_rows, tokens, lse_s, lse_t, temperature, beta):
-    """The JSD's two sums of one shard in base 2, as ``_opsd_launch.jsd_sums`` returns them: ``[2, N]``."""
-    sums = _utils.empty((2, s_rows.n), dtype=torch.float32, device=s_rows.tensor.device)
-    for sl, (zs, zt) in _cpu._row_chunks(s_rows, s_rows.tensor, t_rows.tensor):
+    """The JSD's two sums of one shard in base 2, as ``opsd.jsd_sums`` returns them: ``[2, N]``."""
+    sums = common.empty((2, s_rows.n), dtype=torch.float32, device=s_rows.tensor.device)
+    for sl, (zs, zt) in torch_rows._row_chunks(s_rows, s_rows.tensor, t_rows.tensor):
         on = tokens[sl] != reference.IGNORE_INDEX
         a = zs.float() / temperature - torch.where(on, lse_s[sl], 0.0)[:, None]
         b = zt.float() / temperature - torch.where(on, lse_t[sl], 0.0)[:, None]

@@ -1,32 +1,29 @@
 """Triton kernels of the OPSD losses: the row kernel and the row gradient kernel.
 
 ``_opsd_fwd_kernel``: one program per token row streams the student row and its teacher row together
-(per-lane exp2 sums against each row's first-block max, as ``_rlsd_kernels`` does). The forward and
+(per-lane exp2 sums against each row's first-block max, as ``rlsd`` does). The forward and
 reverse KL come out of that same sweep: next to the sums it accumulates ``exp2(z - ref)`` times the
 difference of the two centred logits, so ``KL = sum_v T_v (b_v - a_v)`` needs no second read. The
 JSD needs both logsumexps before its first term, so it walks the rows a second time, backwards. The
 sampled-token surrogate needs only the token's two log-probs. With ``GRPO`` the program also runs the
-RLSD epilogue (``_rlsd_kernels._token_terms``) on the token, and with ``WRITE_GRAD`` it writes the
+RLSD epilogue (``rlsd._token_terms``) on the token, and with ``WRITE_GRAD`` it writes the
 student logits' gradient of both terms, walking against the previous sweep's direction so that the
 blocks read last come first.
 
 ``_opsd_bwd_kernel``: the gradient alone, from the per-row statistics the row kernel wrote (the
 split strategy and per-token upstream gradients), or from the whole rows' statistics combined across
-vocabulary shards (``distributed``).
+vocabulary shards (``forms/sharded.py``).
 
-``_opsd_stats_kernel`` and ``_jsd_sums_kernel``: the per-shard statistics of the vocabulary-parallel
-form (``distributed``): the first sweep alone (logsumexps, token logits, entropy, the shard's own
-KL), and the JSD's second sweep under the logsumexps of the whole rows.
+The per-shard statistics of the vocabulary-parallel form are in ``opsd_shard.py``.
 """
 
 import triton
 import triton.language as tl
 
-from ._jit import (
+from .common import (
     FLAG_BAD_TOKEN,
     FLAG_NONFINITE_STUDENT,
     FLAG_NONFINITE_TEACHER,
-    IGNORE_INDEX,
     LN2,
     LOG2E,
     divergence_grad_block,
@@ -39,7 +36,7 @@ from ._jit import (
     row_reference,
     softmax_grad_block,
 )
-from ._rlsd_kernels import _token_terms
+from .rlsd import _token_terms
 
 DIV_FORWARD_KL = tl.constexpr(0)
 DIV_REVERSE_KL = tl.constexpr(1)
@@ -380,64 +377,3 @@ def _opsd_bwd_kernel(
             tl.where(active, tl.load(lse_t + row) * LOG2E, 0.0), y, c_lp, c_h, h, c_d,
             tl.where(active, tl.load(k_in + row), 0.0), beta, NEED_LP, ENTROPY_GRAD, DIV, False, BLOCK_V,
         )
-
-
-@triton.jit
-def _opsd_stats_kernel(
-    S, stride_sb, stride_st,
-    T, stride_tb, stride_tt,
-    tokens, lse_s_out, zy_s_out, h_s_out, lse_t_out, zy_t_out, d_out,
-    n_rows, seqlen, V, vocab_start, scale2,
-    DIV: tl.constexpr, NEED_LP: tl.constexpr, ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    """Per row of one vocabulary shard (ids from ``vocab_start``), in base 2 and under the shard's
-    own softmaxes: both logsumexps, the token's scaled logits (``NEED_LP``; -inf when the token is
-    in another shard), the student's entropy (``ENTROPY``) and, for ``DIV`` 0 or 1, the shard's own
-    forward or reverse KL. Rows whose token is ``IGNORE_INDEX`` are not read (logsumexps -inf)."""
-    for row in tl.range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
-        b = row // seqlen
-        t = row - b * seqlen
-        s_row = S + b * stride_sb + t * stride_st
-        t_row = T + b * stride_tb + t * stride_tt
-        y = tl.load(tokens + row).to(tl.int64)
-        active = y != IGNORE_INDEX
-        read_end = tl.where(active, V, 0)
-        lse2_s, sum_s, m_s, lse2_t, sum_t, m_t, c, x, sum_e = _pair_sweep(
-            s_row, t_row, V, read_end, active, scale2, DIV, ENTROPY, True, False, False, BLOCK_V)
-        tl.store(lse_s_out + row, tl.where(active, lse2_s, float("-inf")))
-        tl.store(lse_t_out + row, tl.where(active, lse2_t, float("-inf")))
-        if NEED_LP:
-            y = y - vocab_start
-            mine = active & (y >= 0) & (y < V)
-            y = tl.where(mine, y, 0)
-            zy_s = tl.load(s_row + y, mask=mine, other=float("-inf")).to(tl.float32) * scale2
-            zy_t = tl.load(t_row + y, mask=mine, other=float("-inf")).to(tl.float32) * scale2
-            tl.store(zy_s_out + row, zy_s)
-            tl.store(zy_t_out + row, zy_t)
-        if ENTROPY:
-            tl.store(h_s_out + row, tl.where(active & (sum_s > 0.0), lse2_s - sum_e / sum_s, 0.0))
-        if DIV < DIV_JSD:
-            tl.store(d_out + row, tl.where(active, _kl_of_sums(x, sum_s, m_s, sum_t, m_t, c, DIV), 0.0))
-
-
-@triton.jit
-def _jsd_sums_kernel(
-    S, stride_sb, stride_st,
-    T, stride_tb, stride_tt,
-    tokens, lse_s, lse_t, sum_t_out, sum_s_out,
-    n_rows, seqlen, V, scale2, beta,
-    BLOCK_V: tl.constexpr,
-):
-    """Per row of one vocabulary shard, the JSD's two sums (``_jsd_sweep``) over the shard's columns
-    under the whole rows' logsumexps ``lse_s``, ``lse_t`` (natural units); 0 where the token is
-    ``IGNORE_INDEX``. The sums over every shard give the row's JSD and ``KL(S || M)``."""
-    for row in tl.range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
-        b = row // seqlen
-        t = row - b * seqlen
-        active = tl.load(tokens + row) != IGNORE_INDEX
-        lse2_s = tl.where(active, tl.load(lse_s + row) * LOG2E, 0.0)
-        lse2_t = tl.where(active, tl.load(lse_t + row) * LOG2E, 0.0)
-        sum_tm, sum_sm = _jsd_sweep(S + b * stride_sb + t * stride_st, T + b * stride_tb + t * stride_tt, V,
-                                    tl.where(active, V, 0), active, scale2, lse2_s, lse2_t, beta, False, BLOCK_V)
-        tl.store(sum_t_out + row, sum_tm)
-        tl.store(sum_s_out + row, sum_sm)

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from . import _utils, reference
-from ._prepare import FLAG_TERMS, OUTPUTS, needs_sequence_pass, sequence_terms
-from ._utils import Rows
-from .flags import ERRORS, Flag
+from .. import reference
+from ..flags import ERRORS, Flag
+from . import common
+from .common import Rows
+from .terms import FLAG_TERMS, OUTPUTS, needs_sequence_pass, sequence_terms
 
 CHUNK_ELEMENTS = 1 << 22
 
@@ -63,10 +64,10 @@ def _softmax_grad(z, lse, y, coef, coef_h=None, entropy=None):
 
 def logprobs_fwd(rows: Rows, tokens, temperature, want_entropy):
     n, device = rows.n, rows.tensor.device
-    lp = _utils.empty((n,), dtype=torch.float32, device=device)
-    lse = _utils.empty((n,), dtype=torch.float32, device=device)
-    ent = _utils.empty((n if want_entropy else 0,), dtype=torch.float32, device=device)
-    flags = _utils.empty((n,), dtype=torch.int32, device=device)
+    lp = common.empty((n,), dtype=torch.float32, device=device)
+    lse = common.empty((n,), dtype=torch.float32, device=device)
+    ent = common.empty((n if want_entropy else 0,), dtype=torch.float32, device=device)
+    flags = common.empty((n,), dtype=torch.int32, device=device)
     for sl, (chunk,) in _row_chunks(rows, rows.tensor):
         y = tokens[sl]
         _, lse[sl], lp[sl], e, bad, nonfinite = _stats(chunk, y, temperature, y != reference.IGNORE_INDEX, want_entropy)
@@ -79,8 +80,8 @@ def logprobs_fwd(rows: Rows, tokens, temperature, want_entropy):
 def partial_stats(rows: Rows, tokens, vocab_start, temperature, want_entropy):
     """``(stats, flags)`` of one vocabulary shard, as ``logprobs.partial_stats`` returns them."""
     n, device = rows.n, rows.tensor.device
-    stats = _utils.empty((3, n), dtype=torch.float32, device=device)
-    flags = _utils.empty((n,), dtype=torch.int32, device=device)
+    stats = common.empty((3, n), dtype=torch.float32, device=device)
+    flags = common.empty((n,), dtype=torch.int32, device=device)
     log2e = 1.4426950408889634
     for sl, (chunk,) in _row_chunks(rows, rows.tensor):
         y = tokens[sl]
@@ -121,21 +122,21 @@ def rlsd_fwd(s_rows: Rows, t_rows, inputs, params, grad):
     Three phases, like the kernels' split strategy: row statistics chunk by chunk, the per-token
     terms of every token (after the sequence-level ones), then the gradient chunk by chunk."""
     n, device = s_rows.n, s_rows.tensor.device
-    out = {k: _utils.empty((n,), dtype=torch.float32, device=device) for k in OUTPUTS}
-    flags = _utils.empty((n,), dtype=torch.int32, device=device)
-    temperature = params["temperature"]
-    active = inputs["weight"] != 0
+    out = {k: common.empty((n,), dtype=torch.float32, device=device) for k in OUTPUTS}
+    flags = common.empty((n,), dtype=torch.int32, device=device)
+    temperature = params.temperature
+    active = inputs.weight != 0
     tensors = [s_rows.tensor] + ([t_rows.tensor] if t_rows is not None else [])
     for sl, views in _row_chunks(s_rows, *tensors):
-        y, on = inputs["tokens"][sl], active[sl]
+        y, on = inputs.tokens[sl], active[sl]
         _, out["lse"][sl], out["lp_s"][sl], entropy, bad, nonfinite_s = _stats(
-            views[0], y, temperature, on, want_entropy=bool(params["want_entropy"]))
+            views[0], y, temperature, on, want_entropy=bool(params.want_entropy))
         out["entropy"][sl] = entropy if entropy is not None else 0.0
         nonfinite_t = torch.zeros_like(on)
         if t_rows is not None:
             _, _, out["lp_t"][sl], _, _, nonfinite_t = _stats(views[1], y, temperature, on)
         else:
-            out["lp_t"][sl] = torch.where(on, inputs["lp_t"][sl], 0.0)
+            out["lp_t"][sl] = torch.where(on, inputs.lp_t[sl], 0.0)
         flags[sl] = (bad.int() * int(Flag.BAD_TOKEN) + nonfinite_s.int() * int(Flag.NONFINITE_STUDENT)
                      + nonfinite_t.int() * int(Flag.NONFINITE_TEACHER))
 
@@ -144,11 +145,11 @@ def rlsd_fwd(s_rows: Rows, t_rows, inputs, params, grad):
     rlsd_token_epilogue(out, flags, inputs, params)
 
     if grad is not None:
-        coef = torch.where(active, inputs["weight"] * out["d_lp"], 0.0)
+        coef = torch.where(active, inputs.weight * out["d_lp"], 0.0)
         coef_h = None
-        if params["entropy_coef"] != 0:
-            coef_h = torch.where(active, -inputs["weight"] * params["entropy_coef"], 0.0)
-        logprobs_bwd(s_rows, inputs["tokens"], out["lse"], coef, coef_h, out["entropy"], temperature, grad)
+        if params.entropy_coef != 0:
+            coef_h = torch.where(active, -inputs.weight * params.entropy_coef, 0.0)
+        logprobs_bwd(s_rows, inputs.tokens, out["lse"], coef, coef_h, out["entropy"], temperature, grad)
     return out, flags
 
 
@@ -156,15 +157,15 @@ def rlsd_token_epilogue(out, flags, inputs, params):
     """The per-token terms of every token whose log-probs (and entropies) ``out`` holds, as
     ``rlsd.rlsd_token_epilogue`` computes them: overwrites the loss, derivative, weight, ratio,
     importance weight and KL in ``out`` and the clip bits of ``flags``, keeping its error bits."""
-    active = inputs["weight"] != 0
+    active = inputs.weight != 0
     terms = reference.rlsd_token_terms(
-        out["lp_s"], out["lp_t"], inputs["adv"], lp_old=inputs["lp_old"], eps_w_low=params["eps_w_low"],
-        eps_w_high=params["eps_w_high"], lam=params["lam"], clip_low=params["clip_low"],
-        clip_high=params["clip_high"], dual_clip=params["dual_clip"], surrogate=params["surrogate"],
-        credit_base=params["credit_base"], credit_on=inputs["credit"], log_seq_ratio=inputs["seq_ratio"],
-        lp_rollout=inputs["rollout"] if inputs["log_is"] is None else None, log_seq_is=inputs["log_is"],
-        tis_cap=params["tis_cap"], lp_ref=inputs["ref"], kl_coef=params["kl_coef"],
-        kl_estimator=params["kl_estimator"], entropy=out["entropy"], entropy_coef=params["entropy_coef"],
+        out["lp_s"], out["lp_t"], inputs.adv, lp_old=inputs.lp_old, eps_w_low=params.eps_w_low,
+        eps_w_high=params.eps_w_high, lam=params.lam, clip_low=params.clip_low,
+        clip_high=params.clip_high, dual_clip=params.dual_clip, surrogate=params.surrogate,
+        credit_base=params.credit_base, credit_on=inputs.credit, log_seq_ratio=inputs.seq_ratio,
+        lp_rollout=inputs.rollout if inputs.log_is is None else None, log_seq_is=inputs.log_is,
+        tis_cap=params.tis_cap, lp_ref=inputs.ref, kl_coef=params.kl_coef,
+        kl_estimator=params.kl_estimator, entropy=out["entropy"], entropy_coef=params.entropy_coef,
     )
     for key, name in (("loss", "loss"), ("d_lp", "d_loss"), ("w", "weight"), ("ratio", "ratio"),
                       ("is_weight", "is_weight"), ("kl", "kl")):

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 import triton
 
-from ._utils import INTERPRET, num_sms
+from .common import INTERPRET, num_sms
 
 TRIAL_ROWS = 1024
 

@@ -1,7 +1,6 @@
 """Launchers of the OPSD kernels: the fused forward (statistics, divergence, policy epilogue and,
 optionally, the student-logit gradient), the row gradient, and the shard statistics of the
-vocabulary-parallel form. ``opsd.py`` wraps them in custom ops, autograd and the API;
-``opsd_linear.py`` and ``distributed.py`` call them on logits tiles and shards.
+vocabulary-parallel form.
 """
 
 from __future__ import annotations
@@ -10,30 +9,15 @@ import math
 
 import torch
 
-from . import _opsd_cpu, _utils
-from ._opsd_cpu import (
-    FORWARD_KL,
-    JSD,
-    OPSD_OUTPUTS,
-    REVERSE_KL,
-    SAMPLED,
-    grad_coefficients,
-    output_names,
-    stats_rows,
-)
-from ._opsd_kernels import _jsd_sums_kernel, _opsd_bwd_kernel, _opsd_fwd_kernel, _opsd_stats_kernel
-from ._prepare import (
-    OUTPUTS,
-    kernel_flags,
-    kernel_scalars,
-    needs_sequence_pass,
-    sequence_terms,
-)
-from ._tuning import TRIAL_ROWS, RowConfig, pick_choice, pick_row_config
-from ._utils import as_rows, use_triton
+from ..kernels.opsd import _opsd_bwd_kernel, _opsd_fwd_kernel
+from ..kernels.opsd_shard import _jsd_sums_kernel, _opsd_stats_kernel
+from . import common, torch_opsd
+from .common import as_rows, use_triton
 from .logprobs import bwd_launcher, trial_destination
-from .reference import OPSD_DIVERGENCES
-from .rlsd import _optional, rlsd_token_epilogue
+from .rlsd import rlsd_token_epilogue
+from .terms import OUTPUTS, kernel_flags, kernel_scalars, needs_sequence_pass, optional, sequence_terms
+from .torch_opsd import JSD, OPSD_OUTPUTS, SAMPLED, grad_coefficients, output_names, stats_rows
+from .tuning import TRIAL_ROWS, RowConfig, pick_choice, pick_row_config
 
 LOG2E = 1.4426950408889634
 # The OPSD row kernels carry three or four per-lane sums and both rows' next blocks: with 32 logits a
@@ -42,13 +26,6 @@ LOG2E = 1.4426950408889634
 # logits, whose blocks stop at 4096, and a choice with more than 16 logits a thread gets more warps.
 MAX_BLOCK = 4096
 MAX_PER_THREAD = 16
-
-
-def divergence_code(divergence, beta):
-    """The kernels' ``DIV``: JSD with ``beta`` 0 or 1 is the forward or reverse KL (TRL's convention)."""
-    if divergence == "jsd" and beta in (0, 1):
-        return FORWARD_KL if beta == 0 else REVERSE_KL
-    return OPSD_DIVERGENCES.index(divergence)
 
 
 def pick_config(key, rows, trial):
@@ -64,11 +41,11 @@ def pick_config(key, rows, trial):
 
 
 def opsd_fwd(student, teacher, inputs, params, opsd, grad):
-    """Launcher. ``inputs`` and ``params`` are those of ``_prepare.LossInputs``; ``opsd`` holds ``div``
-    (``divergence_code``), ``beta``, ``alpha``, ``token_clip`` (or None) and ``grpo`` (add the policy
-    term). ``grad`` is None, a tensor shaped like ``student`` to write ``weight * dl/dz`` into, or
-    ``student`` itself (in place). Returns ``(outputs, flags)``: ``output_names(grpo)`` ``[N]``
-    float32 tensors and int32 flags.
+    """Launcher. ``inputs`` are the call's ``TokenInputs`` and ``params`` its ``PolicyOptions``;
+    ``opsd`` (``DistillOptions``) holds ``div`` (the kernels' divergence code), ``beta``, ``alpha``,
+    ``token_clip`` (or None) and ``grpo`` (add the policy term). ``grad`` is None, a tensor shaped
+    like ``student`` to write ``weight * dl/dz`` into, or ``student`` itself (in place). Returns
+    ``(outputs, flags)``: ``output_names(grpo)`` ``[N]`` float32 tensors and int32 flags.
 
     As in ``rlsd.rlsd_fwd``, a gradient is written either by the same program (``fused``) or by the
     row backward kernel after the forward (``split``), whichever ran faster on a prefix of the rows;
@@ -76,18 +53,18 @@ def opsd_fwd(student, teacher, inputs, params, opsd, grad):
     s_rows = as_rows(student, "student_logits")
     t_rows = None if teacher is None else as_rows(teacher, "teacher_logits")
     if not use_triton(student):
-        return _opsd_cpu.opsd_fwd(s_rows, t_rows, inputs, params, opsd, grad)
-    n, device, code, grpo = s_rows.n, student.device, opsd["div"], opsd["grpo"]
-    out = {k: _utils.empty((n,), dtype=torch.float32, device=device) for k in output_names(grpo)}
-    flags = _utils.empty((n,), dtype=torch.int32, device=device)
-    temperature = params["temperature"]
+        return torch_opsd.opsd_fwd(s_rows, t_rows, inputs, params, opsd, grad)
+    n, device, code, grpo = s_rows.n, student.device, opsd.div, opsd.grpo
+    out = {k: common.empty((n,), dtype=torch.float32, device=device) for k in output_names(grpo)}
+    flags = common.empty((n,), dtype=torch.int32, device=device)
+    temperature = params.temperature
     row_flags = kernel_flags(inputs, params)
     if not grpo:
         row_flags = {k: type(v)(0) for k, v in row_flags.items()}
-    entropy = grpo and bool(params["want_entropy"])
+    entropy = grpo and bool(params.want_entropy)
     outputs = [out.get(k, out["lse"]) for k in OUTPUTS] + [out[k] for k in OPSD_OUTPUTS]
-    token_clip = math.inf if opsd["token_clip"] is None else opsd["token_clip"]
-    adv = inputs["adv"]
+    token_clip = math.inf if opsd.token_clip is None else opsd.token_clip
+    adv = inputs.adv
 
     def run(config, n_rows, dest=None, dest_strides=(0, 0)):
         reread = dest is not None or code == JSD
@@ -96,11 +73,11 @@ def opsd_fwd(student, teacher, inputs, params, opsd, grad):
             teacher if teacher is not None else student,
             *((t_rows.stride_b, t_rows.stride_t) if t_rows is not None else (0, 0)),
             dest if dest is not None else student, *dest_strides,
-            inputs["tokens"], adv, *(_optional(inputs, k, adv) for k in ("lp_t", "lp_old")), inputs["weight"],
-            *(_optional(inputs, k, adv) for k in ("credit", "seq_ratio", "rollout", "log_is", "ref")),
+            inputs.tokens, adv, *(optional(getattr(inputs, k), adv) for k in ("lp_t", "lp_old")), inputs.weight,
+            *(optional(getattr(inputs, k), adv) for k in ("credit", "seq_ratio", "rollout", "log_is", "ref")),
             *outputs, flags,
-            n_rows, s_rows.seqlen, s_rows.vocab, LOG2E / temperature, 1.0 / temperature, opsd["alpha"],
-            opsd["beta"], token_clip, *kernel_scalars(params),
+            n_rows, s_rows.seqlen, s_rows.vocab, LOG2E / temperature, 1.0 / temperature, opsd.alpha,
+            opsd.beta, token_clip, *kernel_scalars(params),
             DIV=code, HAS_T_LOGITS=teacher is not None, NEED_LP=grpo or code == SAMPLED, GRPO=grpo, **row_flags,
             ENTROPY=entropy, WRITE_GRAD=dest is not None, KEEP_S=reread, KEEP_T=reread and code != SAMPLED,
             BLOCK_V=config.block_v, num_warps=config.num_warps,
@@ -119,22 +96,22 @@ def opsd_fwd(student, teacher, inputs, params, opsd, grad):
         inputs = sequence_terms(out["lp_s"], inputs, params)
         rlsd_token_epilogue(out, flags, inputs, params)
         if grad is not None:
-            coefs = grad_coefficients(out, inputs["weight"], params["entropy_coef"], opsd)
-            opsd_bwd(student, teacher, inputs["tokens"], out, coefs, temperature, opsd, out=grad)
+            coefs = grad_coefficients(out, inputs.weight, params.entropy_coef, opsd)
+            opsd_bwd(student, teacher, inputs.tokens, out, coefs, temperature, opsd, out=grad)
         return out, flags
 
     trial_dest = trial_destination(grad, s_rows)
     fused = pick_config(key + (True,), s_rows, lambda c: run(c, trial_rows, *trial_dest()))
     # Ones, so that a timing trial of the row backward reads every row.
-    coefs = [torch.ones_like(inputs["weight"]) for _ in range(3)]
-    if not (grpo and params["entropy_coef"] != 0):
+    coefs = [torch.ones_like(inputs.weight) for _ in range(3)]
+    if not (grpo and params.entropy_coef != 0):
         coefs[1] = None
-    backward, bwd_key = _bwd_launcher(s_rows, t_rows, inputs["tokens"], out, coefs, temperature, opsd, grad.dtype)
+    backward, bwd_key = _bwd_launcher(s_rows, t_rows, inputs.tokens, out, coefs, temperature, opsd, grad.dtype)
     bwd_config = pick_config(bwd_key, s_rows, lambda c: backward(c, trial_rows, *trial_dest()))
 
     def split(n_rows, dest, dest_strides):
         run(plain, n_rows)
-        values = grad_coefficients(out, inputs["weight"], params["entropy_coef"], opsd)
+        values = grad_coefficients(out, inputs.weight, params.entropy_coef, opsd)
         for buf, value in zip(coefs, values, strict=True):
             if buf is not None:
                 buf.copy_(value)
@@ -155,22 +132,22 @@ def _bwd_launcher(s_rows, t_rows, tokens, stats, coefs, temperature, opsd, grad_
     coefficients ``(c_lp, c_h, c_d)``; the sampled-token surrogate takes the log-prob backward."""
     c_lp, c_h, c_d = coefs
     entropy = stats["entropy"] if c_h is not None else None
-    if opsd["div"] == SAMPLED:
+    if opsd.div == SAMPLED:
         launch = bwd_launcher(s_rows, tokens, stats["lse"], c_lp, c_h, entropy, temperature)
         return launch, ("logprobs_bwd", s_rows.tensor.dtype, grad_dtype, c_h is not None)
-    need_lp = opsd["grpo"]
+    need_lp = opsd.grpo
 
     def launch(config, n_rows, dest, dest_strides):
         _opsd_bwd_kernel[config.grid(n_rows, s_rows.tensor.device)](
             s_rows.tensor, s_rows.stride_b, s_rows.stride_t, t_rows.tensor, t_rows.stride_b, t_rows.stride_t,
             dest, *dest_strides, tokens, stats["lse"], stats["lse_t"], stats["k"], c_lp,
             c_h if c_h is not None else c_lp, entropy if entropy is not None else c_lp, c_d,
-            n_rows, s_rows.seqlen, s_rows.vocab, LOG2E / temperature, 1.0 / temperature, opsd["beta"],
-            DIV=opsd["div"], NEED_LP=need_lp, ENTROPY_GRAD=c_h is not None, BLOCK_V=config.block_v,
+            n_rows, s_rows.seqlen, s_rows.vocab, LOG2E / temperature, 1.0 / temperature, opsd.beta,
+            DIV=opsd.div, NEED_LP=need_lp, ENTROPY_GRAD=c_h is not None, BLOCK_V=config.block_v,
             num_warps=config.num_warps,
         )
 
-    key = ("opsd_bwd", s_rows.tensor.dtype, t_rows.tensor.dtype, grad_dtype, opsd["div"], need_lp, c_h is not None)
+    key = ("opsd_bwd", s_rows.tensor.dtype, t_rows.tensor.dtype, grad_dtype, opsd.div, need_lp, c_h is not None)
     return launch, key
 
 
@@ -180,9 +157,9 @@ def opsd_bwd(student, teacher, tokens, stats, coefs, temperature, opsd, out=None
     per-row ``lse``, ``lse_t``, ``k`` (and ``entropy``) of the forward, ``coefs`` ``(c_lp, c_h, c_d)``."""
     s_rows = as_rows(student, "student_logits")
     t_rows = None if teacher is None else as_rows(teacher, "teacher_logits")
-    grad = out if out is not None else _utils.empty(student.shape, dtype=student.dtype, device=student.device)
+    grad = out if out is not None else common.empty(student.shape, dtype=student.dtype, device=student.device)
     if not use_triton(student):
-        return _opsd_cpu.opsd_grad(s_rows, t_rows, tokens, stats, *coefs, temperature, opsd, grad)
+        return torch_opsd.opsd_grad(s_rows, t_rows, tokens, stats, *coefs, temperature, opsd, grad)
     launch, key = _bwd_launcher(s_rows, t_rows, tokens, stats, coefs, temperature, opsd, grad.dtype)
     trial_dest = trial_destination(grad, s_rows)
     config = pick_config(key, s_rows, lambda c: launch(c, min(s_rows.n, TRIAL_ROWS), *trial_dest()))
@@ -199,9 +176,9 @@ def partial_stats(student, teacher, tokens, vocab_start, temperature, code, need
     s_rows, t_rows = as_rows(student, "student_logits"), as_rows(teacher, "teacher_logits")
     tokens = tokens.reshape(-1)
     if not use_triton(student):
-        return _opsd_cpu.partial_stats(s_rows, t_rows, tokens, vocab_start, temperature, code, need_lp, entropy)
+        return torch_opsd.partial_stats(s_rows, t_rows, tokens, vocab_start, temperature, code, need_lp, entropy)
     names = stats_rows(code, need_lp, entropy)
-    stats = _utils.empty((len(names), s_rows.n), dtype=torch.float32, device=student.device)
+    stats = common.empty((len(names), s_rows.n), dtype=torch.float32, device=student.device)
     rows = [stats[names.index(k)] if k in names else stats[0] for k in ("lse_s", "zy_s", "h_s", "lse_t", "zy_t", "d")]
 
     def run(config, n_rows=s_rows.n):
@@ -224,8 +201,8 @@ def jsd_sums(student, teacher, tokens, lse, lse_t, temperature, beta):
     s_rows, t_rows = as_rows(student, "student_logits"), as_rows(teacher, "teacher_logits")
     tokens = tokens.reshape(-1)
     if not use_triton(student):
-        return _opsd_cpu.jsd_sums(s_rows, t_rows, tokens, lse, lse_t, temperature, beta)
-    sums = _utils.empty((2, s_rows.n), dtype=torch.float32, device=student.device)
+        return torch_opsd.jsd_sums(s_rows, t_rows, tokens, lse, lse_t, temperature, beta)
+    sums = common.empty((2, s_rows.n), dtype=torch.float32, device=student.device)
 
     def run(config, n_rows=s_rows.n):
         _jsd_sums_kernel[config.grid(n_rows, student.device)](

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import LOSS_AGG_MODES, sequence_ids, sequence_sums
+from ..reference import LOSS_AGG_MODES, sequence_ids, sequence_sums
 
 
 def _denominator(default, normalizer, like):

@@ -1,0 +1,1 @@
+"""The public functions, composed from the layers below (``compose.py``)."""

@@ -1,0 +1,149 @@
+"""What every public loss does after its own checks: describe the call, pick the input form (wrapped
+when sharded), run one of the autograd Functions and gather the metrics."""
+
+from __future__ import annotations
+
+import torch
+
+from ..autograd.functions import LogprobsFunction, ScalarLossFunction, TokenLossFunction
+from ..call.inputs import check_tokens, prepare
+from ..call.losses import DistillLoss, PolicyLoss, empty_outputs
+from ..call.options import DistillOptions, PolicyOptions
+from ..forms.linear import LinearForm, default_chunk_size
+from ..forms.logits import LogitsForm, slice_of_base
+from ..forms.sharded import ShardedForm
+from ..launch.common import as_rows, check_tensor, same_rows
+
+PER_TOKEN_KEYWORDS = ("teacher_logprobs", "old_logprobs", "mask", "credit_mask", "rollout_logprobs", "ref_logprobs",
+                      "is_weights", "normalizer", "cu_seqlens")
+
+
+def describe(kwargs, token_shape, device, tokens, advantages, *, distill=None, grpo=False, want_entropy=False):
+    """``(loss, call)`` from a public function's keywords (its ``locals()``)."""
+    options = PolicyOptions.pick(kwargs, want_entropy=want_entropy)
+    per_token = {k: kwargs.get(k) for k in PER_TOKEN_KEYWORDS}
+    call = prepare(token_shape, device, tokens, advantages, options, loss_agg=kwargs["loss_agg"],
+                   validate=kwargs["validate"], **per_token)
+    if distill is None:
+        return PolicyLoss(call.options), call
+    return DistillLoss(call.options, DistillOptions.pick(distill, grpo=grpo)), call
+
+
+def check_teacher(teacher, teacher_logprobs, loss, teacher_name):
+    if isinstance(loss, DistillLoss) and loss.pairs_teacher and (teacher is None or teacher_logprobs is not None):
+        raise ValueError(f"the full-vocabulary divergences need {teacher_name} (teacher_logprobs is for "
+                         "divergence='sampled_token' only)")
+    if (teacher is None) == (teacher_logprobs is None):
+        raise ValueError(f"give exactly one of {teacher_name} and teacher_logprobs")
+
+
+def check_eager(form, what):
+    if torch.compiler.is_compiling() and form.eager_only:
+        raise ValueError(f"{what} is not supported under torch.compile (eager mode only)")
+
+
+def logits_form(student_logits, teacher_logits, *, inplace, temporary, process_group, scalar):
+    """``(form, tensors)`` for given logits; a scalar loss writes a ``logits[:, :-1]`` view's gradient
+    for its base where nothing could tell (``logits.slice_of_base``)."""
+    rows = as_rows(student_logits, "student_logits")
+    if teacher_logits is not None:
+        same_rows(rows, teacher_logits, "teacher_logits", "student_logits")
+        teacher_logits = teacher_logits.detach()
+    if inplace and torch.compiler.is_compiling():
+        raise ValueError("inplace_backward=True is not supported under torch.compile")
+    if inplace and rows.tensor.requires_grad and _overlaps(rows.tensor):
+        raise ValueError("inplace_backward=True needs student_logits whose rows do not share storage "
+                         "(an expanded or overlapping tensor); pass a contiguous copy or inplace_backward=False")
+    if process_group is not None:
+        form = ShardedForm(LogitsForm(teacher_logits, inplace=inplace), process_group)
+        check_eager(form, "process_group")
+        return form, (rows.tensor,)
+    if scalar and rows.tensor.requires_grad and torch.is_grad_enabled():
+        sliced = slice_of_base(rows.tensor, temporary)
+        if sliced is not None:
+            base, start = sliced
+            return LogitsForm(teacher_logits, start=start, length=rows.seqlen, inplace=inplace), (base,)
+    return LogitsForm(teacher_logits, inplace=inplace), (rows.tensor,)
+
+
+def _overlaps(x):
+    """Whether distinct rows of ``x`` (``[..., V]``, unit vocabulary stride) share memory."""
+    sizes, strides = x.shape[:-1], x.stride()[:-1]
+    dims = sorted((s, n) for s, n in zip(strides, sizes, strict=True) if n > 1)
+    extent = x.shape[-1]
+    for stride, size in dims:
+        if stride < extent:
+            return True
+        extent = stride * size
+    return False
+
+
+def check_linear(hidden, weight, bias, teacher, chunk_size, name="student_hidden"):
+    """Checks the hidden states (``name``), weight, bias and chunk size."""
+    check_tensor(hidden, name, kinds=("logits",), dims=(2, 3))
+    check_tensor(weight, "weight", kinds=("logits",), dims=(2,), device=hidden.device)
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight has dtype {weight.dtype}, {name} has {hidden.dtype}; they must match")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"hidden size mismatch: {name} has {hidden.shape[-1]} features, weight has shape "
+                         f"{tuple(weight.shape)} ([V, H])")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has an empty vocabulary dimension")
+    if teacher is not None:
+        check_tensor(teacher, "teacher_hidden", kinds=("logits",), device=hidden.device)
+        if teacher.shape != hidden.shape or teacher.dtype != hidden.dtype:
+            raise ValueError(f"teacher_hidden is {tuple(teacher.shape)} {teacher.dtype}, {name} is "
+                             f"{tuple(hidden.shape)} {hidden.dtype}; they must match")
+    if bias is not None:
+        check_tensor(bias, "bias", kinds=("logits",), dims=(1,), device=hidden.device)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias has shape {tuple(bias.shape)}, weight has {weight.shape[0]} rows")
+    valid_chunk = isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size > 0
+    if chunk_size is not None and not valid_chunk:
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+
+
+def linear_form(hidden, weight, bias, teacher_hidden, *, chunk_size, process_group, paired, name="student_hidden"):
+    """``(form, tensors)`` for hidden states and the lm_head weight (and bias)."""
+    teacher = None if teacher_hidden is None else teacher_hidden.detach()
+    chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device, weight.dtype,
+                                             paired and teacher is not None)
+    form = LinearForm(chunk, teacher, student_name=name)
+    if process_group is not None:
+        form = ShardedForm(form, process_group)
+    check_eager(form, "the fused linear form" if process_group is None else "process_group")
+    return form, (hidden, weight, bias)
+
+
+def empty_loss(tensors):
+    """A zero that gives every differentiable input a zero gradient (no tokens)."""
+    return sum(t.sum(dtype=torch.float32) for t in tensors if t is not None) * 0.0
+
+
+def run_loss(form, tensors, loss, call, *, return_metrics, validate):
+    """The loss (and its metrics) of a described call over ``form``."""
+    inputs, _, mask, token_shape, loss_agg = call
+    if mask.numel() == 0:
+        value = empty_loss(tensors)
+        value = value.expand(token_shape) if loss_agg == "none" else value
+        if not return_metrics:
+            return value
+        return value, loss.metrics(empty_outputs(loss, mask), mask.int(), mask, inputs)
+    function = TokenLossFunction if loss_agg == "none" else ScalarLossFunction
+    value, flags, *per_token = function.apply(form, loss, inputs, torch.is_grad_enabled(), validate, *tensors)
+    if loss_agg == "none":
+        value = value.view(token_shape)
+    if not return_metrics:
+        return value
+    return value, loss.metrics(dict(zip(loss.outputs, per_token, strict=True)), flags, mask, inputs)
+
+
+def run_logprobs(form, tensors, tokens, token_shape, *, temperature, return_entropy, validate):
+    check_tokens(tokens, token_shape, tensors[0].device)
+    temperature = PolicyOptions(temperature=temperature).temperature
+    if tokens.numel() == 0:
+        lp = empty_loss(tensors).expand(tokens.shape)
+        return (lp, lp.clone()) if return_entropy else lp
+    lp, ent = LogprobsFunction.apply(form, tokens.reshape(-1), temperature, bool(return_entropy), validate, *tensors)
+    lp = lp.view(tokens.shape)
+    return (lp, ent.view(tokens.shape)) if return_entropy else lp

@@ -1,0 +1,1 @@
+"""The autograd Functions, which know neither the loss nor the input form they run."""

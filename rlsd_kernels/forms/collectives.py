@@ -1,0 +1,141 @@
+"""The vocabulary-parallel collectives: each rank's shard statistics put together into the whole
+rows' statistics, the same on every rank. Design notes and communication volumes:
+``docs/vocab-parallel.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..flags import Flag
+from ..reference import IGNORE_INDEX
+
+LN2 = 0.6931471805599453
+# A local id for tokens outside this rank's columns: matches none, and is not IGNORE_INDEX (which
+# would skip the row, whose columns still get -coef * p).
+ELSEWHERE = -1
+
+
+@dataclass
+class ShardLayout:
+    """Every rank's shard size in group rank order, this rank's place, and the sizes on the device
+    (int32) that the gathered ones are compared with."""
+
+    sizes: tuple
+    rank: int
+    on_device: torch.Tensor
+
+    @property
+    def start(self) -> int:
+        return sum(self.sizes[: self.rank])
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+
+_layouts: dict = {}
+
+
+def _all_gather(out, x, group):
+    """Every rank's ``x`` (1-D) one after the other into ``out`` ``[W * len(x)]``: the one collective."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, x, group=group)
+
+
+def _remember(group, sizes):
+    """Caches the layout of ``group`` from the gathered shard sizes ``sizes`` (int32, ``[W]``)."""
+    _layouts[group] = ShardLayout(tuple(sizes.tolist()), dist.get_rank(group), sizes.clone())
+    return _layouts[group]
+
+
+def shard_layout(group, local_vocab, device) -> ShardLayout:
+    """The layout of ``group``: cached, or from the handshake, one small all-gather on the first call."""
+    if group not in _layouts:
+        sizes = torch.empty((dist.get_world_size(group),), dtype=torch.int32, device=device)
+        _all_gather(sizes, torch.tensor([local_vocab], dtype=torch.int32, device=device), group)
+        _remember(group, sizes)
+    return _layouts[group]
+
+
+def gather_stats(local_stats, local_vocab, device, group, validate):
+    """``(stats, layout)``: every rank's ``local_stats(vocab_start)`` (``[k, N]`` float32) stacked
+    into ``[W, k, N]`` by one all-gather, with the layout they were computed with (see the module
+    docstring for a change of shard sizes)."""
+    layout = shard_layout(group, local_vocab, device)
+    for _ in range(2):
+        stats = local_stats(layout.start)
+        k, n = stats.shape
+        send = torch.empty((k * n + 1,), dtype=torch.float32, device=device)
+        send[:-1].view(k, n).copy_(stats)
+        send[-1:].view(torch.int32).fill_(local_vocab)
+        recv = torch.empty((len(layout.sizes) * (k * n + 1),), dtype=torch.float32, device=device)
+        _all_gather(recv, send, group)
+        recv = recv.view(-1, k * n + 1)
+        gathered = recv[:, :-1].view(-1, k, n)
+        same = (recv[:, -1].view(torch.int32) == layout.on_device.to(device)).all()
+        if not validate:
+            return torch.where(same, gathered, float("nan")), layout
+        if bool(same):
+            return gathered, layout
+        layout = _remember(group, recv[:, -1].view(torch.int32))
+    raise RuntimeError("the vocabulary shard sizes changed between two all-gathers of one call")
+
+
+def combine_lse(lse_r):
+    """The base-2 logsumexp of the whole rows from every shard's ``lse_r`` ``[W, N]``: -inf where
+    every shard's is, NaN where any is."""
+    top = lse_r.amax(0)
+    # All -inf: a reference of 0 keeps -inf - ref from being NaN; a NaN top stays NaN through the sum.
+    ref = torch.where(torch.isfinite(top), top, 0.0)
+    return ref + torch.log2(torch.exp2(lse_r - ref).sum(0))
+
+
+def combine(stats, active):
+    """``(lp, lse, lse2, entropy)`` of the whole vocabulary from every rank's base-2 statistics
+    ``stats`` ``[W, 1 to 3, N]`` (logsumexp, the token's logit, the shard's entropy): ``lp``,
+    ``lse`` and ``entropy`` in natural units and 0 at inactive tokens, as the unsharded launchers
+    give them; ``lse2`` unmasked, for the error checks; ``lp`` 0 without the second row, ``entropy``
+    None without the third."""
+    lse_r = stats[:, 0]
+    lse2 = combine_lse(lse_r)
+    lp = torch.zeros_like(lse2)
+    if stats.shape[1] > 1:
+        lp = torch.where(active, ((stats[:, 1].amax(0) - lse2) * LN2).clamp(max=0.0), 0.0)
+    entropy = None
+    if stats.shape[1] > 2:
+        share = torch.exp2(lse_r - lse2)
+        mixture = torch.where(share > 0, share * (stats[:, 2] - torch.log2(share)), 0.0).sum(0)
+        entropy = torch.where(active, mixture * LN2, 0.0)
+    return lp, torch.where(active, lse2 * LN2, 0.0), lse2, entropy
+
+
+def combine_kl(lse_p_r, lse_q_r, kl_r, lse_p, lse_q):
+    """``KL(P || Q)`` of the whole rows in nats, from every shard's base-2 logsumexps of P and Q
+    (``[W, N]``), its own ``KL(P_r || Q_r)`` between the shard's softmaxes (base 2) and the whole
+    rows' logsumexps ``lse_p``, ``lse_q``, by the chain rule over the shards: with the shares
+    ``p_r = exp2(lse_p_r - lse_p)`` and ``q_r`` alike, ``KL = sum_r p_r * (KL_r + log2 p_r - log2
+    q_r)``. A shard without P mass adds nothing; one with P mass and no Q mass makes the KL +inf;
+    NaN stays NaN."""
+    log_p, log_q = lse_p_r - lse_p, lse_q_r - lse_q
+    share = torch.exp2(log_p)
+    kl_r = torch.where(lse_q_r == float("-inf"), 0.0, kl_r)
+    return LN2 * torch.where(share == 0, 0.0, share * (kl_r + log_p - log_q)).sum(0)
+
+
+def error_flags(tokens, active, vocab, lse2_s, lse2_t=None):
+    flags = (active & ((tokens < 0) | (tokens >= vocab))).int() * int(Flag.BAD_TOKEN)
+    flags |= (active & ~torch.isfinite(lse2_s)).int() * int(Flag.NONFINITE_STUDENT)
+    if lse2_t is not None:
+        flags |= (active & ~torch.isfinite(lse2_t)).int() * int(Flag.NONFINITE_TEACHER)
+    return flags
+
+
+def local_tokens(tokens, layout):
+    """Ids in this rank's columns; ``ELSEWHERE`` for the others, ``IGNORE_INDEX`` kept."""
+    local = tokens - layout.start
+    mine = (local >= 0) & (local < layout.sizes[layout.rank])
+    return torch.where(tokens == IGNORE_INDEX, IGNORE_INDEX, torch.where(mine, local, ELSEWHERE))

@@ -1,0 +1,265 @@
+"""The fused linear form: hidden states and the lm_head weight (and bias); the logits are made a chunk
+of token rows at a time in float32 and never kept. Design notes and memory figures:
+``docs/linear-form.md``.
+
+Per chunk the loss's launchers run on float32 tiles of logits (half a chunk at a time where a
+gradient buffer shares the memory, see ``_tiles``), write the chunk's logit gradient ``dz`` into the
+chunk's own buffer, and the chunk's gradients are added right away: ``dH[chunk] = dz @ W``,
+``dW += dz^T @ h``, ``db += sum(dz)``. Eager only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..flags import Flag
+from ..launch import common
+from ..launch.logprobs import logprobs_bwd, logprobs_fwd
+from ..launch.terms import needs_sequence_pass, sequence_terms
+from ..reference import IGNORE_INDEX
+
+# Bytes for a chunk's buffers, by device type: a student tile and a gradient row per chunk row, and
+# for losses that pair the teacher's rows with the student's, a teacher tile too (docs/linear-form.md).
+CHUNK_BYTES = {"cuda": 160 << 20}
+CHUNK_BYTES_OTHER = 16 << 20
+PAIRED_CHUNK_BYTES = {"cuda": 240 << 20}
+PAIRED_CHUNK_BYTES_OTHER = 24 << 20
+
+
+def default_chunk_size(vocab: int, device: torch.device, dtype: torch.dtype, paired: bool = False) -> int:
+    """Rows per chunk: half a row of float32 logits per model and a gradient row in ``dtype``, in budget."""
+    if paired:
+        rows = PAIRED_CHUNK_BYTES.get(device.type, PAIRED_CHUNK_BYTES_OTHER) // (vocab * (4 + dtype.itemsize))
+    else:
+        rows = CHUNK_BYTES.get(device.type, CHUNK_BYTES_OTHER) // (vocab * (2 + dtype.itemsize))
+    return max(64, rows // 64 * 64)
+
+
+def _tiles(rows, vocab, grad_dtype, device):
+    """``(work, grad)``: the buffers of a pass over chunks of ``rows`` rows, in one allocation. With
+    ``grad_dtype``, ``work`` is ``[rows / 2, V]`` float32 (the student's logits, half a chunk at a
+    time) and ``grad`` the chunk's dz ``[rows, V]`` after it; else ``work`` is ``[rows, V]``.
+    Rows are padded to 16 elements so that each starts aligned."""
+    padded = -(-vocab // 16) * 16
+    work_rows = rows if grad_dtype is None else -(-rows // 2)
+    work_bytes = 4 * work_rows * padded
+    grad_bytes = 0 if grad_dtype is None else grad_dtype.itemsize * rows * padded
+    buf = common.empty(((work_bytes + grad_bytes) // 4,), dtype=torch.float32, device=device).view(torch.uint8)
+
+    def view(start, n, dtype):
+        return buf[start : start + n * padded * dtype.itemsize].view(dtype).view(n, padded)[:, :vocab]
+
+    return view(0, work_rows, torch.float32), None if grad_dtype is None else view(work_bytes, rows, grad_dtype)
+
+
+def logits_into(out, h, weight, bias):
+    """``out[:] = h @ weight.T + bias`` in float32, the matmul reading ``weight`` in place."""
+    if out.is_cuda:
+        torch.mm(h, weight.T, out_dtype=torch.float32, out=out)
+    else:
+        # No float32-output matmul for half types on CPU, where the sizes are small.
+        torch.mm(h.float(), weight.T.float(), out=out)
+    if bias is not None:
+        out.add_(bias)
+    return out
+
+
+def _chunks(x, size):
+    """``(rows, chunks)``: the most rows a chunk has, and an iterator of ``(flat token slice, [c, H]
+    rows of x)``. Chunks run across sequences when ``x`` views as ``[N, H]`` without a copy (a
+    ``hidden[:, :-1]`` slice does not), else within each sequence."""
+    try:
+        flat = x.view(-1, x.shape[-1])
+    except RuntimeError:
+        b, t = x.shape[:2]
+        return min(size, t), ((slice(i * t + s, i * t + min(s + size, t)), x[i, s : s + size])
+                              for i in range(b) for s in range(0, t, size))
+    n = flat.shape[0]
+    return min(size, n), ((slice(s, min(s + size, n)), flat[s : s + size]) for s in range(0, n, size))
+
+
+def _rows_of(x, sl):
+    """Rows ``sl`` (a flat token slice) of ``[B, T, H]`` or ``[N, H]`` hidden states ``x``: a view where
+    ``x`` views as ``[N, H]`` or the slice lies in one sequence, else a copy of the slice's rows (the
+    student's chunks cross sequences where the teacher's layout cannot)."""
+    try:
+        return x.view(-1, x.shape[-1])[sl]
+    except RuntimeError:
+        t = x.shape[1]
+        i, s = divmod(sl.start, t)
+        if sl.stop <= (i + 1) * t:
+            return x[i, s : s + sl.stop - sl.start]
+        idx = torch.arange(sl.start, sl.stop, device=x.device)
+        return x[idx // t, idx % t]
+
+
+class _Grads:
+    """dH, dW and db, added chunk by chunk from the chunk's logit gradient ``dz``."""
+
+    def __init__(self, hidden, weight, bias, needs):
+        need_h, self.need_w, need_b = needs
+        self.weight, self.bias = weight, bias
+        self.h = common.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
+        self.w = None
+        self.b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+
+    def add(self, sl, dz, h, live):
+        """Adds a chunk: ``dz`` [c, V], its hidden states ``h`` [c, H], ``live`` [c] its rows with a gradient."""
+        if self.h is not None:
+            torch.mm(dz, self.weight, out=self.h.view(-1, self.h.shape[-1])[sl])  # [c, H]
+        if self.need_w:
+            # Rows without a gradient have dz = 0, but 0 * NaN is NaN: padding may hold anything.
+            h = torch.where(live[:, None], h, 0)
+            # One rounding of the running sum per chunk (docs/linear-form.md); the first chunk writes it.
+            self.w = dz.T @ h if self.w is None else self.w.addmm_(dz.T, h)  # [V, H]
+        if self.b is not None:
+            self.b += dz.sum(0, dtype=torch.float32)
+
+    def result(self):
+        return self.h, self.w, None if self.b is None else self.b.to(self.bias.dtype)
+
+
+class LinearForm:
+    """``tensors`` is ``(hidden, weight, bias)``; the teacher's hidden states (or None) and the chunk
+    size are attributes."""
+
+    eager_only = True
+
+    def __init__(self, chunk, teacher=None, student_name="student_hidden", teacher_name="teacher_hidden"):
+        self.chunk, self.teacher = chunk, teacher
+        self.names = {"tokens": "tokens", "student": f"logits of {student_name} @ weight.T",
+                      "teacher": f"logits of {teacher_name} @ weight.T"}
+
+    def vocab(self, tensors):
+        return tensors[1].shape[0]
+
+    def clear_outside(self, grad):
+        """Nothing to clear: gradients are written for the form's own tensors."""
+
+    def grad_tokens(self, tokens):
+        """The ids the backward takes (a sharded form maps them to its columns)."""
+        return tokens
+
+    def passes(self, tensors, which="student", grad_dtype=None):
+        """Per chunk ``(sl, h, dz, tiles)``: the flat token slice, the student's rows ``[c, H]`` (the
+        teacher's with ``which="teacher"``), the chunk's gradient buffer ``[c, V]`` in ``grad_dtype``
+        (or None), and an iterator of tiles ``(rows of the chunk, logits, teacher logits or None)`` in
+        float32, with the teacher's rows paired when ``which="pair"``. The buffers are shared: use each
+        chunk's tiles before the next chunk."""
+        hidden, weight, bias = tensors
+        source = self.teacher if which == "teacher" else hidden
+        rows, chunks = _chunks(source, self.chunk)
+        vocab, device = weight.shape[0], hidden.device
+        paired = which == "pair"
+        half = -(-rows // 2)
+        if paired and grad_dtype is None:
+            work, grad = _tiles(half, vocab, None, device)[0], None
+        else:
+            work, grad = _tiles(rows, vocab, grad_dtype, device)
+        t_work = _tiles(half, vocab, None, device)[0] if paired else None
+
+        def tiles(h, t):
+            for a in range(0, h.shape[0], work.shape[0]):
+                rs = slice(a, min(a + work.shape[0], h.shape[0]))
+                zs = logits_into(work[: rs.stop - a], h[rs], weight, bias)
+                zt = None if t is None else logits_into(t_work[: rs.stop - a], t[rs], weight, bias)
+                yield rs, zs, zt
+
+        for sl, h in chunks:
+            t = _rows_of(self.teacher, sl) if paired else None
+            yield sl, h, None if grad is None else grad[: h.shape[0]], tiles(h, t)
+
+    def map_tiles(self, tensors, fn, which="student"):
+        """``fn(logits, teacher logits or None, flat token slice)`` over every tile, its per-token
+        outputs (tensors ``[..., n]`` or dicts of them) concatenated along the tokens."""
+        parts = []
+        for sl, _, _, tiles in self.passes(tensors, which):
+            parts += [fn(zs, zt, slice(sl.start + rs.start, sl.start + rs.stop)) for rs, zs, zt in tiles]
+        if isinstance(parts[0], dict):
+            return {k: torch.cat([p[k] for p in parts], dim=-1) for k in parts[0]}
+        return torch.cat(parts, dim=-1)
+
+    def accumulate(self, tensors, fn, which, needs, live):
+        """``(dH, dW, db)`` where ``needs`` asks, from ``fn(logits, teacher logits, flat token slice,
+        dest)`` writing each tile's logit gradient into ``dest``; ``live`` marks the rows with one."""
+        hidden, weight, bias = tensors
+        grads = _Grads(hidden, weight, bias, needs)
+        for sl, h, dz, tiles in self.passes(tensors, which, weight.dtype):
+            for rs, zs, zt in tiles:
+                fn(zs, zt, slice(sl.start + rs.start, sl.start + rs.stop), dz[rs])
+            grads.add(sl, dz, h, live[sl])
+        return grads.result()
+
+    def _pre_passes(self, loss, tensors, inputs):
+        """``(inputs, teacher flags)``: the inputs a tile cannot compute alone, each a pass of log-probs
+        over the chunks first: the teacher's log-probs (unless its rows are paired; with the error
+        bits of its rows) and the sequence-level terms."""
+        temperature = loss.options.temperature
+        scored = inputs.tokens.masked_fill(inputs.weight == 0, IGNORE_INDEX)
+
+        def lp(z, _, sl):
+            lp, _, _, flags = logprobs_fwd(z, scored[sl], temperature, False)
+            return {"lp": lp, "flags": flags}
+
+        t_flags = None
+        if self.teacher is not None and not loss.pairs_teacher:
+            teacher = self.map_tiles(tensors, lp, "teacher")
+            inputs = inputs.replace(lp_t=teacher["lp"])
+            # The teacher's non-finite rows carry its own bit; its bad ids are the student's, flagged there.
+            t_flags = ((teacher["flags"] & int(Flag.NONFINITE_STUDENT)) != 0).int() * int(Flag.NONFINITE_TEACHER)
+        if needs_sequence_pass(inputs, loss.options):
+            inputs = sequence_terms(self.map_tiles(tensors, lp)["lp"], inputs, loss.options)
+        return inputs, t_flags
+
+    def which(self, loss):
+        return "pair" if self.teacher is not None and loss.pairs_teacher else "student"
+
+    def loss_forward(self, loss, tensors, inputs, needs, validate):
+        inputs, t_flags = self._pre_passes(loss, tensors, inputs)
+        outs, flags = [], []
+        track = any(needs)
+        hidden, weight, bias = tensors
+        grads = _Grads(hidden, weight, bias, needs) if track else None
+        live = inputs.weight != 0
+        for sl, h, dz, tiles in self.passes(tensors, self.which(loss), weight.dtype if track else None):
+            for rs, zs, zt in tiles:
+                rows = slice(sl.start + rs.start, sl.start + rs.stop)
+                out, f = loss.forward(zs, zt, inputs.sliced(rows), None if dz is None else dz[rs])
+                outs.append(out)
+                flags.append(f)
+            if track:
+                grads.add(sl, dz, h, live[sl])
+        out = {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+        flags = torch.cat(flags)
+        if t_flags is not None:
+            flags |= t_flags
+        if validate:
+            common.raise_on_error_flags(flags, inputs.tokens, self.vocab(tensors), self.names)
+        return out, flags, grads.result() if track else (None, None, None)
+
+    def loss_backward(self, loss, tensors, tokens, stats, scale, needs):
+        live = (scale != 0) & (tokens != IGNORE_INDEX)
+
+        def fn(zs, zt, rows, dest):
+            loss.backward(zs, zt, tokens[rows], {k: v[rows] for k, v in stats.items()}, scale[rows], out=dest)
+
+        return self.accumulate(tensors, fn, self.which(loss), needs, live)
+
+    def logprobs_forward(self, tensors, tokens, temperature, entropy, validate):
+        parts = self.map_tiles(tensors, lambda z, _, sl: dict(zip(
+            ("lp", "lse", "ent", "flags"), logprobs_fwd(z, tokens[sl], temperature, entropy), strict=True)))
+        if validate:
+            common.raise_on_error_flags(parts["flags"], tokens, self.vocab(tensors), self.names)
+        return parts["lp"], parts["lse"], parts["ent"]
+
+    def logprobs_backward(self, tensors, tokens, lse, coef, coef_h, entropy, temperature, needs):
+        live = coef != 0
+        if coef_h is not None:
+            live |= coef_h != 0
+        live &= tokens != IGNORE_INDEX
+
+        def fn(z, _, sl, dest):
+            logprobs_bwd(z, tokens[sl], lse[sl], coef[sl], None if coef_h is None else coef_h[sl],
+                         None if entropy is None else entropy[sl], temperature, out=dest)
+
+        return self.accumulate(tensors, fn, "student", needs, live)

@@ -1,0 +1,1 @@
+"""Pure ``@triton.jit`` kernels and the helpers they share; nothing here allocates or launches."""

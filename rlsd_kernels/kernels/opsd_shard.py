@@ -1,0 +1,71 @@
+"""Triton kernels of the OPSD losses' vocabulary-parallel form (``forms/sharded.py``):
+``_opsd_stats_kernel``, the first sweep alone (logsumexps, token logits, entropy, the shard's own KL),
+and ``_jsd_sums_kernel``, the JSD's second sweep under the logsumexps of the whole rows.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import IGNORE_INDEX, LOG2E
+from .opsd import DIV_JSD, _jsd_sweep, _kl_of_sums, _pair_sweep
+
+
+@triton.jit
+def _opsd_stats_kernel(
+    S, stride_sb, stride_st,
+    T, stride_tb, stride_tt,
+    tokens, lse_s_out, zy_s_out, h_s_out, lse_t_out, zy_t_out, d_out,
+    n_rows, seqlen, V, vocab_start, scale2,
+    DIV: tl.constexpr, NEED_LP: tl.constexpr, ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Per row of one vocabulary shard (ids from ``vocab_start``), in base 2 and under the shard's
+    own softmaxes: both logsumexps, the token's scaled logits (``NEED_LP``; -inf when the token is
+    in another shard), the student's entropy (``ENTROPY``) and, for ``DIV`` 0 or 1, the shard's own
+    forward or reverse KL. Rows whose token is ``IGNORE_INDEX`` are not read (logsumexps -inf)."""
+    for row in tl.range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
+        b = row // seqlen
+        t = row - b * seqlen
+        s_row = S + b * stride_sb + t * stride_st
+        t_row = T + b * stride_tb + t * stride_tt
+        y = tl.load(tokens + row).to(tl.int64)
+        active = y != IGNORE_INDEX
+        read_end = tl.where(active, V, 0)
+        lse2_s, sum_s, m_s, lse2_t, sum_t, m_t, c, x, sum_e = _pair_sweep(
+            s_row, t_row, V, read_end, active, scale2, DIV, ENTROPY, True, False, False, BLOCK_V)
+        tl.store(lse_s_out + row, tl.where(active, lse2_s, float("-inf")))
+        tl.store(lse_t_out + row, tl.where(active, lse2_t, float("-inf")))
+        if NEED_LP:
+            y = y - vocab_start
+            mine = active & (y >= 0) & (y < V)
+            y = tl.where(mine, y, 0)
+            zy_s = tl.load(s_row + y, mask=mine, other=float("-inf")).to(tl.float32) * scale2
+            zy_t = tl.load(t_row + y, mask=mine, other=float("-inf")).to(tl.float32) * scale2
+            tl.store(zy_s_out + row, zy_s)
+            tl.store(zy_t_out + row, zy_t)
+        if ENTROPY:
+            tl.store(h_s_out + row, tl.where(active & (sum_s > 0.0), lse2_s - sum_e / sum_s, 0.0))
+        if DIV < DIV_JSD:
+            tl.store(d_out + row, tl.where(active, _kl_of_sums(x, sum_s, m_s, sum_t, m_t, c, DIV), 0.0))
+
+
+@triton.jit
+def _jsd_sums_kernel(
+    S, stride_sb, stride_st,
+    T, stride_tb, stride_tt,
+    tokens, lse_s, lse_t, sum_t_out, sum_s_out,
+    n_rows, seqlen, V, scale2, beta,
+    BLOCK_V: tl.constexpr,
+):
+    """Per row of one vocabulary shard, the JSD's two sums (``_jsd_sweep``) over the shard's columns
+    under the whole rows' logsumexps ``lse_s``, ``lse_t`` (natural units); 0 where the token is
+    ``IGNORE_INDEX``. The sums over every shard give the row's JSD and ``KL(S || M)``."""
+    for row in tl.range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
+        b = row // seqlen
+        t = row - b * seqlen
+        active = tl.load(tokens + row) != IGNORE_INDEX
+        lse2_s = tl.where(active, tl.load(lse_s + row) * LOG2E, 0.0)
+        lse2_t = tl.where(active, tl.load(lse_t + row) * LOG2E, 0.0)
+        sum_tm, sum_sm = _jsd_sweep(S + b * stride_sb + t * stride_st, T + b * stride_tb + t * stride_tt, V,
+                                    tl.where(active, V, 0), active, scale2, lse2_s, lse2_t, beta, False, BLOCK_V)
+        tl.store(sum_t_out + row, sum_tm)
+        tl.store(sum_s_out + row, sum_sm)

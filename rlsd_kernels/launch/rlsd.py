@@ -1,0 +1,138 @@
+"""Launchers of the policy-loss kernels: the fused row forward (statistics, epilogue and, optionally,
+the student-logit gradient), the token epilogue over known log-probs, and the gradient scale.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from ..kernels.rlsd import _rlsd_fwd_kernel, _rlsd_token_kernel, _scale_kernel
+from . import common, torch_rows
+from .common import as_rows, use_triton
+from .logprobs import bwd_launcher, logprobs_bwd, trial_destination
+from .terms import OUTPUTS, kernel_flags, kernel_scalars, needs_sequence_pass, optional, sequence_terms
+from .tuning import TRIAL_ROWS, pick_choice, pick_row_config
+
+TOKEN_BLOCK = 1024
+
+
+def rlsd_fwd(student, teacher, inputs, params, grad):
+    """Launcher. ``inputs`` are the call's ``TokenInputs`` and ``params`` its
+    ``PolicyOptions``; ``grad`` is None (no gradient), a tensor shaped like ``student`` (any
+    float dtype) to write ``weight * dl/dz`` into, or ``student`` itself (in place).
+    Returns ``(outputs, flags)``: a dict of ``OUTPUTS`` ``[N]`` float32 tensors and int32 flags.
+
+    With a gradient to write, two strategies are timed once per problem and the faster is kept:
+    ``fused`` writes it from the same program right after the row's statistics (three passes over
+    ``[N, V]`` when the re-read student row is still in L2), ``split`` runs the forward without it
+    and then the row backward kernel (four passes, every program lighter). Options that need every
+    token of a sequence first (``needs_sequence_pass``) always split, with the token epilogue kernel
+    in between."""
+    s_rows = as_rows(student, "student_logits")
+    t_rows = None if teacher is None else as_rows(teacher, "teacher_logits")
+    if not use_triton(student):
+        return torch_rows.rlsd_fwd(s_rows, t_rows, inputs, params, grad)
+    n, device = s_rows.n, student.device
+    out = {k: common.empty((n,), dtype=torch.float32, device=device) for k in OUTPUTS}
+    flags = common.empty((n,), dtype=torch.int32, device=device)
+    temperature, scalars = params.temperature, kernel_scalars(params)
+    sequence_pass = needs_sequence_pass(inputs, params)
+    row_flags = kernel_flags(inputs, params)
+    entropy = bool(params.want_entropy)
+    adv = inputs.adv
+
+    def run(config, n_rows, dest=None, dest_strides=(0, 0)):
+        _rlsd_fwd_kernel[config.grid(n_rows, device)](
+            student, s_rows.stride_b, s_rows.stride_t,
+            teacher if teacher is not None else student,
+            *((t_rows.stride_b, t_rows.stride_t) if t_rows is not None else (0, 0)),
+            dest if dest is not None else student, *dest_strides,
+            inputs.tokens, adv, *(optional(getattr(inputs, k), adv) for k in ("lp_t", "lp_old")), inputs.weight,
+            *(optional(getattr(inputs, k), adv) for k in ("credit", "seq_ratio", "rollout", "log_is", "ref")),
+            *(out[k] for k in OUTPUTS), flags,
+            n_rows, s_rows.seqlen, s_rows.vocab, 1.4426950408889634 / temperature, 1.0 / temperature, *scalars,
+            HAS_T_LOGITS=teacher is not None, ENTROPY=entropy, WRITE_GRAD=dest is not None, **row_flags,
+            BLOCK_V=config.block_v, num_warps=config.num_warps,
+        )
+
+    trial_rows = min(n, TRIAL_ROWS)
+    key = ("rlsd_fwd", student.dtype, None if teacher is None else teacher.dtype, tuple(row_flags.values()), entropy)
+    itemsize = student.element_size()
+    plain = pick_row_config(key + (False,), s_rows.vocab, device, lambda c: run(c, trial_rows), itemsize)
+    if grad is None and not sequence_pass:
+        run(plain, n)
+        return out, flags
+    if sequence_pass:
+        run(plain, n)
+        inputs = sequence_terms(out["lp_s"], inputs, params)
+        rlsd_token_epilogue(out, flags, inputs, params)
+        if grad is not None:
+            _row_backward(student, inputs, params, out, grad)
+        return out, flags
+
+    trial_dest = trial_destination(grad, s_rows)
+    fused = pick_row_config(key + (True,), s_rows.vocab, device, lambda c: run(c, trial_rows, *trial_dest()),
+                            itemsize)
+    coef = torch.empty_like(inputs.weight)
+    coef_h = torch.empty_like(inputs.weight) if params.entropy_coef != 0 else None
+    backward = bwd_launcher(s_rows, inputs.tokens, out["lse"], coef, coef_h, out["entropy"], temperature)
+    bwd_key = ("logprobs_bwd", student.dtype, grad.dtype, coef_h is not None)
+    bwd_config = pick_row_config(bwd_key, s_rows.vocab, device, lambda c: backward(c, trial_rows, *trial_dest()),
+                                 itemsize)
+
+    def split(n_rows, dest, dest_strides):
+        run(plain, n_rows)
+        _backward_coefficients(inputs, params, out, coef, coef_h)
+        backward(bwd_config, n_rows, dest, dest_strides)
+
+    strategies = {"fused": lambda: run(fused, trial_rows, *trial_dest()),
+                  "split": lambda: split(trial_rows, *trial_dest())}
+    g_rows = as_rows(grad, "grad")
+    if pick_choice(key + ("strategy",), device, strategies, default="fused") == "fused":
+        run(fused, n, grad, (g_rows.stride_b, g_rows.stride_t))
+    else:
+        split(n, grad, (g_rows.stride_b, g_rows.stride_t))
+    return out, flags
+
+
+def _backward_coefficients(inputs, params, out, coef, coef_h):
+    """The row backward's coefficients: ``weight * dl/dlp`` and ``weight * dl/dH``."""
+    torch.mul(inputs.weight, out["d_lp"], out=coef)
+    if coef_h is not None:
+        torch.mul(inputs.weight, -params.entropy_coef, out=coef_h)
+
+
+def _row_backward(student, inputs, params, out, grad):
+    coef = torch.empty_like(inputs.weight)
+    coef_h = torch.empty_like(inputs.weight) if params.entropy_coef != 0 else None
+    _backward_coefficients(inputs, params, out, coef, coef_h)
+    logprobs_bwd(student, inputs.tokens, out["lse"], coef, coef_h, out["entropy"], params.temperature, out=grad)
+
+
+def rlsd_token_epilogue(out, flags, inputs, params):
+    """Reruns the epilogue over the tokens with everything in ``inputs`` known (sequence-level
+    terms included), overwriting the loss, derivative, weight, ratio, importance weight, KL and clip
+    flags in ``out`` and ``flags``; the log-probs and entropies stay. Tensors the Triton kernels
+    do not take go to the PyTorch counterpart in ``torch_rows``."""
+    if not use_triton(flags):
+        return torch_rows.rlsd_token_epilogue(out, flags, inputs, params)
+    n = flags.numel()
+    adv = inputs.adv
+    _rlsd_token_kernel[(triton.cdiv(n, TOKEN_BLOCK),)](
+        out["lp_s"], out["lp_t"], out["entropy"], adv, optional(inputs.lp_old, adv), inputs.weight,
+        *(optional(getattr(inputs, k), adv) for k in ("credit", "seq_ratio", "rollout", "log_is", "ref")),
+        *(out[k] for k in ("loss", "d_lp", "w", "ratio", "is_weight", "kl")), flags,
+        n, *kernel_scalars(params), **kernel_flags(inputs, params), BLOCK=TOKEN_BLOCK,
+    )
+
+
+def scale_grad_(grad, scale):
+    """``grad *= scale`` in place, skipped on the device when ``scale`` is 1 (no host sync)."""
+    if not use_triton(grad):
+        if not bool(scale == 1):
+            grad.mul_(scale.to(grad.dtype))
+        return
+    rows = as_rows(grad, "grad")
+    block = min(triton.next_power_of_2(rows.vocab), 4096)
+    _scale_kernel[(rows.n,)](grad, rows.stride_b, rows.stride_t, scale, rows.n, rows.seqlen, rows.vocab, BLOCK_V=block)
