@@ -3,7 +3,7 @@
 Everything here is written for clarity, not speed: full ``[N, V]`` log-softmax tensors, autograd for
 every gradient, and float64 whenever the inputs are float64 (anything narrower is computed in
 float32). The fused kernels are tested against these functions, forward and every gradient; the
-Triton epilogue in ``_jit.py`` mirrors :func:`rlsd_token_terms` line by line.
+Triton epilogue in ``kernels/common.py`` mirrors :func:`rlsd_token_terms` line by line.
 
 Notation, per response token (see the README for the algorithm)::
 
@@ -346,6 +346,7 @@ def rlsd_loss(
     normalizer=None,
     cu_seqlens=None,
     return_metrics=False,
+    is_weights=None,
 ):
     """The RLSD loss from student and teacher logits (see ``rlsd_token_terms`` for the formulas).
 
@@ -357,7 +358,9 @@ def rlsd_loss(
     ``log_seq_ratio`` is the mean of ``lp_S - lp_old``; with ``tis_level="sequence"`` the
     importance log-ratio is the sum of ``sg(lp_old) - lp_rollout``. Packed tokens give the
     sequences with ``cu_seqlens``. ``credit_mask`` (bool) limits the reweighting to some tokens and
-    ``credit_negative_only`` to tokens with ``A < 0``.
+    ``credit_negative_only`` to tokens with ``A < 0``. ``is_weights`` (detached, non-negative,
+    shaped like the advantages) multiply each token's policy term, uncapped, in the importance
+    weight's place (so not together with ``rollout_logprobs``).
     """
     if ratio_level not in RATIO_LEVELS or tis_level not in RATIO_LEVELS:
         raise ValueError(f"ratio_level and tis_level must be one of {RATIO_LEVELS}")
@@ -395,6 +398,13 @@ def rlsd_loss(
         log_seq_ratio = per_sequence(_log_diff(lp_s.detach(), old_value), mean=True)
     if rollout is not None and tis_level == "sequence":
         log_seq_is = per_sequence(_log_diff(old_value, rollout), mean=False)
+    if is_weights is not None:
+        if rollout is not None:
+            raise ValueError("give rollout_logprobs or is_weights, not both")
+        w_is = is_weights.to(lp_s.dtype)
+        if w_is.dim() == 1 and tokens.dim() == 2:
+            w_is = w_is[:, None]
+        log_seq_is, tis_cap = torch.log(w_is.expand_as(lp_s)), math.inf
     credit_on = torch.ones_like(valid) if credit_mask is None else credit_mask.bool()
     if credit_negative_only:
         credit_on = credit_on & (adv < 0)
@@ -411,7 +421,7 @@ def rlsd_loss(
         shown["entropy"] = entropy
         if ref is not None:
             shown["kl"] = terms["kl"]
-        if rollout is not None:
+        if rollout is not None or is_weights is not None:
             shown["is_weight"] = terms["is_weight"]
         return loss, rlsd_metrics(shown, m)
     return loss

@@ -5,7 +5,7 @@ import torch
 from cases import make_case
 
 import rlsd_kernels
-from rlsd_kernels._tuning import RowConfig, force_row_config
+from rlsd_kernels.launch.tuning import RowConfig, force_row_config
 
 
 @pytest.fixture
@@ -48,6 +48,11 @@ def call(case, **kw):
         (lambda c: dict(normalizer=0), ValueError, "normalizer"),
         (lambda c: dict(normalizer=5, loss_agg="none"), ValueError, "normalizer"),
         (lambda c: dict(cu_seqlens=torch.tensor([0, 15])), ValueError, "cu_seqlens"),
+        (lambda c: dict(is_weights=-torch.ones_like(c.advantages)), ValueError, "is_weights"),
+        (lambda c: dict(is_weights=torch.ones_like(c.advantages), rollout_logprobs=torch.zeros(c.tokens.shape)),
+         ValueError, "is_weights"),
+        (lambda c: dict(lam="0.5"), TypeError, "lam"),
+        (lambda c: dict(tokens=c.tokens.to(torch.int16)), TypeError, "tokens"),
     ],
 )
 def test_argument_errors_name_the_argument(case, change, error, name):

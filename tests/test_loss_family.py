@@ -10,11 +10,12 @@ from tolerances import FP32, assert_close
 
 import rlsd_kernels
 from rlsd_kernels import reference
-from rlsd_kernels._tuning import RowConfig, force_choice, force_row_config
+from rlsd_kernels.launch.tuning import RowConfig, force_choice, force_row_config
 
 
-def _with_logprobs(case, device, *, rollout=False, ref=False, credit_mask=False, spread=0.3):
-    """Adds per-token rollout / reference log-probs near the student's, and a random credit mask."""
+def _with_logprobs(case, device, *, rollout=False, ref=False, credit_mask=False, is_weights=False, spread=0.3):
+    """Adds per-token rollout / reference log-probs near the student's, a random credit mask, and
+    precomputed importance weights in [0, 3] with exact zeros."""
     g = torch.Generator(device=device).manual_seed(7)
     lp_s = reference.token_logprobs(case.student.view.double(), case.tokens.clamp(0, case.student.view.shape[-1] - 1))
     noise = lambda: spread * torch.randn(case.tokens.shape, generator=g, device=device)  # noqa: E731
@@ -25,6 +26,9 @@ def _with_logprobs(case, device, *, rollout=False, ref=False, credit_mask=False,
         case.kwargs["ref_logprobs"] = (lp_s + noise()).float()
     if credit_mask:
         case.kwargs["credit_mask"] = torch.rand(case.tokens.shape, generator=g, device=device) > 0.4
+    if is_weights:
+        w = 3 * torch.rand(case.tokens.shape, generator=g, device=device)
+        case.kwargs["is_weights"] = torch.where(w < 0.3, 0.0, w)
     return case
 
 
@@ -44,6 +48,8 @@ OPTIONS = [
     dict(ref=True, kl_coef=0.1, kl_estimator="k2"),
     dict(ref=True, kl_coef=0.1, kl_estimator="k3"),
     dict(entropy_coef=0.05),
+    dict(is_weights=True),
+    dict(is_weights=True, ref=True, kl_coef=0.1, entropy_coef=0.05, ratio_level="sequence"),
     dict(surrogate="cispo", ratio_level="sequence", rollout=True, tis_level="sequence", ref=True, kl_coef=0.05,
          entropy_coef=0.02, credit_mask=True, credit_base="old", dtype=torch.bfloat16),
 ]
@@ -51,7 +57,8 @@ OPTIONS = [
 
 def _case(device, option, **overrides):
     option = dict(option)
-    flags = {k: option.pop(k) for k in ("rollout", "ref", "credit_mask") if isinstance(option.get(k), bool)}
+    flags = {k: option.pop(k) for k in ("rollout", "ref", "credit_mask", "is_weights")
+             if isinstance(option.get(k), bool)}
     ratio = option.pop("ratio", "near")
     dtype = option.pop("dtype", torch.float32)
     case = make_case(device, ratio=None if ratio in (None, "spread") else ratio, dtype=dtype, **overrides)
@@ -74,7 +81,7 @@ def test_option_matches_reference(option, device, backend):
     with force_row_config(RowConfig(BLOCK, 1)):
         _, metrics = check_against_reference(case, dtype)
     assert ("kl_mean" in metrics) == ("ref_logprobs" in case.kwargs)
-    assert ("is_weight_mean" in metrics) == ("rollout_logprobs" in case.kwargs)
+    assert ("is_weight_mean" in metrics) == ("rollout_logprobs" in case.kwargs or "is_weights" in case.kwargs)
     assert "entropy_mean" in metrics
 
 
