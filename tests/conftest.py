@@ -59,3 +59,26 @@ def backend(request):
 @pytest.fixture(autouse=True)
 def seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def small_blocks():
+    """Forces a 16-wide vocabulary block on every row kernel, so tiny vocabularies hit block edges."""
+    from rlsd_kernels._tuning import RowConfig, force_row_config
+
+    with force_row_config(RowConfig(16, 1)):
+        yield 16
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Shrinks the PyTorch path's token chunks (``CHUNK_ELEMENTS`` float32 values of a ``[rows, V]``
+    block, wherever the package defines it) to 64 values: rows of a tiny test span several chunks."""
+    import rlsd_kernels  # noqa: F401
+
+    found = [m for name, m in list(sys.modules.items())
+             if name.startswith("rlsd_kernels") and hasattr(m, "CHUNK_ELEMENTS")]
+    assert found, "no CHUNK_ELEMENTS in the PyTorch path: the test cannot make rows longer than a chunk"
+    for module in found:
+        monkeypatch.setattr(module, "CHUNK_ELEMENTS", 64)
+    return 64
