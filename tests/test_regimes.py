@@ -66,7 +66,8 @@ def check(case, dtype, fn=rlsd_kernels.rlsd_loss, ref_fn=reference.rlsd_loss, lo
                for k, v in case.kwargs.items()}
     ref_loss, ref_metrics = ref_fn(ref_student, case.teacher.view.double(), case.tokens, case.advantages.double(),
                                    loss_agg=loss_agg, return_metrics=True, **doubled)
-    upstream = torch.randn(ref_loss.shape, dtype=torch.float64) if ref_loss.dim() else torch.tensor(1.3)
+    upstream = (torch.randn(ref_loss.shape, dtype=torch.float64) if ref_loss.dim() else torch.tensor(1.3)).to(
+        ref_loss.device)
     (ref_loss * upstream).sum().backward()
     student = case.student.view.requires_grad_()
     loss, metrics = case.call(fn, student, loss_agg=loss_agg, return_metrics=True, inplace_backward=inplace)
@@ -169,8 +170,8 @@ def test_token_logprobs_with_finite_canaries_and_long_rows(device, backend, smal
     ref_lp, ref_entropy = reference.token_logprobs(ref_student, case.tokens, temperature=0.9, return_entropy=True)
     assert_close(lp, ref_lp, what="lp", **FP32)
     assert_close(entropy, ref_entropy, what="entropy", **FP32)
-    w = torch.randn(lp.shape, dtype=torch.float64)
+    w = torch.randn(lp.shape, dtype=torch.float64).to(ref_lp.device)
     (ref_lp * w + ref_entropy * w.flip(-1)).sum().backward()
-    (lp * w.float().to(lp.device) + entropy * w.flip(-1).float().to(lp.device)).sum().backward()
+    (lp * w.float() + entropy * w.flip(-1).float()).sum().backward()
     assert_grad_close(student.grad, ref_student.grad, torch.float32)
     case.student.check_canaries("logits")

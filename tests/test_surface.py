@@ -48,7 +48,8 @@ def compare(op, ref_op, student, rest, kwargs, *, ref_kwargs=None, grad_dtype=No
     ref_kwargs = {k: _double(v) for k, v in (kwargs if ref_kwargs is None else ref_kwargs).items()
                   if k not in ("validate", "inplace_backward")}
     ref_loss = ref_op(ref_student, *[_double(x) for x in rest], **ref_kwargs)
-    up = torch.randn(ref_loss.shape, dtype=torch.float64) if ref_loss.dim() else torch.tensor(1.0, dtype=torch.float64)
+    up = (torch.randn(ref_loss.shape, dtype=torch.float64) if ref_loss.dim()
+          else torch.tensor(1.0, dtype=torch.float64)).to(ref_loss.device)
     (ref_loss * up).sum().backward()
     leaf = student.detach().clone().requires_grad_()
     loss = op(leaf, *rest, **kwargs)
