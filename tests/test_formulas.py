@@ -59,9 +59,9 @@ CASES = {
         expected=lambda lp: ([-0.5 * 1.2, 1.5 * 2 * E(0.05), 4.0], [-1.2 * 0.5, 2 * E(0.05) * 1.5, 4.0])),
     "custom_clips_and_lam": dict(
         adv=[1.0, -1.0, 2.0], rho=[1.3, 0.85, 1.1], delta=[0.3, 0.3, 0.0],
-        options=dict(clip_low=0.1, clip_high=0.2, dual_clip=2.0, lam=0.5, eps_w=0.5),
-        # c = 0.5 + 0.5 w; token 1: x = -0.3, w = e^-0.3, A_hat < 0, rho 0.85 < 0.9: clipped at 0.9.
-        expected=lambda lp: ([-1.2 * (0.5 + 0.5 * E(0.3)), 0.9 * (0.5 + 0.5 * E(-0.3)), -1.1 * 2.0],
+        options=dict(clip_low=0.1, clip_high=0.2, dual_clip=2.0, lam=0.25, eps_w=0.5),
+        # c = 0.75 + 0.25 w; token 1: x = -0.3, w = e^-0.3, A_hat < 0, rho 0.85 < 0.9: clipped at 0.9.
+        expected=lambda lp: ([-1.2 * (0.75 + 0.25 * E(0.3)), 0.9 * (0.75 + 0.25 * E(-0.3)), -1.1 * 2.0],
                              [0.0, 0.0, -2.0 * 1.1])),
     "temperature": dict(
         adv=[1.0, -1.0, 0.5], rho=[1.1, 1.2, 0.7], delta=[0.0, 0.0, 0.1], options=dict(temperature=0.7),

@@ -117,11 +117,12 @@ MUTATIONS = [
         ("views = [x[b, t0:t1] if x.dim() == 3 else x[t0:t1] for x in tensors]",
          "views = [x[b, 0:t1 - t0] if x.dim() == 3 else x[0:t1 - t0] for x in tensors]", 1),
     ], [R, "-k", "torch and every_regime"]),
-    Mutation("student_load_off_by_one", "the first student block loaded one column late", [
-        ('zs_next = tl.load(s_row + offs, mask=offs < read_end, other=float("-inf"), eviction_policy="evict_last")',
-         'zs_next = tl.load(s_row + offs + 1, mask=offs < read_end, other=float("-inf"), eviction_policy="evict_last")',
-         1),
-    ], [R, "-k", "triton and every_regime and ppo"]),
+    Mutation("student_row_off_by_one", "every student row read from one column late (both kernels)", [
+        ("s_row = S + b * stride_sb + t * stride_st\n        t_row = T + b * stride_tb + t * stride_tt\n"
+         "        wt = tl.load(weight + row)",
+         "s_row = S + b * stride_sb + t * stride_st + 1\n        t_row = T + b * stride_tb + t * stride_tt\n"
+         "        wt = tl.load(weight + row)", 2),
+    ], [R, "-k", "triton and every_regime and ppo or triton and opsd_with_finite and reverse"]),
     Mutation("student_mask_over_read", "the student block mask reads one column past the row", [
         ('zs_next = tl.load(s_row + cols, mask=cols < read_end, other=float("-inf"), eviction_policy="evict_last")',
          'zs_next = tl.load(s_row + cols, mask=cols <= read_end, other=float("-inf"), eviction_policy="evict_last")',
