@@ -247,3 +247,28 @@ def test_validate_false_gives_the_same_result_on_valid_input(name, device, backe
     checked, unchecked = call(True), call(False)
     assert torch.isfinite(checked[0]).all() and checked[1].abs().sum() > 0
     assert torch.equal(checked[0], unchecked[0]) and torch.equal(checked[1], unchecked[1])
+
+
+@pytest.mark.parametrize("cu_dtype", [torch.int32, torch.int64])
+def test_packed_with_an_empty_sequence_and_int32_boundaries(cu_dtype, device, backend, small_blocks):
+    """Packed tokens whose boundaries hold a zero-length sequence (it counts in S, adds nothing),
+    given as int32 or int64: sequence-level ratio and importance weight, every sequence mode."""
+    student, teacher, tokens, _, pt = inputs(device, shape=(B * T,))
+    cu = torch.tensor([0, 3, 3, 7, B * T], dtype=cu_dtype, device=device)
+    adv = torch.randn(B * T, generator=torch.Generator().manual_seed(4)).to(device)
+    base = dict(old_logprobs=pt["old_logprobs"], rollout_logprobs=pt["rollout_logprobs"], mask=pt["mask"],
+                cu_seqlens=cu, ratio_level="sequence", tis_level="sequence")
+    for loss_agg in ("seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
+        kw = dict(base, loss_agg=loss_agg)
+        compare(rlsd_kernels.rlsd_loss, reference.rlsd_loss, student, (teacher, tokens, adv), kw, what=loss_agg)
+        compare(rlsd_kernels.opsd_loss, reference.opsd_loss, student, (teacher, tokens),
+                dict(mask=pt["mask"], cu_seqlens=cu, loss_agg=loss_agg, divergence="jsd"), what=loss_agg)
+
+
+@pytest.mark.xfail(strict=True, reason="defect: kl_coef > 0 without ref_logprobs is silently ignored (no KL term, "
+                                       "no error naming ref_logprobs, not documented)")
+@pytest.mark.parametrize("op", ["rlsd_loss", "grpo_opsd_loss"])
+def test_kl_coef_without_ref_logprobs_is_an_error(op, device):
+    student, teacher, tokens, adv, _ = inputs(device)
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        getattr(rlsd_kernels, op)(student, teacher, tokens, adv, kl_coef=0.1)
