@@ -64,7 +64,10 @@ def seed():
 @pytest.fixture
 def small_blocks():
     """Forces a 16-wide vocabulary block on every row kernel, so tiny vocabularies hit block edges."""
-    from rlsd_kernels._tuning import RowConfig, force_row_config
+    try:
+        from rlsd_kernels.launch.tuning import RowConfig, force_row_config
+    except ImportError:
+        from rlsd_kernels._tuning import RowConfig, force_row_config
 
     with force_row_config(RowConfig(16, 1)):
         yield 16

@@ -44,7 +44,10 @@ CASES = [
 
 def _worker(rank, world, init):
     start_rank(rank, world, init)
-    from rlsd_kernels._tuning import RowConfig, force_row_config
+    try:
+        from rlsd_kernels.launch.tuning import RowConfig, force_row_config
+    except ImportError:
+        from rlsd_kernels._tuning import RowConfig, force_row_config
 
     lo = sum(SPLIT[:rank])
     with force_row_config(RowConfig(16, 1)):
@@ -55,7 +58,11 @@ def _worker(rank, world, init):
 
 def _check_case(i, case, lo, hi):
     import rlsd_kernels
-    from rlsd_kernels import _utils
+
+    try:
+        from rlsd_kernels.launch import common as _utils
+    except ImportError:
+        from rlsd_kernels import _utils
 
     dtype = case.pop("dtype", torch.float32)
     student, teacher, tokens, kw = _inputs(dtype)

@@ -231,7 +231,7 @@ def _all_ops(device):
         "token_logprobs_linear": run(lambda x, v: rlsd_kernels.token_logprobs_linear(
             x, weight, tokens, return_entropy=True, validate=v), hidden),
         "opsd_linear_loss": run(lambda x, v: rlsd_kernels.opsd_linear_loss(
-            x, weight, t_hidden, tokens, validate=v, mask=pt["mask"]), hidden),
+            x, weight, teacher_hidden=t_hidden, tokens=tokens, validate=v, mask=pt["mask"]), hidden),
         "grpo_opsd_linear_loss": run(lambda x, v: rlsd_kernels.grpo_opsd_linear_loss(
             x, weight, tokens, adv, teacher_hidden=t_hidden, validate=v, **kw), hidden),
     }

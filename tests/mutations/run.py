@@ -36,7 +36,9 @@ R = "tests/test_regimes.py"
 class Mutation:
     name: str
     what: str
-    edits: list  # (snippet, replacement, number of files that must hold the snippet)
+    # Each edit is (snippet, replacement, number of files that must hold the snippet), or a list of
+    # such alternatives (the code as it was, as it is after a refactor): the first that matches applies.
+    edits: list
     tests: list  # pytest arguments: paths and -k expressions
 
 
@@ -65,10 +67,12 @@ MUTATIONS = [
          "log_lo = math.log1p(-(eps_w if eps_w_high is None else eps_w_high))", 1),
         ("log_hi = math.log1p(eps_w if eps_w_high is None else eps_w_high)",
          "log_hi = math.log1p(eps_w if eps_w_low is None else eps_w_low)", 1),
-        ("eps_w_low=float(eps_w if eps_w_low is None else eps_w_low),\n"
-         "        eps_w_high=float(eps_w if eps_w_high is None else eps_w_high)",
-         "eps_w_low=float(eps_w if eps_w_high is None else eps_w_high),\n"
-         "        eps_w_high=float(eps_w if eps_w_low is None else eps_w_low)", 1),
+        [("eps_w_low=float(eps_w if eps_w_low is None else eps_w_low),\n"
+          "        eps_w_high=float(eps_w if eps_w_high is None else eps_w_high)",
+          "eps_w_low=float(eps_w if eps_w_high is None else eps_w_high),\n"
+          "        eps_w_high=float(eps_w if eps_w_low is None else eps_w_low)", 1),
+         ("math.log1p(-options.eps_w_low), math.log1p(options.eps_w_high)",
+          "math.log1p(-options.eps_w_high), math.log1p(options.eps_w_low)", 1)],
     ], [F, "-k", "asymmetric"]),
     Mutation("credit_base_old_ignored", "credit_base='old' uses the current log-prob", [
         ('delta = _log_diff(lp_teacher, old if credit_base == "old" else lp_s)',
@@ -79,14 +83,18 @@ MUTATIONS = [
     Mutation("sequence_tis_mean", "sequence-level TIS as a mean of log-ratios instead of a sum", [
         ("log_seq_is = per_sequence(_log_diff(old_value, rollout), mean=False)",
          "log_seq_is = per_sequence(_log_diff(old_value, rollout), mean=True)", 1),
-        ('return sequence_sums(x, inputs["seq_ids"], num_seqs)',
-         'return sequence_sums(x, inputs["seq_ids"], num_seqs) / sequence_sums(valid.float(), inputs["seq_ids"], '
-         "num_seqs).clamp(min=1)", 1),
+        [('return sequence_sums(x, inputs["seq_ids"], num_seqs)',
+          'return sequence_sums(x, inputs["seq_ids"], num_seqs) / sequence_sums(valid.float(), inputs["seq_ids"], '
+          "num_seqs).clamp(min=1)", 1),
+         ("return sequence_sums(x, inputs.seq_ids, num_seqs)",
+          "return sequence_sums(x, inputs.seq_ids, num_seqs) / sequence_sums(valid.float(), inputs.seq_ids, "
+          "num_seqs).clamp(min=1)", 1)],
     ], [F, "-k", "sequence_tis"]),
     Mutation("sequence_ratio_sum", "GSPO ratio from a sum of log-ratios instead of a mean", [
         ("log_seq_ratio = per_sequence(_log_diff(lp_s.detach(), old_value), mean=True)",
          "log_seq_ratio = per_sequence(_log_diff(lp_s.detach(), old_value), mean=False)", 1),
-        ('inputs["seq_ratio"] = sums / torch.where(counts != 0, counts, 1.0)', 'inputs["seq_ratio"] = sums', 1),
+        [('inputs["seq_ratio"] = sums / torch.where(counts != 0, counts, 1.0)', 'inputs["seq_ratio"] = sums', 1),
+         ('changes["seq_ratio"] = sums / torch.where(counts != 0, counts, 1.0)', 'changes["seq_ratio"] = sums', 1)],
     ], [F, "-k", "sequence_ratio"]),
     Mutation("tis_uncapped", "truncated importance weight without its cap", [
         ("is_weight = torch.exp(log_is.clamp(max=math.log(tis_cap)))", "is_weight = torch.exp(log_is)", 1),
@@ -107,8 +115,9 @@ MUTATIONS = [
     ], [F, "-k", "lam"]),
     Mutation("credit_negative_only_ignored", "credit_negative_only reweights every token", [
         ("credit_on = credit_on & (adv < 0)", "credit_on = credit_on", 1),
-        ('inputs["credit"] = credit * (inputs["adv"] < 0) if credit_negative_only else credit',
-         'inputs["credit"] = credit', 1),
+        [('inputs["credit"] = credit * (inputs["adv"] < 0) if credit_negative_only else credit',
+          'inputs["credit"] = credit', 1),
+         ("credit = credit * (adv < 0) if options.credit_negative_only else credit", "credit = credit", 1)],
     ], [F, "-k", "negative_only"]),
     Mutation("entropy_bonus_sign", "the entropy term added instead of subtracted (loss only)", [
         ("loss = loss - entropy_coef * entropy", "loss = loss + entropy_coef * entropy", 2),
@@ -159,13 +168,22 @@ MUTATIONS = [
 
 def apply(mutation: Mutation, tree: Path):
     """Patches the copy ``tree``; raises if a snippet is missing, repeated in a file, or held by
-    another number of files than the mutation says."""
+    another number of files than the mutation says (for every alternative of an edit)."""
     sources = sorted((tree / PACKAGE).rglob("*.py"))
-    for snippet, replacement, n_files in mutation.edits:
-        holders = [p for p in sources if snippet in p.read_text()]
-        if len(holders) != n_files:
-            raise SystemExit(f"{mutation.name}: snippet found in {len(holders)} files, expected {n_files}: "
-                             f"{[str(p.relative_to(tree)) for p in holders]}\n{snippet}")
+    for edit in mutation.edits:
+        alternatives = edit if isinstance(edit, list) else [edit]
+        found, chosen = [], None
+        for alternative in alternatives:
+            snippet, n_files = alternative[0], alternative[2]
+            holders = [p for p in sources if snippet in p.read_text()]
+            found.append(f"{len(holders)} files (expected {n_files}) for:\n{snippet}\n"
+                         f"  {[str(p.relative_to(tree)) for p in holders]}")
+            if len(holders) == n_files:
+                chosen = alternative
+                break
+        if chosen is None:
+            raise SystemExit(f"{mutation.name}: no alternative of an edit matches:\n" + "\n".join(found))
+        snippet, replacement, _ = chosen
         for path in holders:
             text = path.read_text()
             if text.count(snippet) != 1:
