@@ -156,6 +156,15 @@ def test_normalizer_on_the_opsd_ops(loss_agg, normalizer, device, backend, small
     compare(rlsd_kernels.opsd_loss, reference.opsd_loss, student, (teacher, tokens), dict(kw, divergence="jsd"))
     compare(rlsd_kernels.grpo_opsd_loss, reference.grpo_opsd_loss, student, (teacher, tokens, adv),
             dict(kw, divergence="sampled_token", old_logprobs=pt["old_logprobs"], lam=0.5))
+    # The linear forms of both, against the reference on the materialised logits.
+    hidden, t_hidden, weight = _linear(device)
+    t_logits = _logits(t_hidden, weight)
+    compare(lambda h, y, **k: rlsd_kernels.opsd_linear_loss(h, weight, teacher_hidden=t_hidden, tokens=y, **k),
+            lambda h, y, **k: reference.opsd_loss(h @ weight.double().T, t_logits, y, **k),
+            hidden, (tokens,), dict(kw, divergence="forward_kl"), what="opsd_linear_loss")
+    compare(lambda h, y, a, **k: rlsd_kernels.grpo_opsd_linear_loss(h, weight, y, a, teacher_hidden=t_hidden, **k),
+            lambda h, y, a, **k: reference.grpo_opsd_loss(h @ weight.double().T, t_logits, y, a, **k),
+            hidden, (tokens, adv), dict(kw, divergence="jsd", lam=0.5), what="grpo_opsd_linear_loss")
 
 
 def _linear(device, dtype=torch.float32):
