@@ -7,12 +7,29 @@ that writes past it changes a canary that ``check_canaries`` looks at.
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from rlsd_kernels import reference
+
+
+def internal(*names):
+    """The first of the package's private modules ``names`` (old and new layouts) that lives in the
+    imported package's own folder: an editable install elsewhere may resolve a name the package
+    here does not have to another checkout, which must never be patched instead."""
+    import rlsd_kernels
+
+    root = Path(rlsd_kernels.__file__).resolve().parent
+    for name in names:
+        if (root / (name.replace(".", "/") + ".py")).exists():
+            module = importlib.import_module(f"rlsd_kernels.{name}")
+            assert Path(module.__file__).resolve().is_relative_to(root), module.__file__
+            return module
+    raise ImportError(f"none of {names} in {root}")
 
 
 @dataclass

@@ -64,12 +64,10 @@ def seed():
 @pytest.fixture
 def small_blocks():
     """Forces a 16-wide vocabulary block on every row kernel, so tiny vocabularies hit block edges."""
-    try:
-        from rlsd_kernels.launch.tuning import RowConfig, force_row_config
-    except ImportError:
-        from rlsd_kernels._tuning import RowConfig, force_row_config
+    from cases import internal
 
-    with force_row_config(RowConfig(16, 1)):
+    tuning = internal("launch.tuning", "_tuning")
+    with tuning.force_row_config(tuning.RowConfig(16, 1)):
         yield 16
 
 
@@ -77,10 +75,14 @@ def small_blocks():
 def small_chunks(monkeypatch):
     """Shrinks the PyTorch path's token chunks (``CHUNK_ELEMENTS`` float32 values of a ``[rows, V]``
     block, wherever the package defines it) to 64 values: rows of a tiny test span several chunks."""
-    import rlsd_kernels  # noqa: F401
+    from pathlib import Path
 
+    import rlsd_kernels
+
+    root = Path(rlsd_kernels.__file__).resolve().parent
     found = [m for name, m in list(sys.modules.items())
-             if name.startswith("rlsd_kernels") and hasattr(m, "CHUNK_ELEMENTS")]
+             if name.startswith("rlsd_kernels") and hasattr(m, "CHUNK_ELEMENTS")
+             and Path(m.__file__).resolve().is_relative_to(root)]
     assert found, "no CHUNK_ELEMENTS in the PyTorch path: the test cannot make rows longer than a chunk"
     for module in found:
         monkeypatch.setattr(module, "CHUNK_ELEMENTS", 64)

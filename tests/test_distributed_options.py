@@ -44,25 +44,23 @@ CASES = [
 
 def _worker(rank, world, init):
     start_rank(rank, world, init)
-    try:
-        from rlsd_kernels.launch.tuning import RowConfig, force_row_config
-    except ImportError:
-        from rlsd_kernels._tuning import RowConfig, force_row_config
+    from cases import internal
+
+    tuning = internal("launch.tuning", "_tuning")
 
     lo = sum(SPLIT[:rank])
-    with force_row_config(RowConfig(16, 1)):
+    with tuning.force_row_config(tuning.RowConfig(16, 1)):
         for i, case in enumerate(CASES):
             _check_case(i, dict(case), lo, lo + SPLIT[rank])
     finish_rank()
 
 
 def _check_case(i, case, lo, hi):
+    from cases import internal
+
     import rlsd_kernels
 
-    try:
-        from rlsd_kernels.launch import common as _utils
-    except ImportError:
-        from rlsd_kernels import _utils
+    _utils = internal("launch.common", "_utils")
 
     dtype = case.pop("dtype", torch.float32)
     student, teacher, tokens, kw = _inputs(dtype)
