@@ -4,6 +4,9 @@
 #   1. set-up: the peers' wheels carried in .whl/ (liger-kernel, cut-cross-entropy) into /tmp/site;
 #      this package from the work tree (pure Python: PYTHONPATH)                          ~5 s
 #   2. the gpu-marked tests                                                    time box 140 s
+#   2b. with MATRIX=1 only (it does not fit the 8 minutes beside the sweeps): the option matrix with
+#      CUDA tensors, i.e. the formula, regime, surface and loss-family tests (every option, both
+#      backends, compiled kernels), one pytest per file so a cut keeps what ran  time box MATRIX_S
 #   3. throughput, both forms, fwd and fwd+bwd, with the peers: whatever the 450 s total leaves
 #      after the tests and the memory part (at least 155 s), and 35 s more before it is killed
 #   4. peak memory on long traces (N up to 128k), both forms            budget 65 s, box 95 s
@@ -17,6 +20,9 @@
 #   bash bench/gpu_check.sh               # the full check
 #   QUICK=1 bash bench/gpu_check.sh       # a few shapes per sweep (about 4 minutes)
 #   DRY_RUN=1 bash bench/gpu_check.sh     # the same steps on CPU at tiny sizes (no GPU needed)
+#   MATRIX_ONLY=1 bash bench/gpu_check.sh # set-up and the option matrix only, time box 420 s: run
+#                                         # once on a lent GPU after a change to the kernels' options
+#   MATRIX_TESTS="tests/test_formulas.py" MATRIX_ONLY=1 bash bench/gpu_check.sh   # a part of it
 #   THROUGHPUT_ARGS="--vocabs 32k,128k,256k" MEMORY_ARGS="--forms linear" bash bench/gpu_check.sh
 #                                         # a second run for what a first one's budget cut
 set -uo pipefail
@@ -29,6 +35,12 @@ PY=${PYTHON:-python3}
 # The whole script's target, under the 8-minute limit; the throughput sweep gets what is left.
 TOTAL_S=${TOTAL_S:-450}
 TESTS_S=${TESTS_S:-140}
+MATRIX_S=${MATRIX_S:-150}
+# The option matrix in order of value: closed forms, every regime, the public surface, then the
+# matrix files of the loss family.
+MATRIX_TESTS=${MATRIX_TESTS:-"tests/test_formulas.py tests/test_formulas_opsd.py tests/test_regimes.py \
+tests/test_surface.py tests/test_loss_family.py tests/test_bad_input.py tests/test_rlsd.py tests/test_opsd.py \
+tests/test_linear.py tests/test_opsd_linear.py tests/test_logprobs.py"}
 MEMORY_BUDGET_S=${MEMORY_BUDGET_S:-65}
 REPORT_S=15
 SIZES=()
@@ -85,8 +97,23 @@ for name in ("liger_kernel", "cut_cross_entropy", "rlsd_kernels"):
 EOF
 git rev-parse HEAD 2>/dev/null | sed 's/^/commit /' | tee -a "$LOG"
 
+# The option matrix: one pytest per file (failures listed by -rfE, progress dots dropped), so a
+# file cut by the time box leaves the summaries of those before it.
+MATRIX_CMD='for f in $MATRIX_TESTS; do echo "-- $f"; "$PY" -m pytest -q -rfE -p no:cacheprovider "$f" 2>&1 |
+  grep -vE "^[.sxFE]+ *(\[ *[0-9]+%\])?\$"; done'
+export PY MATRIX_TESTS
+
+if [ "${MATRIX_ONLY:-0}" != 0 ]; then
+  part "option matrix" "${MATRIX_S_ONLY:-420}" bash -c "$MATRIX_CMD"
+  say "== parts: ${TIMES[*]}; total ${SECONDS} s"
+  exit 0
+fi
+
 TESTS_OUT=$(mktemp)
 part "gpu tests" "$TESTS_S" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
+if [ "${MATRIX:-0}" != 0 ]; then
+  part "option matrix" "$MATRIX_S" bash -c "$MATRIX_CMD"
+fi
 grep -E "(passed|failed|error|skipped|deselected|no tests ran).* in [0-9.]+s" "$LOG" | tail -n 1 | tr -d '=' \
   | sed 's/^ *//;s/ *$//' > "$TESTS_OUT"
 [ -s "$TESTS_OUT" ] || echo "no pytest summary line (timed out?): see gpu_check.log" > "$TESTS_OUT"

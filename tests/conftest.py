@@ -59,3 +59,22 @@ def backend(request):
 @pytest.fixture(autouse=True)
 def seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def small_blocks():
+    """Forces a 16-wide vocabulary block on every row kernel, so tiny vocabularies hit block edges."""
+    from rlsd_kernels.launch import tuning
+
+    with tuning.force_row_config(tuning.RowConfig(16, 1)):
+        yield 16
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Shrinks the PyTorch path's token chunks (``CHUNK_ELEMENTS`` float32 values of a ``[rows, V]``
+    block) to 64 values: rows of a tiny test span several chunks."""
+    from rlsd_kernels.launch import torch_rows
+
+    monkeypatch.setattr(torch_rows, "CHUNK_ELEMENTS", 64)
+    return 64

@@ -3,8 +3,10 @@
 import pytest
 import torch
 from cases import make_case
+from tolerances import FP32, assert_close
 
 import rlsd_kernels
+from rlsd_kernels import reference
 from rlsd_kernels.launch.tuning import RowConfig, force_row_config
 
 
@@ -20,6 +22,15 @@ def call(case, **kw):
     positional = [args.pop(k) for k in ("student_logits", "teacher_logits", "tokens", "advantages")]
     with force_row_config(RowConfig(16, 1)):
         return rlsd_kernels.rlsd_loss(*positional, **{**case.kwargs, **args})
+
+
+def reference_loss(case, mask):
+    """The float64 reference on the case with ``mask``; masked rows' logits set to 0 (any finite value)."""
+    student, teacher = case.student.view.detach().double(), case.teacher.view.double()
+    student = torch.where(mask[..., None], student, 0.0)
+    teacher = torch.where(mask[..., None], teacher, 0.0)
+    kwargs = {k: v for k, v in case.kwargs.items() if k not in ("mask",)}
+    return reference.rlsd_loss(student, teacher, case.tokens, case.advantages.double(), mask=mask, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -75,7 +86,13 @@ def test_token_ids_out_of_range(case, bad_id, backend):
         call(case)
     mask = torch.ones_like(case.tokens, dtype=torch.bool)
     mask[1, 3] = False
-    assert torch.isfinite(call(case, mask=mask))
+    # A masked token's id is never used: the loss equals the one with a valid id there, and the
+    # reference's (which scores masked positions as ignored).
+    masked = call(case, mask=mask)
+    case.tokens[1, 3] = 0
+    assert torch.equal(masked, call(case, mask=mask))
+    case.tokens[1, 3] = bad_id
+    assert_close(masked, reference_loss(case, mask), what="masked bad id", **FP32)
     with pytest.raises(ValueError, match="tokens"):
         rlsd_kernels.token_logprobs(case.student.view, case.tokens)
 
@@ -89,7 +106,14 @@ def test_non_finite_logits_are_reported(case, value, which, backend):
         call(case)
     mask = torch.ones_like(case.tokens, dtype=torch.bool)
     mask[2, 1] = False
-    assert torch.isfinite(call(case, mask=mask)), "a masked row is never read"
+    # A masked row is never read: the loss is the reference's, and that row's gradient exactly 0.
+    student = case.student.view.requires_grad_()
+    loss = call(case, mask=mask, student_logits=student)
+    assert_close(loss, reference_loss(case, mask), what="masked non-finite row", **FP32)
+    loss.backward()
+    assert torch.equal(student.grad[2, 1], torch.zeros_like(student.grad[2, 1]))
+    assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+    student.grad = None
     # validate=False is the documented way out of the check (no device-to-host sync): then it shows.
     assert not torch.isfinite(call(case, validate=False))
 

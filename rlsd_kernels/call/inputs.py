@@ -88,6 +88,9 @@ def prepare(token_shape, device, tokens, advantages, options: PolicyOptions, *, 
     check_loss_agg(loss_agg, normalizer)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, token_shape, validate)
+    if options.kl_coef != 0 and ref_logprobs is None:
+        raise ValueError("kl_coef is not 0 but ref_logprobs is None: the KL term needs the reference policy's "
+                         "log-probs")
 
     f32 = dict(dtype=torch.float32, device=device)
 
