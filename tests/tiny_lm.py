@@ -52,7 +52,7 @@ def char_tokenizer(chat_template: str = CHATML):
     chars = list(string.printable[:95]) + ["\n"]
     vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
                                   additional_special_tokens=SPECIALS[2:])
