@@ -237,3 +237,13 @@ def test_trainer_adds_teacher_next_to_old_log_probs():
     trainer.config.actor_rollout_ref.actor.policy_loss.teacher_policy = "frozen"
     with pytest.raises(ValueError, match="use_kl_loss"):
         trainer._compute_old_log_prob(batch)
+
+
+def test_task_runner_uses_the_rlsd_worker():
+    config = OmegaConf.create({"algorithm": {"use_kl_in_reward": False},
+                               "actor_rollout_ref": {"model": {"lora_rank": 0}, "actor": {"use_kl_loss": True}}})
+    runner = rlsd_verl.RLSDTaskRunner()
+    cls, _ = runner.add_actor_rollout_worker(config)
+    assert cls is rlsd_verl.RLSDActorRolloutRefWorker
+    (worker,) = runner.role_worker_mapping.values()
+    assert worker.__ray_actor_class__ is rlsd_verl.RLSDActorRolloutRefWorker

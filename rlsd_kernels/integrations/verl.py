@@ -15,9 +15,11 @@ The pieces:
   ``teacher_log_prob`` handed to the policy loss; ``lam`` follows the step in ``global_steps``).
 - :class:`RLSDRayPPOTrainer` and :class:`RLSDActorRolloutRefWorker`: the trainer adds
   ``teacher_log_prob`` to the batch next to ``old_log_probs``; the worker trains with
-  :func:`rlsd_ppo_loss`. The teacher is ``live`` (the actor's current weights) or ``frozen`` (the
-  reference worker's initial weights); verl 0.9.1 has no weight sync into the reference worker, so
-  a snapshot refreshed every K steps is not offered here.
+  :func:`rlsd_ppo_loss`. :class:`RLSDTaskRunner` puts both in verl's (legacy, ``trainer.use_v1=False``)
+  ``main_ppo_v0`` task runner. The teacher is ``live`` (the actor's current weights) or ``frozen``
+  (the reference worker's initial weights); verl 0.9.1 has no weight sync into the reference worker,
+  so a snapshot refreshed every K steps is not offered here, and the TransferQueue trainer
+  (``trainer.use_v1=True``) is not wired.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Optional
 
+import ray
 import torch
 from verl import DataProto
 from verl.single_controller.base.decorator import Dispatch, register
+from verl.trainer import main_ppo_v0
 from verl.trainer.ppo.core_algos import agg_loss, register_policy_loss
 from verl.trainer.ppo.ray_trainer import RayPPOTrainer
 from verl.utils import tensordict_utils as tu
@@ -223,5 +227,23 @@ class RLSDActorRolloutRefWorker(ActorRolloutRefWorker):
     def init_model(self):
         super().init_model()
         if "actor" in self.role:
+            if getattr(self.loss_fn, "func", None) is not ppo_loss:
+                raise ValueError("the RLSD worker replaces verl's ppo_loss; distillation losses are not combined")
             self.loss_fn = partial(rlsd_ppo_loss, config=self.loss_fn.keywords["config"])
             self.actor.set_loss_fn(self.loss_fn)
+
+
+class RLSDTaskRunner(main_ppo_v0.TaskRunner.__ray_actor_class__):
+    """verl's ``main_ppo_v0`` task runner with :class:`RLSDActorRolloutRefWorker` and
+    :class:`RLSDRayPPOTrainer`; start it with ``run_ppo(config, ray.remote(num_cpus=1)(RLSDTaskRunner))``."""
+
+    def add_actor_rollout_worker(self, config):
+        _, group_cls = super().add_actor_rollout_worker(config)
+        for role in list(self.role_worker_mapping):
+            self.role_worker_mapping[role] = ray.remote(RLSDActorRolloutRefWorker)
+        return RLSDActorRolloutRefWorker, group_cls
+
+    def run(self, config):
+        # The runner is its own Ray actor process: the trainer class is swapped there only.
+        main_ppo_v0.RayPPOTrainer = RLSDRayPPOTrainer
+        return super().run(config)
