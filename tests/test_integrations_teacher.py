@@ -150,3 +150,19 @@ def test_fresh_copy_ignores_instance_patches():
     ids = torch.tensor([[5, 6, 7]])
     with torch.no_grad():
         assert not torch.allclose(copy(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_docs_teacher_example():
+    from docs_snippets import blocks
+
+    tok = char_tokenizer()
+    model = tiny_qwen2(tok).eval()
+    completion_ids, completion_mask = _completions(tok, ["42", "x = 3"], 5)
+    namespace = {"tokenizer": tok, "prompts": ["1+41?", [{"role": "user", "content": "solve x - 3 = 0"}]],
+                 "solutions": ["42", "x = 3 since 3 - 3 = 0"], "completion_ids": completion_ids,
+                 "completion_mask": completion_mask, "teacher_model": model}
+    exec(compile(blocks("Use from any trainer")[0], "docs/integrations.md", "exec"), namespace)
+    batch = namespace["batch"]
+    assert torch.equal(batch["input_ids"][:, -5:], completion_ids)
+    expected = teacher_logprobs(model, batch["input_ids"], batch["attention_mask"], completion_ids, completion_mask)
+    torch.testing.assert_close(namespace["teacher_lp"], expected)

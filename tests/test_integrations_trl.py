@@ -162,3 +162,31 @@ def test_config_rejects_what_the_loss_cannot_express(tmp_path, field, value):
 def test_config_rejects_kl_with_bias_correction(tmp_path):
     with pytest.raises(ValueError, match="use_bias_correction_kl"):
         config(tmp_path, beta=0.1, use_bias_correction_kl=True)
+
+
+def test_docs_example_trains(tmp_path, monkeypatch):
+    from docs_snippets import blocks
+
+    import rlsd_kernels.integrations.trl as rlsd_trl
+
+    sizes = dict(output_dir=str(tmp_path), num_generations=4, max_completion_length=8, per_device_train_batch_size=4,
+                 max_steps=1, report_to=[], save_strategy="no", use_cpu=True, logging_steps=1)
+    seen = {}
+
+    class SmallConfig(RLSDConfig):
+        """The documented config at test sizes."""
+
+        def __post_init__(self):
+            seen.update(teacher_policy=self.teacher_policy, loss_type=self.loss_type)
+            for key, value in sizes.items():
+                setattr(self, key, value)
+            super().__post_init__()
+
+    monkeypatch.setattr(rlsd_trl, "RLSDConfig", SmallConfig)
+    tok = char_tokenizer()
+    namespace = {"model": tiny_qwen2(tok), "reward_fn": digit_reward, "dataset": dataset(), "tokenizer": tok}
+    (code,) = blocks("Use with TRL")
+    exec(compile(code, "docs/integrations.md", "exec"), namespace)
+    assert namespace["trainer"].state.global_step == 1
+    assert seen["teacher_policy"] == "snapshot" and seen["loss_type"] == "dapo"
+    assert "rlsd/credit_weight_mean" in namespace["trainer"].state.log_history[0]

@@ -247,3 +247,24 @@ def test_task_runner_uses_the_rlsd_worker():
     assert cls is rlsd_verl.RLSDActorRolloutRefWorker
     (worker,) = runner.role_worker_mapping.values()
     assert worker.__ray_actor_class__ is rlsd_verl.RLSDActorRolloutRefWorker
+
+
+def test_docs_recipe_configures_the_rlsd_loss():
+    from docs_snippets import blocks, cli_overrides
+    from hydra import compose, initialize_config_dir
+
+    (entry,) = blocks("Use with verl")
+    namespace = {"__name__": "rlsd_main"}
+    exec(compile(entry, "docs/integrations.md", "exec"), namespace)
+    assert callable(namespace["main"])
+    with initialize_config_dir(config_dir=namespace["CONFIG_DIR"], version_base=None):
+        config = compose("ppo_trainer", overrides=cli_overrides("Use with verl") + [
+            "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2"])
+    assert config.trainer.use_v1 is False and config.data.return_raw_chat is True
+    actor = omega_conf_to_dataclass(config.actor_rollout_ref.actor)
+    assert isinstance(actor.policy_loss, rlsd_verl.RLSDPolicyLossConfig)
+    assert (actor.policy_loss.loss_mode, actor.policy_loss.eps_w, actor.policy_loss.lam) == ("rlsd", 0.2, None)
+    _, _, old, teacher, adv, mask, _ = inputs()
+    loss, metrics = get_policy_loss_fn(actor.policy_loss.loss_mode)(old, old + 0.1, adv, mask, actor.loss_agg_mode,
+                                                                    actor, teacher_log_prob=teacher)
+    assert torch.isfinite(loss) and metrics["actor/rlsd_lam"] == pytest.approx(0.5 * 59 / 60)
