@@ -190,3 +190,27 @@ def test_docs_example_trains(tmp_path, monkeypatch):
     assert namespace["trainer"].state.global_step == 1
     assert seen["teacher_policy"] == "snapshot" and seen["loss_type"] == "dapo"
     assert "rlsd/credit_weight_mean" in namespace["trainer"].state.log_history[0]
+
+
+@pytest.mark.parametrize("loss_type,mode", [("dapo", "token_truncate"), ("grpo", "sequence_truncate")])
+def test_vllm_importance_sampling_matches_trl(tmp_path, loss_type, mode):
+    t = trainer(tmp_path, loss_type=loss_type, lam=0.0, dual_clip=None, teacher_policy="live")
+    inputs = _batch(t)
+    # As TRL's _generate_and_score_completions leaves a vLLM batch (without starting vLLM).
+    t.use_vllm, t.vllm_importance_sampling_correction = True, True
+    t.vllm_importance_sampling_mode, t.vllm_importance_sampling_clip_max = mode, 1.3
+    g = torch.Generator().manual_seed(2)
+    mask = inputs["completion_mask"]
+    sampled = inputs["old_per_token_logps"] + 0.3 * torch.randn(mask.shape, generator=g)
+    sampled[0, 0] = float("nan")  # a token vLLM could not score: no correction
+    diff = torch.nan_to_num((inputs["old_per_token_logps"] - sampled) * mask, nan=0.0)
+    if mode == "sequence_truncate":
+        diff = diff.sum(-1, keepdim=True)
+    inputs["sampling_per_token_logps"] = sampled
+    inputs["importance_sampling_ratio"] = torch.exp(diff).clamp(max=1.3)
+    assert (inputs["importance_sampling_ratio"] == 1.3).any() and (inputs["importance_sampling_ratio"] < 1).any()
+    ours, ours_grads = _loss_and_grads(t, inputs, t.compute_loss)
+    theirs, their_grads = _loss_and_grads(t, inputs, lambda m, x: GRPOTrainer._compute_loss(t, m, x))
+    torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=1e-6)
+    for a, b in zip(ours_grads, their_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
