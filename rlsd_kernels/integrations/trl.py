@@ -147,8 +147,13 @@ class RLSDTrainer(GRPOTrainer):
             raise TypeError(f"RLSDTrainer needs args=RLSDConfig(...), got {type(self.args).__name__}")
         model = self.accelerator.unwrap_model(self.model)
         _check_plain_head(model)
-        if self.args.teacher_policy != "live" and hasattr(model, "get_base_model"):
-            raise ValueError("a PEFT model needs teacher_policy='live' (a teacher copy of the adapters is not built)")
+        if self.args.teacher_policy != "live":
+            if hasattr(model, "get_base_model"):
+                raise ValueError("a PEFT model needs teacher_policy='live' (a teacher copy of the adapters is not "
+                                 "built)")
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+                raise ValueError(f"teacher_policy={self.args.teacher_policy!r} keeps an unsharded teacher copy, "
+                                 f"which DeepSpeed and FSDP runs do not support yet: use teacher_policy='live'")
         self.teacher = TeacherWeights(model, self.args.teacher_policy, refresh_steps=self.args.teacher_refresh_steps,
                                       ema_decay=self.args.teacher_ema_decay)
         self.add_callback(_TeacherRefresh(self.teacher))
