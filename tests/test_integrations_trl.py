@@ -214,3 +214,20 @@ def test_vllm_importance_sampling_matches_trl(tmp_path, loss_type, mode):
     torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=1e-6)
     for a, b in zip(ours_grads, their_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_lam_positive_through_the_kernels(tmp_path, backend):
+    """The trainer's loss through the Triton kernels (interpreted on CPU) equals the PyTorch path."""
+    from rlsd_kernels import _utils
+
+    assert _utils.use_triton(torch.empty(1))
+    t = trainer(tmp_path, loss_type="dapo", lam=0.5, teacher_policy="live", chunk_size=16)
+    inputs = _batch(t)
+    inputs["teacher_per_token_logps"] = inputs["old_per_token_logps"] + 0.2
+    kernels, kernel_grads = _loss_and_grads(t, inputs, t.compute_loss)
+    with _utils.backend("torch"):
+        torch_loss, torch_grads = _loss_and_grads(t, inputs, t.compute_loss)
+    torch.testing.assert_close(kernels, torch_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(kernel_grads, torch_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
