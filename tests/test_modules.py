@@ -111,3 +111,13 @@ def test_docs_loss_examples():
     exec(compile(module, "docs/integrations.md", "exec"), namespace)
     torch.testing.assert_close(namespace["loss"], expected, rtol=0, atol=0)
     assert namespace["loss_fn"].lam == rlsd_kernels.lam_schedule(7)
+
+
+def test_importing_the_package_pulls_in_no_trainer():
+    import subprocess
+    import sys
+
+    code = ("import sys, rlsd_kernels, rlsd_kernels.integrations, rlsd_kernels.modules; "
+            "print(sorted(m for m in ('trl', 'verl', 'transformers', 'vllm', 'datasets') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
