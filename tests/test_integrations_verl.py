@@ -268,3 +268,38 @@ def test_docs_recipe_configures_the_rlsd_loss():
     loss, metrics = get_policy_loss_fn(actor.policy_loss.loss_mode)(old, old + 0.1, adv, mask, actor.loss_agg_mode,
                                                                     actor, teacher_log_prob=teacher)
     assert torch.isfinite(loss) and metrics["actor/rlsd_lam"] == pytest.approx(0.5 * 59 / 60)
+
+
+class _FakeUpdateGroup:
+    def __init__(self):
+        self.seen = None
+
+    def update_actor(self, td):
+        self.seen = td
+        out = TensorDict({}, batch_size=[])
+        tu.assign_non_tensor(out, metrics={"mfu": 0.0})
+        return out
+
+
+def test_trainer_keeps_prompts_and_passes_the_step():
+    tok = char_tokenizer()
+    prompts = [[{"role": "user", "content": "1+1?"}], [{"role": "user", "content": "2*3?"}]]
+    batch = verl_batch(tok, prompts, ["2", "6"], ["2", "6!"])
+    trainer = object.__new__(rlsd_verl.RLSDRayPPOTrainer)
+    gen_batch = trainer._get_gen_batch(batch)
+    assert "raw_prompt" in gen_batch.non_tensor_batch and "raw_prompt" not in batch.non_tensor_batch
+    assert list(batch.non_tensor_batch[rlsd_verl.PROMPT_KEY]) == prompts
+    assert rlsd_verl.teacher_batch(batch, tok).batch["input_ids"].shape[0] == 2
+
+    trainer.config = OmegaConf.create({
+        "actor_rollout_ref": {
+            "rollout": {"multi_turn": {"enable": False}, "temperature": 1.0, "n": 1},
+            "actor": {"calculate_entropy": False, "entropy_coeff": 0.0, "ppo_mini_batch_size": 2, "ppo_epochs": 1,
+                      "data_loader_seed": 0, "shuffle": False},
+        },
+    })
+    trainer.distillation_config = None
+    trainer.global_steps = 7
+    trainer.actor_rollout_wg = _FakeUpdateGroup()
+    trainer._update_actor(batch)
+    assert tu.get_non_tensor_data(trainer.actor_rollout_wg.seen, "global_steps", None) == 7

@@ -49,6 +49,7 @@ from rlsd_kernels import reference
 from .teacher import DEFAULT_MAX_CONTEXT_TOKENS, DEFAULT_TEMPLATE, build_teacher_inputs
 
 TEACHER_KEY = "teacher_log_prob"
+PROMPT_KEY = "rlsd_raw_prompt"  # the raw prompts, kept in the batch when verl moves them to generation
 _TEACHER = contextvars.ContextVar("rlsd_teacher_log_prob", default=None)
 _STEP = contextvars.ContextVar("rlsd_global_step", default=None)
 
@@ -176,11 +177,12 @@ def teacher_batch(batch: DataProto, tokenizer, *, context_key="extra_info.soluti
     ``input_ids``, ``attention_mask``, ``position_ids``, ``response_mask``): the teacher prompt from
     ``raw_prompt`` (``data.return_raw_chat=True``) and the context at ``context_key`` (dotted path in
     the non-tensor batch), with the same responses at the same positions from the end."""
-    if "raw_prompt" not in batch.non_tensor_batch:
+    key = PROMPT_KEY if PROMPT_KEY in batch.non_tensor_batch else "raw_prompt"
+    if key not in batch.non_tensor_batch:
         raise ValueError("the batch has no raw_prompt: set data.return_raw_chat=True")
     contexts = [_context(batch, context_key, i) for i in range(len(batch))]
     responses, response_mask = batch.batch["responses"], batch.batch["response_mask"]
-    built = build_teacher_inputs(tokenizer, list(batch.non_tensor_batch["raw_prompt"]), contexts, responses,
+    built = build_teacher_inputs(tokenizer, list(batch.non_tensor_batch[key]), contexts, responses,
                                  response_mask, template=template, max_context_tokens=max_context_tokens)
     input_ids, attention_mask = built["input_ids"], built["attention_mask"]
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -202,7 +204,19 @@ def teacher_log_prob(batch: DataProto, tokenizer, compute_log_prob, **options) -
 
 
 class RLSDRayPPOTrainer(RayPPOTrainer):
-    """``RayPPOTrainer`` that adds ``teacher_log_prob`` to each batch with the old log-probs."""
+    """``RayPPOTrainer`` that adds ``teacher_log_prob`` to each batch with the old log-probs, keeps
+    the raw prompts in the batch for it, and hands the step to the loss (``global_steps``)."""
+
+    def _get_gen_batch(self, batch: DataProto) -> DataProto:
+        raw = batch.non_tensor_batch.get("raw_prompt")
+        gen_batch = super()._get_gen_batch(batch)
+        if raw is not None:
+            batch.non_tensor_batch[PROMPT_KEY] = raw
+        return gen_batch
+
+    def _update_actor(self, batch: DataProto) -> DataProto:
+        batch.meta_info["global_steps"] = self.global_steps
+        return super()._update_actor(batch)
 
     def _compute_old_log_prob(self, batch: DataProto):
         old_log_prob, mfu = super()._compute_old_log_prob(batch)
