@@ -1,0 +1,251 @@
+"""The RLSD teacher, independent of any trainer: its inputs and its weights.
+
+The teacher is the policy shown privileged context (a reference solution). It scores the tokens the
+student sampled, so its input is ``teacher prompt ⊕ completion`` with the completion at the same
+positions from the end as in the student's input: one ``logits_to_keep`` (the completion length)
+then serves both models. :func:`build_teacher_inputs` builds that batch from plain-text or chat
+prompts; :class:`TeacherWeights` keeps the teacher's weights under one of four policies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+import rlsd_kernels
+
+DEFAULT_TEMPLATE = (
+    "{question}\n\n"
+    "Here is a reference solution:\n"
+    "{context}\n\n"
+    "After understanding the reference solution, please try to solve this problem using your own approach."
+)
+"""The official teacher prompt: the question, a blank line, "Here is a reference solution:", the
+reference, a blank line, then an instruction to solve the problem in its own way."""
+
+DEFAULT_MAX_CONTEXT_TOKENS = 12_000
+TEACHER_POLICIES = ("live", "frozen", "snapshot", "ema")
+
+
+def truncate_context(tokenizer, context: str, max_tokens: int | None) -> str:
+    """``context`` cut to its first ``max_tokens`` tokens (``None`` keeps it whole)."""
+    if max_tokens is None:
+        return context
+    if max_tokens < 0:
+        raise ValueError(f"max_context_tokens must be None or >= 0, got {max_tokens}")
+    ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_tokens:
+        return context
+    return tokenizer.decode(ids[:max_tokens], skip_special_tokens=False)
+
+
+def teacher_prompt(prompt, context, *, tokenizer, template: str | Callable = DEFAULT_TEMPLATE,
+                   max_context_tokens: int | None = DEFAULT_MAX_CONTEXT_TOKENS):
+    """The teacher's prompt for one example, in the student prompt's form.
+
+    ``prompt`` is a string or a list of chat messages (``{"role", "content"}`` dicts with string
+    content); for chat prompts the context goes into the last user turn and every other turn is
+    kept. ``template`` is a format string with ``{question}`` and ``{context}``, or a callable
+    ``(question, context) -> str``. An empty or ``None`` context returns the prompt unchanged (the
+    teacher then sees what the student saw).
+    """
+    if context is None or context == "":
+        return prompt
+    if not isinstance(context, str):
+        raise ValueError(f"the privileged context must be a string or None, got {type(context).__name__}")
+    context = truncate_context(tokenizer, context, max_context_tokens)
+
+    def fill(question):
+        return template(question, context) if callable(template) else template.format(question=question,
+                                                                                         context=context)
+
+    if isinstance(prompt, str):
+        return fill(prompt)
+    messages = [dict(m) for m in prompt]
+    users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
+    if not users:
+        raise ValueError("a chat prompt needs a user turn to carry the privileged context")
+    last = messages[users[-1]]
+    if not isinstance(last["content"], str):
+        raise ValueError("the last user turn must have string content to carry the privileged context")
+    last["content"] = fill(last["content"])
+    return messages
+
+
+def _prompt_ids(tokenizer, prompt, chat_template_kwargs):
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
+                                         **(chat_template_kwargs or {}))
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def build_teacher_inputs(
+    tokenizer,
+    prompts: Sequence,
+    contexts: Sequence,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor | None = None,
+    *,
+    template: str | Callable = DEFAULT_TEMPLATE,
+    max_context_tokens: int | None = DEFAULT_MAX_CONTEXT_TOKENS,
+    chat_template_kwargs: dict | None = None,
+    pad_token_id: int | None = None,
+) -> dict:
+    """The teacher's batch: ``input_ids`` and ``attention_mask`` ``[B, P + T]``, left-padded.
+
+    Row ``i`` is ``pad ⊕ teacher_prompt(prompts[i], contexts[i]) ⊕ completion_ids[i]``: the ``T``
+    completion columns (right padding included) are the last ``T``, exactly as in the student's
+    ``cat([prompt_ids, completion_ids])``, so the teacher's log-probs of the last ``T`` positions
+    line up with the student's. ``completion_mask`` ``[B, T]`` (default all ones) becomes the
+    completion part of the attention mask. Also returns ``logits_to_keep`` (``T``) and
+    ``prompt_lengths`` (the teacher prompt's token count per row).
+    """
+    if completion_ids.dim() != 2:
+        raise ValueError(f"completion_ids must be [B, T], got shape {tuple(completion_ids.shape)}")
+    b, t = completion_ids.shape
+    if len(prompts) != b or len(contexts) != b:
+        raise ValueError(f"prompts ({len(prompts)}) and contexts ({len(contexts)}) need one entry per row ({b})")
+    if completion_mask is None:
+        completion_mask = torch.ones_like(completion_ids)
+    if tuple(completion_mask.shape) != (b, t):
+        raise ValueError(f"completion_mask has shape {tuple(completion_mask.shape)}, expected {(b, t)}")
+    pad = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has no pad_token_id: pass pad_token_id")
+    rows = [
+        _prompt_ids(tokenizer, teacher_prompt(p, c, tokenizer=tokenizer, template=template,
+                                              max_context_tokens=max_context_tokens), chat_template_kwargs)
+        for p, c in zip(prompts, contexts, strict=True)
+    ]
+    width = max((len(r) for r in rows), default=0)
+    device = completion_ids.device
+    prompt_ids = torch.full((b, width), pad, dtype=completion_ids.dtype, device=device)
+    prompt_mask = torch.zeros((b, width), dtype=completion_mask.dtype, device=device)
+    for i, r in enumerate(rows):
+        if r:
+            prompt_ids[i, width - len(r):] = torch.tensor(r, dtype=completion_ids.dtype, device=device)
+            prompt_mask[i, width - len(r):] = 1
+    return {
+        "input_ids": torch.cat([prompt_ids, completion_ids], dim=1),
+        "attention_mask": torch.cat([prompt_mask, completion_mask], dim=1),
+        "logits_to_keep": t,
+        "prompt_lengths": [len(r) for r in rows],
+    }
+
+
+def backbone_and_head(model):
+    """``(backbone, lm_head)`` of a causal LM: the module giving ``last_hidden_state`` and the output
+    projection (a ``Linear``). A PEFT wrapper is looked through."""
+    inner = model
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    head = inner.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise ValueError("the model has no output embedding (lm_head) to score the teacher's tokens with")
+    return inner.base_model, head
+
+
+@torch.no_grad()
+def teacher_logprobs(model, input_ids, attention_mask, completion_ids, completion_mask=None, *,
+                     temperature=1.0, batch_size=None, chunk_size=None, gather_context=None):
+    """Log-probs ``[B, T]`` (float32) of ``completion_ids`` under ``model`` given the teacher batch.
+
+    Runs the backbone only and scores the last ``T`` positions with
+    :func:`rlsd_kernels.token_logprobs_linear` from the last hidden states and the lm_head weight,
+    so no ``[N, V]`` logits are ever formed. Masked completion tokens get 0. ``batch_size`` bounds
+    the rows per forward; ``gather_context`` is a callable ``(weight, bias) -> context manager``
+    that makes a sharded lm_head whole (ZeRO-3) while it is read.
+    """
+    backbone, head = backbone_and_head(model)
+    t = completion_ids.shape[1]
+    tokens = completion_ids if completion_mask is None else completion_ids.masked_fill(completion_mask == 0, -100)
+    step = batch_size or input_ids.shape[0]
+    out = []
+    for start in range(0, input_ids.shape[0], step):
+        sl = slice(start, start + step)
+        hidden = backbone(input_ids=input_ids[sl], attention_mask=attention_mask[sl],
+                          use_cache=False).last_hidden_state
+        hidden = hidden[:, -t - 1:-1].to(head.weight.dtype)
+        bias = getattr(head, "bias", None)
+        ctx = gather_context(head.weight, bias) if gather_context is not None else _null()
+        with ctx:
+            out.append(rlsd_kernels.token_logprobs_linear(hidden, head.weight, tokens[sl], bias=bias,
+                                                          temperature=temperature, chunk_size=chunk_size))
+    return torch.cat(out, dim=0)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def fresh_copy(model, factory: Callable | None = None):
+    """A new teacher module with ``model``'s weights, frozen and in eval mode.
+
+    Built from the model's config (``type(model)._from_config``, Hugging Face models) or by
+    ``factory()``, then loaded with ``model``'s state: never ``copy.deepcopy``, which would copy the
+    instance-level patches a trainer puts on the model (TRL replaces ``forward`` with a bound method
+    of the original, so a deep copy would run the original weights).
+    """
+    if factory is not None:
+        copy = factory()
+    elif hasattr(type(model), "_from_config") and hasattr(model, "config"):
+        copy = type(model)._from_config(model.config, dtype=next(model.parameters()).dtype)
+    else:
+        raise ValueError("cannot build a teacher copy of this model from a config: pass factory=")
+    copy.load_state_dict(model.state_dict())
+    copy.to(next(model.parameters()).device)
+    copy.eval()
+    copy.requires_grad_(False)
+    return copy
+
+
+class TeacherWeights:
+    """The teacher's weights under one of four policies.
+
+    - ``live``: the policy itself (no copy; its current weights score the tokens).
+    - ``frozen``: the initial weights, copied once.
+    - ``snapshot``: a copy refreshed from the policy after every ``refresh_steps``-th optimizer step
+      (the official recipe: 20).
+    - ``ema``: a copy updated after every step as ``t = decay * t + (1 - decay) * policy``.
+
+    Call :meth:`on_step_end` with the number of optimizer steps taken so far after each step.
+    ``refreshes`` lists the steps at which a snapshot was refreshed.
+    """
+
+    def __init__(self, model, policy: str = "snapshot", *, refresh_steps: int = 20, ema_decay: float = 0.99,
+                 factory: Callable | None = None):
+        if policy not in TEACHER_POLICIES:
+            raise ValueError(f"teacher policy must be one of {TEACHER_POLICIES}, got {policy!r}")
+        if policy == "snapshot" and (not isinstance(refresh_steps, int) or refresh_steps < 1):
+            raise ValueError(f"refresh_steps must be an integer >= 1, got {refresh_steps!r}")
+        if policy == "ema" and not 0 <= ema_decay <= 1:
+            raise ValueError(f"ema_decay must be in [0, 1], got {ema_decay}")
+        self.policy, self.refresh_steps, self.ema_decay = policy, refresh_steps, ema_decay
+        self.source = model
+        self.copy = None if policy == "live" else fresh_copy(model, factory)
+        self.refreshes: list[int] = []
+
+    @property
+    def model(self):
+        """The module that scores the teacher's tokens."""
+        return self.source if self.copy is None else self.copy
+
+    @torch.no_grad()
+    def on_step_end(self, global_step: int):
+        if self.policy == "snapshot" and global_step > 0 and global_step % self.refresh_steps == 0:
+            self.copy.load_state_dict(self.source.state_dict())
+            self.refreshes.append(global_step)
+        elif self.policy == "ema":
+            policy_state = self.source.state_dict()
+            for name, value in self.copy.state_dict().items():
+                src = policy_state[name]
+                if value.is_floating_point():
+                    value.lerp_(src.to(value.dtype), 1.0 - self.ema_decay)
+                else:
+                    value.copy_(src)

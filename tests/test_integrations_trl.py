@@ -1,0 +1,233 @@
+"""RLSDTrainer in TRL on CPU: a real three-step run, and lam = 0 against TRL's own GRPO loss."""
+
+import math
+import os
+
+import pytest
+import torch
+from tiny_lm import char_tokenizer, import_trainer_deps, tiny_qwen2
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import_trainer_deps()
+pytest.importorskip("trl", reason="the trl extra is not installed")
+
+from datasets import Dataset  # noqa: E402
+from trl import GRPOTrainer  # noqa: E402
+
+from rlsd_kernels.integrations.trl import SUPPORTED_LOSS_TYPES, RLSDConfig, RLSDTrainer  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+SOLUTIONS = ["2 since 1+1=2", "6 as 2*3=6", "4 because 8/2=4", "9 from 3^2"]
+QUESTIONS = ["1+1?", "2*3?", "8/2?", "3^2?"]
+
+
+def digit_reward(completions, solution, **kwargs):
+    """1 per digit of the completion matching the solution's first character (varies, so A != 0)."""
+    out = []
+    for completion, sol in zip(completions, solution, strict=True):
+        text = completion[0]["content"] if isinstance(completion, list) else completion
+        out.append(float(text.count(sol[0])) + 0.1 * len(text))
+    return out
+
+
+def dataset():
+    rows = [{"prompt": [{"role": "user", "content": q}], "solution": s} for q, s in zip(QUESTIONS, SOLUTIONS,
+                                                                                        strict=True)]
+    return Dataset.from_list(rows)
+
+
+def config(tmp_path, **overrides):
+    base = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=8,
+        max_steps=3, learning_rate=5e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+        seed=0, teacher_refresh_steps=2, dataloader_num_workers=0, bf16=False,
+    )
+    base.update(overrides)
+    return RLSDConfig(**base)
+
+
+def trainer(tmp_path, cls=RLSDTrainer, **overrides):
+    tok = char_tokenizer()
+    model = tiny_qwen2(tok)
+    if overrides.get("beta"):
+        # TRL builds the reference model from the policy's path.
+        model.save_pretrained(tmp_path / "model")
+        model = str(tmp_path / "model")
+    return cls(model=model, reward_funcs=digit_reward, args=config(tmp_path, **overrides), train_dataset=dataset(),
+               processing_class=tok)
+
+
+def test_three_steps_train_and_log(tmp_path):
+    t = trainer(tmp_path)
+    captured = []
+    generate = t._generate_and_score_completions
+
+    def spy(inputs):
+        out = generate(inputs)
+        captured.append((out["completion_ids"].clone(), t.last_teacher_inputs, list(t.teacher.refreshes),
+                         t.state.global_step))
+        return out
+
+    t._generate_and_score_completions = spy
+    before = {k: v.detach().clone() for k, v in t.model.named_parameters()}
+    frozen_start = {k: v.detach().clone() for k, v in t.teacher.model.named_parameters()}
+    t.train()
+
+    changed = [k for k, v in t.model.named_parameters() if not torch.equal(v.detach(), before[k])]
+    assert len(changed) == len(before)
+    losses = [h["loss"] for h in t.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    for name in ("rlsd/credit_weight_mean", "rlsd/lam", "rlsd/delta_mean", "clip_ratio/low_mean", "entropy"):
+        assert all(name in h for h in t.state.log_history if "loss" in h), name
+    lams = [h["rlsd/lam"] for h in t.state.log_history if "loss" in h]
+    assert lams == pytest.approx([0.5 * (1 - s / 60) for s in (1, 2, 3)])
+
+    assert len(captured) == 3
+    tok = t.processing_class
+    for completion_ids, batch, _, _ in captured:
+        width = completion_ids.shape[1]
+        assert batch["logits_to_keep"] == width
+        assert torch.equal(batch["input_ids"][:, -width:], completion_ids)
+        for row in batch["input_ids"]:
+            text = tok.decode(row[:-width], skip_special_tokens=True)
+            assert "Here is a reference solution:" in text
+            assert any(s in text for s in SOLUTIONS)
+    # Snapshot teacher: refreshed after step 2 (K = 2) and not before.
+    assert [c[2] for c in captured] == [[], [], [2]]
+    assert t.teacher.refreshes == [2]
+    teacher_now = dict(t.teacher.model.named_parameters())
+    policy_now = dict(t.model.named_parameters())
+    assert all(not torch.equal(frozen_start[k], teacher_now[k]) for k in frozen_start)
+    assert all(not torch.equal(policy_now[k].detach(), teacher_now[k]) for k in teacher_now)
+
+
+def _batch(t):
+    t.model.train()
+    t.current_gradient_accumulation_steps = t.args.gradient_accumulation_steps
+    generation_batch = next(iter(t.get_train_dataloader()))
+    inputs = t._prepare_inputs(generation_batch)
+    g = torch.Generator().manual_seed(1)
+    lp = inputs["completion_mask"].float()
+    width = lp.shape[1]
+    with torch.no_grad():
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+        att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+        logits = t.model(input_ids=ids, attention_mask=att).logits[:, -width - 1:-1]
+        lp = torch.log_softmax(logits.float(), -1).gather(-1, inputs["completion_ids"][..., None])[..., 0]
+    # Old log-probs away from the current ones, so both clip sides bind on some tokens.
+    shift = 0.4 * torch.randn(lp.shape, generator=g) + 0.3 * torch.randn(lp.shape[0], 1, generator=g)
+    inputs["old_per_token_logps"] = lp + shift
+    inputs["advantages"] = torch.randn(lp.shape[0], generator=g)
+    inputs["ref_per_token_logps"] = lp + 0.1 * torch.randn(lp.shape, generator=g)
+    return inputs
+
+
+def _loss_and_grads(t, inputs, fn):
+    t.model.zero_grad()
+    loss = fn(t.model, inputs)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in t.model.parameters()]
+
+
+@pytest.mark.parametrize("loss_type", SUPPORTED_LOSS_TYPES)
+def test_lam_zero_equals_trl_loss(tmp_path, loss_type):
+    extra = {"importance_sampling_level": "sequence"} if loss_type == "luspo" else {}
+    beta = 0.05 if loss_type in ("grpo", "dapo") else 0.0
+    t = trainer(tmp_path, loss_type=loss_type, lam=0.0, dual_clip=None, beta=beta, use_bias_correction_kl=False,
+                epsilon_high=1.1 if loss_type == "cispo" else 0.28, teacher_policy="live",
+                gradient_accumulation_steps=2, **extra)
+    inputs = _batch(t)
+    ours, ours_grads = _loss_and_grads(t, inputs, t.compute_loss)
+    theirs, their_grads = _loss_and_grads(t, inputs, lambda m, x: GRPOTrainer._compute_loss(t, m, x))
+    assert ours.item() != 0.0
+    torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=1e-6)
+    for a, b in zip(ours_grads, their_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    if loss_type != "cispo":
+        assert t._metrics["train"]["clip_ratio/region_mean"][-1] > 0
+    t.args.lam = 1.0
+    assert not torch.allclose(t.compute_loss(t.model, inputs), theirs, rtol=1e-3)
+
+
+@pytest.mark.parametrize("field,value", [("loss_type", "sapo"), ("loss_type", "vespo"), ("delta", 2.0),
+                                         ("top_entropy_quantile", 0.5), ("entropy_coef", 0.1),
+                                         ("teacher_policy", "mirror"), ("lam", 1.5)])
+def test_config_rejects_what_the_loss_cannot_express(tmp_path, field, value):
+    extra = {"importance_sampling_level": "token"}
+    with pytest.raises(ValueError, match=field):
+        config(tmp_path, **{field: value}, **extra)
+
+
+def test_config_rejects_kl_with_bias_correction(tmp_path):
+    with pytest.raises(ValueError, match="use_bias_correction_kl"):
+        config(tmp_path, beta=0.1, use_bias_correction_kl=True)
+
+
+def test_docs_example_trains(tmp_path, monkeypatch):
+    from docs_snippets import blocks
+
+    import rlsd_kernels.integrations.trl as rlsd_trl
+
+    sizes = dict(output_dir=str(tmp_path), num_generations=4, max_completion_length=8, per_device_train_batch_size=4,
+                 max_steps=1, report_to=[], save_strategy="no", use_cpu=True, logging_steps=1)
+    seen = {}
+
+    class SmallConfig(RLSDConfig):
+        """The documented config at test sizes."""
+
+        def __post_init__(self):
+            seen.update(teacher_policy=self.teacher_policy, loss_type=self.loss_type)
+            for key, value in sizes.items():
+                setattr(self, key, value)
+            super().__post_init__()
+
+    monkeypatch.setattr(rlsd_trl, "RLSDConfig", SmallConfig)
+    tok = char_tokenizer()
+    namespace = {"model": tiny_qwen2(tok), "reward_fn": digit_reward, "dataset": dataset(), "tokenizer": tok}
+    (code,) = blocks("Use with TRL")
+    exec(compile(code, "docs/integrations.md", "exec"), namespace)
+    assert namespace["trainer"].state.global_step == 1
+    assert seen["teacher_policy"] == "snapshot" and seen["loss_type"] == "dapo"
+    assert "rlsd/credit_weight_mean" in namespace["trainer"].state.log_history[0]
+
+
+@pytest.mark.parametrize("loss_type,mode", [("dapo", "token_truncate"), ("grpo", "sequence_truncate")])
+def test_vllm_importance_sampling_matches_trl(tmp_path, loss_type, mode):
+    t = trainer(tmp_path, loss_type=loss_type, lam=0.0, dual_clip=None, teacher_policy="live")
+    inputs = _batch(t)
+    # As TRL's _generate_and_score_completions leaves a vLLM batch (without starting vLLM).
+    t.use_vllm, t.vllm_importance_sampling_correction = True, True
+    t.vllm_importance_sampling_mode, t.vllm_importance_sampling_clip_max = mode, 1.3
+    g = torch.Generator().manual_seed(2)
+    mask = inputs["completion_mask"]
+    sampled = inputs["old_per_token_logps"] + 0.3 * torch.randn(mask.shape, generator=g)
+    sampled[0, 0] = float("nan")  # a token vLLM could not score: no correction
+    diff = torch.nan_to_num((inputs["old_per_token_logps"] - sampled) * mask, nan=0.0)
+    if mode == "sequence_truncate":
+        diff = diff.sum(-1, keepdim=True)
+    inputs["sampling_per_token_logps"] = sampled
+    inputs["importance_sampling_ratio"] = torch.exp(diff).clamp(max=1.3)
+    assert (inputs["importance_sampling_ratio"] == 1.3).any() and (inputs["importance_sampling_ratio"] < 1).any()
+    ours, ours_grads = _loss_and_grads(t, inputs, t.compute_loss)
+    theirs, their_grads = _loss_and_grads(t, inputs, lambda m, x: GRPOTrainer._compute_loss(t, m, x))
+    torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=1e-6)
+    for a, b in zip(ours_grads, their_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)
+def test_lam_positive_through_the_kernels(tmp_path, backend):
+    """The trainer's loss through the Triton kernels (interpreted on CPU) equals the PyTorch path."""
+    from rlsd_kernels import _utils
+
+    assert _utils.use_triton(torch.empty(1))
+    t = trainer(tmp_path, loss_type="dapo", lam=0.5, teacher_policy="live", chunk_size=16)
+    inputs = _batch(t)
+    inputs["teacher_per_token_logps"] = inputs["old_per_token_logps"] + 0.2
+    kernels, kernel_grads = _loss_and_grads(t, inputs, t.compute_loss)
+    with _utils.backend("torch"):
+        torch_loss, torch_grads = _loss_and_grads(t, inputs, t.compute_loss)
+    torch.testing.assert_close(kernels, torch_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(kernel_grads, torch_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,305 @@
+"""The "rlsd" policy loss in verl's registry: "vanilla" at lam = 0, the fused API otherwise, and the
+teacher log-probs through verl's DataProto / TensorDict round trip."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from tiny_lm import char_tokenizer, import_trainer_deps, tiny_qwen2
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import_trainer_deps()
+pytest.importorskip("verl", reason="the verl extra is not installed")
+
+from omegaconf import OmegaConf  # noqa: E402
+from tensordict import TensorDict  # noqa: E402
+from verl import DataProto  # noqa: E402
+from verl.trainer.ppo.core_algos import get_policy_loss_fn  # noqa: E402
+from verl.utils import tensordict_utils as tu  # noqa: E402
+from verl.utils.config import omega_conf_to_dataclass  # noqa: E402
+from verl.workers.config import FSDPActorConfig  # noqa: E402
+from verl.workers.config.actor import PolicyLossConfig  # noqa: E402
+from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding  # noqa: E402
+
+import rlsd_kernels  # noqa: E402
+from rlsd_kernels.integrations import verl as rlsd_verl  # noqa: E402
+from rlsd_kernels.integrations.teacher import build_teacher_inputs, teacher_logprobs  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+VERL_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
+SHARED_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
+
+
+def actor_config(**policy):
+    return FSDPActorConfig(strategy="fsdp", ppo_micro_batch_size_per_gpu=2, ppo_mini_batch_size=4, rollout_n=1,
+                           clip_ratio_low=0.2, clip_ratio_high=0.28,
+                           policy_loss=rlsd_verl.RLSDPolicyLossConfig(**policy))
+
+
+def inputs(b=6, r=9, v=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, r, v, generator=g, dtype=torch.float64)
+    tokens = torch.randint(0, v, (b, r), generator=g)
+    lp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]
+    # Old log-probs far enough away that both PPO clip sides and the dual clip (ratio > 3) bind.
+    old = lp + 0.6 * torch.randn(b, r, generator=g, dtype=torch.float64)
+    old[0, :3] -= 2.0
+    teacher = lp + 0.5 * torch.randn(b, r, generator=g, dtype=torch.float64)
+    adv = torch.randn(b, 1, generator=g, dtype=torch.float64).expand(b, r).clone()
+    adv[0] = -1.0
+    mask = torch.ones(b, r, dtype=torch.bool)
+    for i in range(b):
+        mask[i, r - i:] = False
+    is_weights = torch.rand(b, r, generator=g, dtype=torch.float64) + 0.5
+    return logits, tokens, old, teacher, adv, mask, is_weights
+
+
+def test_registry_returns_ours():
+    assert get_policy_loss_fn("rlsd") is rlsd_verl.compute_policy_loss_rlsd
+
+
+@pytest.mark.parametrize("with_is", [False, True])
+@pytest.mark.parametrize("mode", VERL_MODES)
+def test_lam_zero_is_vanilla(mode, with_is):
+    logits, tokens, old, teacher, adv, mask, is_weights = inputs()
+    config = actor_config(lam=0.0)
+    results = []
+    for name in ("rlsd", "vanilla"):
+        lp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0].detach().requires_grad_()
+        extra = {"teacher_log_prob": teacher} if name == "rlsd" else {}
+        loss, metrics = get_policy_loss_fn(name)(old, lp, adv, mask, mode, config,
+                                                 is_weights if with_is else None, **extra)
+        loss.backward()
+        results.append((loss.detach(), lp.grad, metrics))
+    (ours, our_grad, our_metrics), (theirs, their_grad, their_metrics) = results
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(our_grad, their_grad, rtol=1e-12, atol=1e-12)
+    for key in ("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"):
+        assert our_metrics[key] == pytest.approx(their_metrics[key], abs=1e-12), key
+    assert their_metrics["actor/pg_clipfrac"] > 0 and their_metrics["actor/pg_clipfrac_lower"] > 0
+
+
+@pytest.mark.parametrize("mode", SHARED_MODES)
+def test_lam_positive_is_the_fused_api(mode):
+    logits, tokens, old, teacher, adv, mask, _ = inputs(seed=1)
+    config = actor_config(lam=0.7, eps_w=0.15)
+    grads = []
+    for fn in ("verl", "api"):
+        z = logits.clone().float().requires_grad_()
+        if fn == "verl":
+            lp = torch.log_softmax(z, -1).gather(-1, tokens[..., None])[..., 0]
+            loss, _ = rlsd_verl.compute_policy_loss_rlsd(old.float(), lp, adv.float(), mask, mode, config,
+                                                         teacher_log_prob=teacher.float())
+        else:
+            loss = rlsd_kernels.rlsd_loss(z, None, tokens, adv.float(), teacher_logprobs=teacher.float(),
+                                          old_logprobs=old.float(), mask=mask, lam=0.7, eps_w=0.15, clip_low=0.2,
+                                          clip_high=0.28, dual_clip=3.0, loss_agg=mode)
+        loss.backward()
+        grads.append((loss.detach(), z.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-6)
+
+
+def test_missing_teacher_is_a_clear_error():
+    _, _, old, _, adv, mask, _ = inputs()
+    with pytest.raises(ValueError, match="teacher_log_prob"):
+        rlsd_verl.compute_policy_loss_rlsd(old, old.clone(), adv, mask, "token-mean", actor_config())
+
+
+def test_config_through_target():
+    cfg = OmegaConf.create({"_target_": "rlsd_kernels.integrations.verl.RLSDPolicyLossConfig", "lam": 0.3,
+                            "eps_w": 0.1})
+    policy = omega_conf_to_dataclass(cfg)
+    assert isinstance(policy, rlsd_verl.RLSDPolicyLossConfig)
+    assert (policy.loss_mode, policy.lam, policy.eps_w) == ("rlsd", 0.3, 0.1)
+    with pytest.raises(Exception, match="lam"):
+        omega_conf_to_dataclass(OmegaConf.create({"lam": 0.3}), PolicyLossConfig)
+    with pytest.raises(ValueError, match="lam"):
+        rlsd_verl.RLSDPolicyLossConfig(lam=2.0)
+    schedule = rlsd_verl.RLSDPolicyLossConfig()
+    assert [schedule.lam_at(s) for s in (1, 30, 60, 61)] == pytest.approx([0.5 * 59 / 60, 0.25, 0.0, 0.0])
+
+
+def _engine_log_probs(model):
+    """What verl's engine returns for a no-padding batch: per sequence, the log-prob of each next token."""
+
+    def run(td):
+        out = []
+        ids_nested, pos_nested = td["input_ids"], td["position_ids"]
+        for ids, pos in zip(ids_nested.unbind(), pos_nested.unbind(), strict=True):
+            with torch.no_grad():
+                logits = model(input_ids=ids[None], position_ids=pos[None]).logits[0].float()
+            lp = torch.log_softmax(logits[:-1], -1).gather(-1, ids[1:, None])[:, 0]
+            out.append(torch.cat([lp, lp.new_zeros(1)]))
+        return TensorDict({"log_probs": torch.nested.as_nested_tensor(out, layout=torch.jagged)}, batch_size=[])
+
+    return run
+
+
+def verl_batch(tok, prompts, solutions, responses):
+    """A verl rollout batch: left-padded prompts, right-padded responses, raw chat and extra_info."""
+    b = len(prompts)
+    resp_len = max(len(r) for r in responses)
+    texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    plen = max(len(i) for i in ids)
+    prompt_ids = torch.full((b, plen), tok.pad_token_id)
+    prompt_mask = torch.zeros(b, plen, dtype=torch.long)
+    response_ids = torch.full((b, resp_len), tok.pad_token_id)
+    response_mask = torch.zeros(b, resp_len, dtype=torch.long)
+    for i in range(b):
+        prompt_ids[i, plen - len(ids[i]):] = torch.tensor(ids[i])
+        prompt_mask[i, plen - len(ids[i]):] = 1
+        r = tok(responses[i], add_special_tokens=False)["input_ids"]
+        response_ids[i, :len(r)] = torch.tensor(r)
+        response_mask[i, :len(r)] = 1
+    attention = torch.cat([prompt_mask, response_mask], 1)
+    batch = DataProto.from_dict(
+        tensors={"prompts": prompt_ids, "responses": response_ids, "input_ids": torch.cat([prompt_ids, response_ids],
+                                                                                         1),
+                 "attention_mask": attention, "position_ids": (attention.cumsum(-1) - 1).clamp(min=0),
+                 "response_mask": response_mask},
+        non_tensors={"raw_prompt": np.array(prompts + [None], dtype=object)[:-1],
+                     "extra_info": np.array([{"solution": s} for s in solutions], dtype=object)},
+    )
+    return batch
+
+
+def test_teacher_log_prob_round_trip():
+    tok = char_tokenizer()
+    model = tiny_qwen2(tok).eval()
+    prompts = [[{"role": "user", "content": q}] for q in ("1+1?", "what is 2*3?", "8/2?")]
+    solutions = ["2", "6 since 2*3=6", None]
+    batch = verl_batch(tok, prompts, solutions, ["2", "it is 6", "4!"])
+
+    teacher = rlsd_verl.teacher_log_prob(batch, tok, _engine_log_probs(model), max_context_tokens=8)
+    lp = teacher.batch[rlsd_verl.TEACHER_KEY]
+    responses, response_mask = batch.batch["responses"], batch.batch["response_mask"]
+    direct = build_teacher_inputs(tok, prompts, solutions, responses, response_mask, max_context_tokens=8)
+    position_ids = (direct["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    assert torch.equal(rlsd_verl.teacher_batch(batch, tok, max_context_tokens=8).batch["position_ids"], position_ids)
+    expected = teacher_logprobs(model, direct["input_ids"], direct["attention_mask"], responses, response_mask,
+                                batch_size=1)
+    torch.testing.assert_close(lp * response_mask, expected, rtol=1e-4, atol=1e-5)
+
+    # Through the actor's loss: DataProto -> TensorDict -> no padding, as verl's _update_actor does.
+    old = expected.detach() + 0.1
+    merged = batch.union(teacher).union(DataProto.from_dict(tensors={
+        "old_log_probs": old, "advantages": torch.tensor([[1.0], [-0.5], [0.3]]).expand_as(old).contiguous()}))
+    td = left_right_2_no_padding(merged.to_tensordict())
+    tu.assign_non_tensor(td, dp_size=1, batch_num_tokens=None, global_batch_size=None, global_steps=1)
+    current = _engine_log_probs(model)(td)["log_probs"]
+    config = actor_config(lam=None)
+    loss, metrics = rlsd_verl.rlsd_ppo_loss(config, {"log_probs": current}, td)
+    assert metrics["actor/rlsd_lam"].values == [pytest.approx(0.5 * 59 / 60)]
+    student = no_padding_2_padding(current, td)
+    direct_loss, _ = rlsd_verl.compute_policy_loss_rlsd(
+        old, student, merged.batch["advantages"], response_mask.bool(), config.loss_agg_mode, config,
+        teacher_log_prob=lp)
+    torch.testing.assert_close(loss, direct_loss, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="teacher_log_prob"):
+        rlsd_verl.rlsd_ppo_loss(config, {"log_probs": current}, td.exclude(rlsd_verl.TEACHER_KEY))
+
+
+class _FakeActorGroup:
+    """Stands in for the actor's Ray worker group: runs the model as verl's engine would."""
+
+    def __init__(self, model):
+        self.run = _engine_log_probs(model)
+        self.calls = 0
+
+    def compute_log_prob(self, td):
+        self.calls += 1
+        out = self.run(td)
+        out["entropy"] = out["log_probs"].clone()
+        tu.assign_non_tensor(out, metrics={"mfu": 0.0})
+        return out
+
+
+def test_trainer_adds_teacher_next_to_old_log_probs():
+    tok = char_tokenizer()
+    model = tiny_qwen2(tok).eval()
+    prompts = [[{"role": "user", "content": q}] for q in ("1+1?", "2*3?")]
+    batch = verl_batch(tok, prompts, ["2", "6"], ["2", "6!"])
+    trainer = object.__new__(rlsd_verl.RLSDRayPPOTrainer)
+    trainer.config = OmegaConf.create({"actor_rollout_ref": {"actor": {"policy_loss": {"teacher_policy": "live"}}}})
+    trainer.actor_rollout_wg = _FakeActorGroup(model)
+    trainer.tokenizer = tok
+    trainer.use_reference_policy = False
+    old, _ = trainer._compute_old_log_prob(batch)
+    assert trainer.actor_rollout_wg.calls == 2
+    expected = rlsd_verl.teacher_log_prob(batch, tok, _engine_log_probs(model)).batch[rlsd_verl.TEACHER_KEY]
+    torch.testing.assert_close(old.batch[rlsd_verl.TEACHER_KEY], expected)
+    assert not torch.allclose(old.batch[rlsd_verl.TEACHER_KEY] * batch.batch["response_mask"],
+                              old.batch["old_log_probs"] * batch.batch["response_mask"])
+    trainer.config.actor_rollout_ref.actor.policy_loss.teacher_policy = "frozen"
+    with pytest.raises(ValueError, match="use_kl_loss"):
+        trainer._compute_old_log_prob(batch)
+
+
+def test_task_runner_uses_the_rlsd_worker():
+    config = OmegaConf.create({"algorithm": {"use_kl_in_reward": False},
+                               "actor_rollout_ref": {"model": {"lora_rank": 0}, "actor": {"use_kl_loss": True}}})
+    runner = rlsd_verl.RLSDTaskRunner()
+    cls, _ = runner.add_actor_rollout_worker(config)
+    assert cls is rlsd_verl.RLSDActorRolloutRefWorker
+    (worker,) = runner.role_worker_mapping.values()
+    assert worker.__ray_actor_class__ is rlsd_verl.RLSDActorRolloutRefWorker
+
+
+def test_docs_recipe_configures_the_rlsd_loss():
+    from docs_snippets import blocks, cli_overrides
+    from hydra import compose, initialize_config_dir
+
+    (entry,) = blocks("Use with verl")
+    namespace = {"__name__": "rlsd_main"}
+    exec(compile(entry, "docs/integrations.md", "exec"), namespace)
+    assert callable(namespace["main"])
+    with initialize_config_dir(config_dir=namespace["CONFIG_DIR"], version_base=None):
+        config = compose("ppo_trainer", overrides=cli_overrides("Use with verl") + [
+            "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2"])
+    assert config.trainer.use_v1 is False and config.data.return_raw_chat is True
+    actor = omega_conf_to_dataclass(config.actor_rollout_ref.actor)
+    assert isinstance(actor.policy_loss, rlsd_verl.RLSDPolicyLossConfig)
+    assert (actor.policy_loss.loss_mode, actor.policy_loss.eps_w, actor.policy_loss.lam) == ("rlsd", 0.2, None)
+    _, _, old, teacher, adv, mask, _ = inputs()
+    loss, metrics = get_policy_loss_fn(actor.policy_loss.loss_mode)(old, old + 0.1, adv, mask, actor.loss_agg_mode,
+                                                                    actor, teacher_log_prob=teacher)
+    assert torch.isfinite(loss) and metrics["actor/rlsd_lam"] == pytest.approx(0.5 * 59 / 60)
+
+
+class _FakeUpdateGroup:
+    def __init__(self):
+        self.seen = None
+
+    def update_actor(self, td):
+        self.seen = td
+        out = TensorDict({}, batch_size=[])
+        tu.assign_non_tensor(out, metrics={"mfu": 0.0})
+        return out
+
+
+def test_trainer_keeps_prompts_and_passes_the_step():
+    tok = char_tokenizer()
+    prompts = [[{"role": "user", "content": "1+1?"}], [{"role": "user", "content": "2*3?"}]]
+    batch = verl_batch(tok, prompts, ["2", "6"], ["2", "6!"])
+    trainer = object.__new__(rlsd_verl.RLSDRayPPOTrainer)
+    gen_batch = trainer._get_gen_batch(batch)
+    assert "raw_prompt" in gen_batch.non_tensor_batch and "raw_prompt" not in batch.non_tensor_batch
+    assert list(batch.non_tensor_batch[rlsd_verl.PROMPT_KEY]) == prompts
+    assert rlsd_verl.teacher_batch(batch, tok).batch["input_ids"].shape[0] == 2
+
+    trainer.config = OmegaConf.create({
+        "actor_rollout_ref": {
+            "rollout": {"multi_turn": {"enable": False}, "temperature": 1.0, "n": 1},
+            "actor": {"calculate_entropy": False, "entropy_coeff": 0.0, "ppo_mini_batch_size": 2, "ppo_epochs": 1,
+                      "data_loader_seed": 0, "shuffle": False},
+        },
+    })
+    trainer.distillation_config = None
+    trainer.global_steps = 7
+    trainer.actor_rollout_wg = _FakeUpdateGroup()
+    trainer._update_actor(batch)
+    assert tu.get_non_tensor_data(trainer.actor_rollout_wg.seen, "global_steps", None) == 7

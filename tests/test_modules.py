@@ -1,0 +1,123 @@
+"""The nn.Module wrappers hold options and give exactly what the functional API gives."""
+
+import pytest
+import torch
+
+import rlsd_kernels
+from rlsd_kernels.modules import RLSDLinearLoss, RLSDLoss
+
+
+def _inputs(b=3, t=5, h=8, v=13):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(b, t, h, generator=g)
+    weight = torch.randn(v, h, generator=g) * 0.3
+    tokens = torch.randint(0, v, (b, t), generator=g)
+    tokens[0, -1] = -100
+    return {
+        "hidden": hidden, "weight": weight, "tokens": tokens,
+        "advantages": torch.randn(b, generator=g),
+        "teacher_logprobs": -torch.rand(b, t, generator=g) * 3,
+        "old_logprobs": -torch.rand(b, t, generator=g) * 3,
+        "mask": torch.rand(b, t, generator=g) > 0.2,
+    }
+
+
+OPTIONS = {"lam": 0.6, "eps_w": 0.1, "dual_clip": None, "loss_agg": "seq-mean-token-mean", "temperature": 0.7}
+
+
+def test_logits_module_matches_functional():
+    x = _inputs()
+    per_call = {k: x[k] for k in ("teacher_logprobs", "old_logprobs", "mask")}
+    results = []
+    for call in ("module", "functional"):
+        z = (x["hidden"] @ x["weight"].T).requires_grad_()
+        if call == "module":
+            loss = RLSDLoss(**OPTIONS)(z, None, x["tokens"], x["advantages"], **per_call)
+        else:
+            loss = rlsd_kernels.rlsd_loss(z, None, x["tokens"], x["advantages"], **OPTIONS, **per_call)
+        loss.backward()
+        results.append((loss.detach(), z.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)
+
+
+def test_linear_module_matches_functional_and_takes_overrides():
+    x = _inputs()
+    per_call = {k: x[k] for k in ("teacher_logprobs", "old_logprobs", "mask")}
+    module = RLSDLinearLoss(**OPTIONS)
+    results = []
+    for call in ("module", "functional"):
+        h = x["hidden"].clone().requires_grad_()
+        w = x["weight"].clone().requires_grad_()
+        if call == "module":
+            loss, metrics = module(h, w, x["tokens"], x["advantages"], return_metrics=True, loss_agg="sum",
+                                   **per_call)
+        else:
+            loss, metrics = rlsd_kernels.rlsd_linear_loss(h, w, x["tokens"], x["advantages"],
+                                                          **{**OPTIONS, "loss_agg": "sum"}, return_metrics=True,
+                                                          **per_call)
+        loss.backward()
+        results.append((loss.detach(), h.grad, w.grad, metrics["credit_weight_mean"]))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert module.options["loss_agg"] == "seq-mean-token-mean"
+
+
+def test_lam_setter_changes_the_loss():
+    x = _inputs()
+    z = x["hidden"] @ x["weight"].T
+    module = RLSDLoss(lam=0.0)
+    per_call = {"teacher_logprobs": x["teacher_logprobs"], "old_logprobs": x["old_logprobs"]}
+    grpo = module(z, None, x["tokens"], x["advantages"], **per_call)
+    module.lam = 1.0
+    assert module.lam == 1.0
+    rlsd = module(z, None, x["tokens"], x["advantages"], **per_call)
+    expected = rlsd_kernels.rlsd_loss(z, None, x["tokens"], x["advantages"], lam=1.0, **per_call)
+    assert not torch.allclose(grpo, rlsd)
+    torch.testing.assert_close(rlsd, expected, rtol=0, atol=0)
+    assert "lam=1.0" in repr(module)
+    assert list(module.state_dict()) == []
+
+
+def test_unknown_and_per_call_options_are_rejected():
+    with pytest.raises(TypeError, match="lamda"):
+        RLSDLoss(lamda=0.5)
+    with pytest.raises(TypeError, match="mask"):
+        RLSDLoss(mask=torch.ones(2, 2))
+    with pytest.raises(TypeError, match="teacher_hidden"):
+        RLSDLinearLoss(teacher_hidden=torch.ones(2, 2))
+
+
+def test_bad_values_reach_the_functional_checks():
+    x = _inputs()
+    z = x["hidden"] @ x["weight"].T
+    with pytest.raises(ValueError, match="eps_w"):
+        RLSDLoss(eps_w=1.5)(z, None, x["tokens"], x["advantages"], teacher_logprobs=x["teacher_logprobs"])
+
+
+def test_docs_loss_examples():
+    from docs_snippets import blocks
+
+    x = _inputs()
+    logits = x["hidden"] @ x["weight"].T
+    namespace = {"logits": logits, "tokens": x["tokens"], "advantages": x["advantages"],
+                 "teacher_lp": x["teacher_logprobs"], "old_lp": x["old_logprobs"], "mask": x["mask"], "step": 7}
+    functional, module = blocks("Use from any trainer")[1:]
+    exec(compile(functional, "docs/integrations.md", "exec"), namespace)
+    expected = rlsd_kernels.rlsd_loss(logits, None, x["tokens"], x["advantages"],
+                                      teacher_logprobs=x["teacher_logprobs"], old_logprobs=x["old_logprobs"],
+                                      mask=x["mask"], lam=rlsd_kernels.lam_schedule(7))
+    torch.testing.assert_close(namespace["loss"], expected, rtol=0, atol=0)
+    exec(compile(module, "docs/integrations.md", "exec"), namespace)
+    torch.testing.assert_close(namespace["loss"], expected, rtol=0, atol=0)
+    assert namespace["loss_fn"].lam == rlsd_kernels.lam_schedule(7)
+
+
+def test_importing_the_package_pulls_in_no_trainer():
+    import subprocess
+    import sys
+
+    code = ("import sys, rlsd_kernels, rlsd_kernels.integrations, rlsd_kernels.modules; "
+            "print(sorted(m for m in ('trl', 'verl', 'transformers', 'vllm', 'datasets') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
