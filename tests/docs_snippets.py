@@ -1,11 +1,11 @@
-"""The code blocks of docs/integrations.md, by section, so that the tests run what the docs show."""
+"""The code blocks of README.md, by section, so that the tests run what the README shows."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "integrations.md"
+DOC = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def blocks(section: str, language: str = "python") -> list[str]:

@@ -16,7 +16,7 @@ in the device of its buffers.
 import pytest
 import torch
 import torch.distributed as dist
-from multiprocess import finish_rank, spawn, start_rank
+from mp_harness import finish_rank, spawn, start_rank
 from tolerances import FP32, GRAD, assert_close
 
 VOCAB = 37

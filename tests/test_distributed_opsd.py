@@ -18,7 +18,7 @@ group size (spawning is slow).
 import pytest
 import torch
 import torch.distributed as dist
-from multiprocess import finish_rank, spawn, start_rank
+from mp_harness import finish_rank, spawn, start_rank
 from test_distributed import GATHER, Counter
 from tolerances import FP32, GRAD, assert_close
 

@@ -5,7 +5,7 @@ and the gradient slice of a 2-rank gloo run equal the unsharded op's (PyTorch pa
 against the reference), through both backends for the sharded op."""
 
 import torch
-from multiprocess import finish_rank, spawn, start_rank
+from mp_harness import finish_rank, spawn, start_rank
 from tolerances import FP32, GRAD, assert_close
 
 VOCAB = 29

@@ -161,7 +161,7 @@ def test_docs_teacher_example():
     namespace = {"tokenizer": tok, "prompts": ["1+41?", [{"role": "user", "content": "solve x - 3 = 0"}]],
                  "solutions": ["42", "x = 3 since 3 - 3 = 0"], "completion_ids": completion_ids,
                  "completion_mask": completion_mask, "teacher_model": model}
-    exec(compile(blocks("Use from any trainer")[0], "docs/integrations.md", "exec"), namespace)
+    exec(compile(blocks("Use from any trainer")[0], "README.md", "exec"), namespace)
     batch = namespace["batch"]
     assert torch.equal(batch["input_ids"][:, -5:], completion_ids)
     expected = teacher_logprobs(model, batch["input_ids"], batch["attention_mask"], completion_ids, completion_mask)

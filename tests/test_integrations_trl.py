@@ -5,10 +5,9 @@ import os
 
 import pytest
 import torch
-from tiny_lm import char_tokenizer, import_trainer_deps, tiny_qwen2
+from tiny_lm import char_tokenizer, tiny_qwen2
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-import_trainer_deps()
 pytest.importorskip("trl", reason="the trl extra is not installed")
 
 from datasets import Dataset  # noqa: E402
@@ -186,7 +185,7 @@ def test_docs_example_trains(tmp_path, monkeypatch):
     tok = char_tokenizer()
     namespace = {"model": tiny_qwen2(tok), "reward_fn": digit_reward, "dataset": dataset(), "tokenizer": tok}
     (code,) = blocks("Use with TRL")
-    exec(compile(code, "docs/integrations.md", "exec"), namespace)
+    exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["trainer"].state.global_step == 1
     assert seen["teacher_policy"] == "snapshot" and seen["loss_type"] == "dapo"
     assert "rlsd/credit_weight_mean" in namespace["trainer"].state.log_history[0]
@@ -219,7 +218,7 @@ def test_vllm_importance_sampling_matches_trl(tmp_path, loss_type, mode):
 @pytest.mark.parametrize("backend", ["triton"], indirect=True)
 def test_lam_positive_through_the_kernels(tmp_path, backend):
     """The trainer's loss through the Triton kernels (interpreted on CPU) equals the PyTorch path."""
-    from rlsd_kernels import _utils
+    from rlsd_kernels.launch import common as _utils
 
     assert _utils.use_triton(torch.empty(1))
     t = trainer(tmp_path, loss_type="dapo", lam=0.5, teacher_policy="live", chunk_size=16)

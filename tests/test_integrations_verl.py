@@ -6,10 +6,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from tiny_lm import char_tokenizer, import_trainer_deps, tiny_qwen2
+from tiny_lm import char_tokenizer, tiny_qwen2
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-import_trainer_deps()
 pytest.importorskip("verl", reason="the verl extra is not installed")
 
 from omegaconf import OmegaConf  # noqa: E402
@@ -255,7 +254,7 @@ def test_docs_recipe_configures_the_rlsd_loss():
 
     (entry,) = blocks("Use with verl")
     namespace = {"__name__": "rlsd_main"}
-    exec(compile(entry, "docs/integrations.md", "exec"), namespace)
+    exec(compile(entry, "README.md", "exec"), namespace)
     assert callable(namespace["main"])
     with initialize_config_dir(config_dir=namespace["CONFIG_DIR"], version_base=None):
         config = compose("ppo_trainer", overrides=cli_overrides("Use with verl") + [

@@ -103,12 +103,12 @@ def test_docs_loss_examples():
     namespace = {"logits": logits, "tokens": x["tokens"], "advantages": x["advantages"],
                  "teacher_lp": x["teacher_logprobs"], "old_lp": x["old_logprobs"], "mask": x["mask"], "step": 7}
     functional, module = blocks("Use from any trainer")[1:]
-    exec(compile(functional, "docs/integrations.md", "exec"), namespace)
+    exec(compile(functional, "README.md", "exec"), namespace)
     expected = rlsd_kernels.rlsd_loss(logits, None, x["tokens"], x["advantages"],
                                       teacher_logprobs=x["teacher_logprobs"], old_logprobs=x["old_logprobs"],
                                       mask=x["mask"], lam=rlsd_kernels.lam_schedule(7))
     torch.testing.assert_close(namespace["loss"], expected, rtol=0, atol=0)
-    exec(compile(module, "docs/integrations.md", "exec"), namespace)
+    exec(compile(module, "README.md", "exec"), namespace)
     torch.testing.assert_close(namespace["loss"], expected, rtol=0, atol=0)
     assert namespace["loss_fn"].lam == rlsd_kernels.lam_schedule(7)
 

@@ -2,32 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import string
-import sys
-
-
-def import_trainer_deps():
-    """Imports ``datasets`` (and so the real ``multiprocess`` package) although ``tests/multiprocess.py``,
-    the multi-process harness of the distributed tests, shadows that name on the test path; the
-    harness stays importable as ``multiprocess`` for those tests."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    harness = sys.modules.pop("multiprocess", None)
-    if harness is not None and not os.path.abspath(getattr(harness, "__file__", "")).startswith(here):
-        sys.modules["multiprocess"] = harness
-        harness = None
-    saved_path = sys.path[:]
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != here]
-    try:
-        import datasets  # noqa: F401
-        import multiprocess.pool  # noqa: F401
-    except ImportError:
-        pass  # without the trainer extras; the tests then skip on their importorskip
-    finally:
-        sys.path[:] = saved_path
-        if harness is not None:
-            sys.modules["multiprocess"] = harness
-
 
 SPECIALS = ["<pad>", "<eos>", "<|im_start|>", "<|im_end|>"]
 CHATML = (
