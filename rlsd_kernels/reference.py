@@ -234,7 +234,7 @@ def sequence_ids(shape, cu_seqlens=None, device=None):
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device)
     num_seqs = lengths.numel()
     seq_ids = torch.arange(num_seqs, device=device).repeat_interleave(lengths, output_size=shape[0])
-    return seq_ids, num_seqs, lengths.max()
+    return seq_ids, num_seqs, lengths.max() if num_seqs else 0
 
 
 def sequence_sums(values, seq_ids, num_seqs):
@@ -257,7 +257,9 @@ def aggregate_loss(loss, mask, loss_agg="token-mean", *, normalizer=None, cu_seq
     - ``sum``: ``sum(m * l) / D``, ``D = 1``
     - ``none``: ``m * l`` per token (no normalizer).
 
-    A denominator of zero (a fully masked batch) is taken as one, so the loss is 0.
+    A mode's own denominator of zero (a fully masked batch) is taken as one, so the loss is 0; a
+    ``normalizer`` must be positive and finite (the library raises for others, or with
+    ``validate=False`` returns NaN).
     """
     if loss_agg not in LOSS_AGG_MODES:
         raise ValueError(f"loss_agg must be one of {LOSS_AGG_MODES}, got {loss_agg!r}")
@@ -277,7 +279,7 @@ def aggregate_loss(loss, mask, loss_agg="token-mean", *, normalizer=None, cu_seq
             numerator = torch.where(counts != 0, masked.reshape(-1) / torch.where(counts != 0, counts, 1), 0).sum()
         denominator = num_seqs * max_len if loss_agg == "seq-mean-token-sum-norm" else num_seqs
     if normalizer is not None:
-        denominator = normalizer
+        return numerator / torch.as_tensor(normalizer, dtype=loss.dtype, device=loss.device).reshape(())
     denominator = torch.as_tensor(denominator, dtype=loss.dtype, device=loss.device)
     return numerator / torch.where(denominator != 0, denominator, 1)
 
@@ -285,31 +287,40 @@ def aggregate_loss(loss, mask, loss_agg="token-mean", *, normalizer=None, cu_seq
 def rlsd_metrics(terms, mask):
     """Masked means of the per-token terms, as a dict of detached 0-d tensors.
 
-    ``num_tokens`` is ``sum(m)``: multiply a mean by it to get a sum that reduces across ranks.
+    ``num_tokens`` is ``sum(m)``: multiply a mean by it to get a sum that reduces across ranks. The
+    credit metrics (``credit_weight_mean``, ``credit_clip_low_frac``, ``credit_clip_high_frac``,
+    ``delta_mean``) are means over the tokens with a non-zero advantage only (``terms["advantage"]``;
+    at A = 0 the weight is 1 by definition and would dilute them), whose weighted count is
+    ``num_credit_tokens``; without a teacher (``"weight"`` absent) they are left out.
     ``entropy_mean``, ``kl_mean`` and ``is_weight_mean`` are there when the terms hold them.
     """
-    m = mask.to(torch.float64 if terms["weight"].dtype == torch.float64 else torch.float32)
-    total = m.sum()
-    denominator = torch.where(total != 0, total, torch.ones_like(total))
+    m = mask.to(torch.float64 if terms["ratio"].dtype == torch.float64 else torch.float32)
 
-    def mean(x):
+    def mean(x, weights=m):
+        total = weights.sum()
         x = x.detach().to(m.dtype)
-        return torch.where(m != 0, x * m, torch.zeros_like(m)).sum() / denominator
+        return torch.where(weights != 0, x * weights, torch.zeros_like(m)).sum() / torch.where(total != 0, total, 1.0)
 
-    metrics = {
-        "credit_weight_mean": mean(terms["weight"]),
-        "credit_clip_low_frac": mean(terms["weight_clip_low"]),
-        "credit_clip_high_frac": mean(terms["weight_clip_high"]),
-        "delta_mean": mean(terms["delta"]),
+    metrics = {}
+    if "weight" in terms:
+        on = torch.where(terms["advantage"] != 0, m, torch.zeros_like(m))
+        metrics.update({
+            "credit_weight_mean": mean(terms["weight"], on),
+            "credit_clip_low_frac": mean(terms["weight_clip_low"], on),
+            "credit_clip_high_frac": mean(terms["weight_clip_high"], on),
+            "delta_mean": mean(terms["delta"], on),
+            "num_credit_tokens": on.sum().detach(),
+        })
+    metrics.update({
         "ratio_mean": mean(terms["ratio"]),
         "ppo_clip_low_frac": mean(terms["ppo_clip_low"]),
         "ppo_clip_high_frac": mean(terms["ppo_clip_high"]),
         "dual_clip_frac": mean(terms["dual_clip"]),
-    }
+    })
     for key in ("entropy", "kl", "is_weight"):
         if key in terms:
             metrics[f"{key}_mean"] = mean(terms[key])
-    metrics["num_tokens"] = total.detach()
+    metrics["num_tokens"] = m.sum().detach()
     return metrics
 
 
@@ -370,9 +381,15 @@ def rlsd_loss(
     # Masked positions may hold any id (padding): score them as ignored tokens.
     scored = torch.where(valid, tokens, IGNORE_INDEX)
     lp_s, entropy = token_logprobs(student_logits, scored, temperature=temperature, return_entropy=True)
+    no_teacher = teacher_logits is None and teacher_logprobs is None
+    if no_teacher and lam != 0:
+        raise ValueError("the credit weight (lam > 0) needs teacher_logits or teacher_logprobs")
     if teacher_logits is not None:
         with torch.no_grad():
             lp_t = token_logprobs(teacher_logits, scored, temperature=temperature)
+    elif no_teacher:
+        # lam = 0 (GRPO): the weight does not enter the loss; the credit metrics are left out.
+        lp_t = torch.zeros_like(lp_s)
     else:
         lp_t = teacher_logprobs.to(lp_s.dtype)
     adv = advantages.to(lp_s.dtype)
@@ -418,7 +435,10 @@ def rlsd_loss(
     loss = aggregate_loss(terms["loss"], m, loss_agg, normalizer=normalizer, cu_seqlens=cu_seqlens)
     if return_metrics:
         shown = {k: v for k, v in terms.items() if k not in ("kl", "is_weight")}
-        shown["entropy"] = entropy
+        shown["entropy"], shown["advantage"] = entropy, adv
+        if no_teacher:
+            for key in ("weight", "delta", "weight_clip_low", "weight_clip_high"):
+                del shown[key]
         if ref is not None:
             shown["kl"] = terms["kl"]
         if rollout is not None or is_weights is not None:

@@ -18,23 +18,37 @@ PER_TOKEN_KEYWORDS = ("teacher_logprobs", "old_logprobs", "mask", "credit_mask",
                       "is_weights", "normalizer", "cu_seqlens")
 
 
-def describe(kwargs, token_shape, device, tokens, advantages, *, distill=None, grpo=False, want_entropy=False):
-    """``(loss, call)`` from a public function's keywords (its ``locals()``)."""
+def describe(kwargs, token_shape, device, tokens, advantages, *, distill=None, grpo=False, want_entropy=False,
+             no_teacher=False):
+    """``(loss, call)`` from a public function's keywords (its ``locals()``); ``no_teacher`` for GRPO
+    without a teacher (``check_teacher``)."""
     options = PolicyOptions.pick(kwargs, want_entropy=want_entropy)
     per_token = {k: kwargs.get(k) for k in PER_TOKEN_KEYWORDS}
+    has_teacher = not no_teacher
+    if no_teacher:
+        # lam = 0 (GRPO): the credit weight does not enter the loss; the kernels score a zero teacher.
+        per_token["teacher_logprobs"] = torch.zeros(tuple(token_shape), dtype=torch.float32, device=device)
     call = prepare(token_shape, device, tokens, advantages, options, loss_agg=kwargs["loss_agg"],
                    validate=kwargs["validate"], **per_token)
     if distill is None:
-        return PolicyLoss(call.options), call
+        return PolicyLoss(call.options, has_teacher), call
     return DistillLoss(call.options, DistillOptions.pick(distill, grpo=grpo)), call
 
 
-def check_teacher(teacher, teacher_logprobs, loss, teacher_name):
+def check_teacher(teacher, teacher_logprobs, loss, teacher_name, lam=None):
+    """Exactly one teacher source; none at all only for the policy loss with ``lam = 0`` (GRPO),
+    returned as ``True`` (no teacher)."""
     if isinstance(loss, DistillLoss) and loss.pairs_teacher and (teacher is None or teacher_logprobs is not None):
         raise ValueError(f"the full-vocabulary divergences need {teacher_name} (teacher_logprobs is for "
                          "divergence='sampled_token' only)")
-    if (teacher is None) == (teacher_logprobs is None):
+    if teacher is not None and teacher_logprobs is not None:
         raise ValueError(f"give exactly one of {teacher_name} and teacher_logprobs")
+    if teacher is None and teacher_logprobs is None:
+        if lam is None or PolicyOptions(lam=lam).lam != 0:
+            raise ValueError(f"give {teacher_name} or teacher_logprobs: the credit weight (lam > 0) needs the "
+                             "teacher (with lam=0, plain GRPO, neither is needed)")
+        return True
+    return False
 
 
 def check_eager(form, what):

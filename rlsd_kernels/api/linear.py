@@ -82,9 +82,9 @@ def rlsd_linear_loss(
         The loss (a scalar, or per-token ``[B, T]`` / ``[N]`` for ``none``), or ``(loss, metrics)``.
     """
     check_linear(student_hidden, weight, bias, teacher_hidden, chunk_size)
-    check_teacher(teacher_hidden, teacher_logprobs, None, "teacher_hidden")
+    no_teacher = check_teacher(teacher_hidden, teacher_logprobs, None, "teacher_hidden", lam)
     loss, call = describe(locals(), student_hidden.shape[:-1], student_hidden.device, tokens, advantages,
-                          want_entropy=return_metrics)
+                          want_entropy=return_metrics, no_teacher=no_teacher)
     form, tensors = linear_form(student_hidden, weight, bias, teacher_hidden, chunk_size=chunk_size,
                                 process_group=process_group, paired=loss.pairs_teacher)
     return run_loss(form, tensors, loss, call, return_metrics=return_metrics, validate=validate)

@@ -128,9 +128,9 @@ def rlsd_loss(
     temporary = not torch.compiler.is_compiling() and is_temporary(sys.getrefcount(student_logits))
     form, tensors = logits_form(student_logits, teacher_logits, inplace=inplace_backward, temporary=temporary,
                                 process_group=process_group, scalar=loss_agg != "none")
-    check_teacher(teacher_logits, teacher_logprobs, None, "teacher_logits")
+    no_teacher = check_teacher(teacher_logits, teacher_logprobs, None, "teacher_logits", lam)
     loss, call = describe(locals(), student_logits.shape[:-1], student_logits.device, tokens, advantages,
-                          want_entropy=return_metrics)
+                          want_entropy=return_metrics, no_teacher=no_teacher)
     return run_loss(form, tensors, loss, call, return_metrics=return_metrics, validate=validate)
 
 

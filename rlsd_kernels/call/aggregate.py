@@ -13,7 +13,11 @@ from ..reference import LOSS_AGG_MODES, sequence_ids, sequence_sums
 
 
 def _denominator(default, normalizer, like):
-    d = torch.as_tensor(default if normalizer is None else normalizer, dtype=torch.float32, device=like.device)
+    """The mode's own denominator (0, a fully masked batch, taken as 1), or the caller's normalizer
+    as it is (checked by ``inputs.check_normalizer``)."""
+    if normalizer is not None:
+        return torch.as_tensor(normalizer, dtype=torch.float32, device=like.device).reshape(())
+    d = torch.as_tensor(default, dtype=torch.float32, device=like.device)
     return torch.where(d != 0, d, torch.ones_like(d))
 
 

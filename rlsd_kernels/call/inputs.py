@@ -7,6 +7,7 @@ Every loss entry point (logits, hidden states, sharded or not; RLSD, GRPO+OPSD, 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -54,28 +55,50 @@ def check_tokens(tokens, token_shape, device, name="tokens"):
         raise ValueError(f"{name} has shape {tuple(tokens.shape)}, expected {tuple(token_shape)}")
 
 
-def check_loss_agg(loss_agg, normalizer):
+def check_normalizer(loss_agg, normalizer, validate):
+    """The normalizer as given, or None. A number must be positive and finite; so must a one-element
+    tensor, checked on the device: with ``validate`` by one sync (which the call makes anyway), else
+    a bad value becomes NaN, so that the loss is NaN and never a silently finite wrong value."""
     if loss_agg not in LOSS_AGG_MODES:
         raise ValueError(f"loss_agg must be one of {LOSS_AGG_MODES}, got {loss_agg!r}")
     if normalizer is None:
-        return
+        return None
     if loss_agg == "none":
         raise ValueError("normalizer has no meaning with loss_agg='none'")
     if isinstance(normalizer, torch.Tensor):
-        if normalizer.numel() != 1:
-            raise ValueError(f"normalizer must hold one value, got shape {tuple(normalizer.shape)}")
-    elif isinstance(normalizer, bool) or not (isinstance(normalizer, (int, float)) and 0 < normalizer < float("inf")):
-        raise ValueError(f"normalizer must be a positive number or a one-element tensor, got {normalizer!r}")
+        if normalizer.numel() != 1 or normalizer.is_complex() or normalizer.dtype == torch.bool:
+            raise ValueError(f"normalizer must hold one real value, got shape {tuple(normalizer.shape)} and dtype "
+                             f"{normalizer.dtype}")
+        value = normalizer.detach().float()
+        ok = (value > 0) & torch.isfinite(value)
+        if validate:
+            if not bool(ok.all()):
+                raise ValueError(f"normalizer must be positive and finite, got {float(value.reshape(()))}")
+            return value
+        return torch.where(ok, value, float("nan"))
+    if isinstance(normalizer, bool) or not (isinstance(normalizer, numbers.Real) and 0 < normalizer < float("inf")):
+        raise ValueError(f"normalizer must be a positive finite number or a one-element tensor, got {normalizer!r}")
+    return float(normalizer)
 
 
 def check_cu_seqlens(cu_seqlens, token_shape, validate):
+    """``[S + 1]`` boundaries ``0 = c_0 <= c_1 <= ... <= c_S = N``. Their values are checked where that
+    costs no device sync (a CPU tensor) or a sync is made anyway (``validate``); otherwise they must
+    be well formed."""
     check_tensor(cu_seqlens, "cu_seqlens", kinds=("int",), dims=(1,))
     if len(token_shape) != 1:
         raise ValueError("cu_seqlens is for packed [N, ...] inputs")
-    if validate:
-        n = token_shape[0]
-        if int(cu_seqlens[-1]) != n:
-            raise ValueError(f"cu_seqlens ends at {int(cu_seqlens[-1])}, but there are {n} tokens")
+    if cu_seqlens.numel() == 0:
+        raise ValueError("cu_seqlens must hold at least one boundary (0)")
+    if not (validate or cu_seqlens.device.type == "cpu"):
+        return
+    n, bounds = token_shape[0], cu_seqlens.cpu()
+    if int(bounds[0]) != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {int(bounds[0])}")
+    if bool((bounds[1:] < bounds[:-1]).any()):
+        raise ValueError(f"cu_seqlens must not decrease, got {bounds.tolist()}")
+    if int(bounds[-1]) != n:
+        raise ValueError(f"cu_seqlens ends at {int(bounds[-1])}, but there are {n} tokens")
 
 
 def prepare(token_shape, device, tokens, advantages, options: PolicyOptions, *, loss_agg, teacher_logprobs=None,
@@ -85,7 +108,7 @@ def prepare(token_shape, device, tokens, advantages, options: PolicyOptions, *, 
     returns the call's ``TokenInputs`` with each token's share of the aggregated loss."""
     token_shape = tuple(token_shape)
     check_tokens(tokens, token_shape, device)
-    check_loss_agg(loss_agg, normalizer)
+    normalizer = check_normalizer(loss_agg, normalizer, validate)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, token_shape, validate)
     if options.kl_coef != 0 and ref_logprobs is None:

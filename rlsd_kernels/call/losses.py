@@ -24,6 +24,8 @@ class PolicyLoss:
     """The policy loss (RLSD; GRPO/DAPO with ``lam=0``)."""
 
     options: PolicyOptions
+    # False for GRPO without a teacher (lam = 0): its credit metrics are left out.
+    has_teacher: bool = True
     distill = None
     # The per-token statistics its row gradient needs.
     saved = ("lse", "d_lp", "entropy")
@@ -49,7 +51,7 @@ class PolicyLoss:
                             out=out)
 
     def metrics(self, out, flags, mask, inputs):
-        return policy_metrics(out, flags, mask, inputs, self.options)
+        return policy_metrics(out, flags, mask, inputs, self.options, self.has_teacher)
 
 
 @dataclasses.dataclass(frozen=True)

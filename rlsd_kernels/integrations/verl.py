@@ -141,7 +141,7 @@ def compute_policy_loss_rlsd(
         "actor/pg_clipfrac_lower": masked_mean(terms["dual_clip"].float(), mask).item(),
         "actor/rlsd_lam": lam,
     }
-    for name, value in reference.rlsd_metrics(terms, mask).items():
+    for name, value in reference.rlsd_metrics(dict(terms, advantage=advantages), mask).items():
         if name in ("credit_weight_mean", "credit_clip_low_frac", "credit_clip_high_frac", "delta_mean"):
             metrics[f"actor/rlsd_{name}"] = value.item()
     return pg_loss, metrics
