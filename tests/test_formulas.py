@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+from tolerances import FLOAT64_FORMULA, FP32
 
 import rlsd_kernels
 from rlsd_kernels import reference
@@ -176,12 +177,12 @@ def _check(fn, case, dtype, device, rtol, atol):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_reference_formula(name):
-    _check(reference.rlsd_loss, CASES[name], torch.float64, "cpu", rtol=1e-9, atol=1e-12)
+    _check(reference.rlsd_loss, CASES[name], torch.float64, "cpu", **FLOAT64_FORMULA)
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_kernel_formula(name, device, backend, small_blocks):
-    _check(rlsd_kernels.rlsd_loss, CASES[name], torch.float32, device, rtol=2e-5, atol=2e-6)
+    _check(rlsd_kernels.rlsd_loss, CASES[name], torch.float32, device, **FP32)
 
 
 def test_reference_token_terms_closed_form_derivative():
@@ -200,7 +201,7 @@ def test_reference_token_terms_closed_form_derivative():
         if case["options"].get("credit_negative_only"):
             continue
         want = torch.tensor([case["expected"](lp)[1]], dtype=torch.float64)
-        torch.testing.assert_close(terms["d_loss"], want, rtol=1e-9, atol=1e-12, msg=name)
+        torch.testing.assert_close(terms["d_loss"], want, **FLOAT64_FORMULA, msg=name)
 
 
 def test_teacher_logits_give_the_teacher_logprob(device, backend, small_blocks):
@@ -215,7 +216,7 @@ def test_teacher_logits_give_the_teacher_logprob(device, backend, small_blocks):
                                   torch.tensor([adv], device=device), temperature=tau, loss_agg="none")
     want = [-a * w for a, w in zip(adv, weights, strict=True)]
     torch.testing.assert_close(loss.detach().double().cpu(), torch.tensor([want], dtype=torch.float64),
-                               rtol=2e-5, atol=2e-6)
+                               **FP32)
     assert not all(w == 1.0 for w in weights) and any(w in (0.8, 1.2) for w in weights)
     loss.sum().backward()
-    torch.testing.assert_close(student.grad.double().cpu(), expected_logit_grad(want, tau), rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(student.grad.double().cpu(), expected_logit_grad(want, tau), **FP32)

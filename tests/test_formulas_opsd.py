@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from test_formulas import ROWS, TEACHER_ROWS, TOKENS, hand_lp, log_softmax
+from tolerances import FLOAT64_DIFFERENCES, FP32
 
 import rlsd_kernels
 from rlsd_kernels import reference
@@ -101,20 +102,20 @@ def _check(op, divergence, beta, token_clip, dtype, device, rtol, atol, grpo=Fal
 @pytest.mark.parametrize("divergence, beta", DIVERGENCES, ids=IDS)
 def test_reference_divergence(divergence, beta, clip):
     token_clip = _clip_between(divergence, beta) if clip else None
-    _check(reference.opsd_loss, divergence, beta, token_clip, torch.float64, "cpu", rtol=1e-8, atol=1e-9)
+    _check(reference.opsd_loss, divergence, beta, token_clip, torch.float64, "cpu", **FLOAT64_DIFFERENCES)
 
 
 @pytest.mark.parametrize("clip", [False, True])
 @pytest.mark.parametrize("divergence, beta", DIVERGENCES, ids=IDS)
 def test_kernel_divergence(divergence, beta, clip, device, backend, small_blocks):
     token_clip = _clip_between(divergence, beta) if clip else None
-    _check(rlsd_kernels.opsd_loss, divergence, beta, token_clip, torch.float32, device, rtol=2e-5, atol=2e-6)
+    _check(rlsd_kernels.opsd_loss, divergence, beta, token_clip, torch.float32, device, **FP32)
 
 
 @pytest.mark.parametrize("divergence, beta", DIVERGENCES[::2] + [DIVERGENCES[5]], ids=IDS[::2] + [IDS[5]])
 def test_grpo_opsd_divergence(divergence, beta, device, backend, small_blocks):
     _check(rlsd_kernels.grpo_opsd_loss, divergence, beta, _clip_between(divergence, beta), torch.float32, device,
-           rtol=2e-5, atol=2e-6, grpo=True)
+           **FP32, grpo=True)
 
 
 # Aggregation: three sequences of three tokens, the last fully masked; on-policy with lp_T = lp_S,

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 from tiny_lm import char_tokenizer, tiny_qwen2
+from tolerances import TRAINER_GRAD, TRAINER_LOSS, TWO_ROUTES_FP32
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("trl", reason="the trl extra is not installed")
@@ -140,9 +141,9 @@ def test_lam_zero_equals_trl_loss(tmp_path, loss_type):
     ours, ours_grads = _loss_and_grads(t, inputs, t.compute_loss)
     theirs, their_grads = _loss_and_grads(t, inputs, lambda m, x: GRPOTrainer._compute_loss(t, m, x))
     assert ours.item() != 0.0
-    torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(ours, theirs, **TRAINER_LOSS)
     for a, b in zip(ours_grads, their_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a, b, **TRAINER_GRAD)
     if loss_type != "cispo":
         assert t._metrics["train"]["clip_ratio/region_mean"][-1] > 0
     t.args.lam = 1.0
@@ -210,9 +211,9 @@ def test_vllm_importance_sampling_matches_trl(tmp_path, loss_type, mode):
     assert (inputs["importance_sampling_ratio"] == 1.3).any() and (inputs["importance_sampling_ratio"] < 1).any()
     ours, ours_grads = _loss_and_grads(t, inputs, t.compute_loss)
     theirs, their_grads = _loss_and_grads(t, inputs, lambda m, x: GRPOTrainer._compute_loss(t, m, x))
-    torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(ours, theirs, **TRAINER_LOSS)
     for a, b in zip(ours_grads, their_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a, b, **TRAINER_GRAD)
 
 
 @pytest.mark.parametrize("backend", ["triton"], indirect=True)
@@ -227,6 +228,6 @@ def test_lam_positive_through_the_kernels(tmp_path, backend):
     kernels, kernel_grads = _loss_and_grads(t, inputs, t.compute_loss)
     with _utils.backend("torch"):
         torch_loss, torch_grads = _loss_and_grads(t, inputs, t.compute_loss)
-    torch.testing.assert_close(kernels, torch_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kernels, torch_loss, **TWO_ROUTES_FP32)
     for a, b in zip(kernel_grads, torch_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a, b, **TRAINER_GRAD)

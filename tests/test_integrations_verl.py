@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from tiny_lm import char_tokenizer, tiny_qwen2
+from tolerances import FLOAT64_SAME, MATMUL_FP32, TRAINER_GRAD, TWO_ROUTES_FP32
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("verl", reason="the verl extra is not installed")
@@ -73,8 +74,8 @@ def test_lam_zero_is_vanilla(mode, with_is):
         loss.backward()
         results.append((loss.detach(), lp.grad, metrics))
     (ours, our_grad, our_metrics), (theirs, their_grad, their_metrics) = results
-    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(our_grad, their_grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours, theirs, **FLOAT64_SAME)
+    torch.testing.assert_close(our_grad, their_grad, **FLOAT64_SAME)
     for key in ("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"):
         assert our_metrics[key] == pytest.approx(their_metrics[key], abs=1e-12), key
     assert their_metrics["actor/pg_clipfrac"] > 0 and their_metrics["actor/pg_clipfrac_lower"] > 0
@@ -97,8 +98,8 @@ def test_lam_positive_is_the_fused_api(mode):
                                           clip_high=0.28, dual_clip=3.0, loss_agg=mode)
         loss.backward()
         grads.append((loss.detach(), z.grad))
-    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads[0][0], grads[1][0], **TWO_ROUTES_FP32)
+    torch.testing.assert_close(grads[0][1], grads[1][1], **TRAINER_GRAD)
 
 
 def test_missing_teacher_is_a_clear_error():
@@ -181,7 +182,7 @@ def test_teacher_log_prob_round_trip():
     assert torch.equal(rlsd_verl.teacher_batch(batch, tok, max_context_tokens=8).batch["position_ids"], position_ids)
     expected = teacher_logprobs(model, direct["input_ids"], direct["attention_mask"], responses, response_mask,
                                 batch_size=1)
-    torch.testing.assert_close(lp * response_mask, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lp * response_mask, expected, **MATMUL_FP32)
 
     # Through the actor's loss: DataProto -> TensorDict -> no padding, as verl's _update_actor does.
     old = expected.detach() + 0.1
@@ -197,7 +198,7 @@ def test_teacher_log_prob_round_trip():
     direct_loss, _ = rlsd_verl.compute_policy_loss_rlsd(
         old, student, merged.batch["advantages"], response_mask.bool(), config.loss_agg_mode, config,
         teacher_log_prob=lp)
-    torch.testing.assert_close(loss, direct_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, direct_loss, **TWO_ROUTES_FP32)
     with pytest.raises(ValueError, match="teacher_log_prob"):
         rlsd_verl.rlsd_ppo_loss(config, {"log_probs": current}, td.exclude(rlsd_verl.TEACHER_KEY))
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from harness import assert_sum_close, compare
 from tolerances import FP32, GRAD, MATMUL_FP32, assert_close, assert_grad_close
 
 import rlsd_kernels
@@ -119,45 +120,24 @@ def make_linear_case(device, *, dtype=torch.float32, batch=2, seqlen=5, hidden_s
     return LinearCase(hidden, weight, b, t_hidden, tokens, adv, extra)
 
 
-def assert_sum_close(loss, expected, terms, loss_agg, *, normalizer=None, cu_seqlens=None):
-    """A scalar loss aggregates per-token ``terms`` of both signs, which may cancel far below their
-    size (seen here: a token-mean of 0.0025 from terms of about 0.5, off by 2.3e-7). The logits come
-    from a float32 matmul, so the error is relative to the terms: the absolute part of the tolerance
-    scales with the same aggregation of ``|terms|``."""
-    size = reference.aggregate_loss(terms.abs(), terms != 0, loss_agg, normalizer=normalizer, cu_seqlens=cu_seqlens)
-    scale = max(float(size), float(expected.detach().abs()))
-    torch.testing.assert_close(loss.detach().double().cpu(), expected.detach().double().cpu(), rtol=FP32["rtol"],
-                               atol=FP32["atol"] * scale, msg=lambda m: f"loss: {m}")
-
-
 def check_against_reference(case, dtype, *, loss_agg="token-mean", upstream=None, **extra):
     """Loss, metrics and every gradient against the float64 reference, with a random upstream."""
-    (h64, w64, b64), (ref_loss, ref_metrics) = case.reference(loss_agg=loss_agg, return_metrics=True, **extra)
-    if upstream is None:
-        upstream = torch.randn(ref_loss.shape, dtype=torch.float64) if ref_loss.dim() else torch.tensor(1.7)
-    upstream = upstream.to(ref_loss.device)
-    (ref_loss * upstream).sum().backward()
+    leaves = dict(zip(("hidden", "weight", "bias"), (None if x is None else x.detach().requires_grad_()
+                                                      for x in (case.hidden, case.weight, case.bias)), strict=True))
+    reference_leaves = {}
 
-    hidden = case.hidden.detach().requires_grad_()
-    weight = case.weight.detach().requires_grad_()
-    bias = None if case.bias is None else case.bias.detach().requires_grad_()
-    loss, metrics = case.call(hidden, weight, bias, loss_agg=loss_agg, return_metrics=True, **extra)
-    assert loss.dtype == torch.float32
-    if loss.dim():
-        assert_close(loss, ref_loss, what="per-token loss", **FP32)
-    else:
-        terms = case.reference(loss_agg="none", **extra)[1].detach()
-        options = {**case.kwargs, **extra}
-        assert_sum_close(loss, ref_loss, terms, loss_agg, normalizer=options.get("normalizer"),
-                         cu_seqlens=options.get("cu_seqlens"))
-    for key, value in ref_metrics.items():
-        assert_close(metrics[key], value, what=f"metrics[{key}]", **FP32)
-    (loss * upstream.to(loss.dtype)).sum().backward()
-    for name, x, ref in (("hidden", hidden, h64), ("weight", weight, w64), ("bias", bias, b64)):
-        if x is not None:
-            assert x.grad.dtype == dtype and x.grad.shape == x.shape, name
-            assert_grad_close(x.grad, ref.grad, dtype, what=f"d{name}")
-    return loss, metrics
+    def run_reference():
+        (h, w, b), out = case.reference(loss_agg=loss_agg, return_metrics=True, **extra)
+        reference_leaves.update(hidden=h, weight=w, bias=b)
+        return out
+
+    def run():
+        return case.call(*leaves.values(), loss_agg=loss_agg, return_metrics=True, **extra)
+
+    options = {**case.kwargs, **extra}
+    return compare(run, run_reference, leaves, reference_leaves, dtype, upstream=upstream,
+                   terms=lambda: case.reference(loss_agg="none", **extra)[1].detach(), loss_agg=loss_agg,
+                   aggregation=dict(normalizer=options.get("normalizer"), cu_seqlens=options.get("cu_seqlens")))
 
 
 AXES = [

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tolerances import EXACT
 
 import rlsd_kernels
 from rlsd_kernels.modules import RLSDLinearLoss, RLSDLoss
@@ -37,8 +38,8 @@ def test_logits_module_matches_functional():
             loss = rlsd_kernels.rlsd_loss(z, None, x["tokens"], x["advantages"], **OPTIONS, **per_call)
         loss.backward()
         results.append((loss.detach(), z.grad))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
-    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)
+    torch.testing.assert_close(results[0][0], results[1][0], **EXACT)
+    torch.testing.assert_close(results[0][1], results[1][1], **EXACT)
 
 
 def test_linear_module_matches_functional_and_takes_overrides():
@@ -59,7 +60,7 @@ def test_linear_module_matches_functional_and_takes_overrides():
         loss.backward()
         results.append((loss.detach(), h.grad, w.grad, metrics["credit_weight_mean"]))
     for a, b in zip(*results, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, **EXACT)
     assert module.options["loss_agg"] == "seq-mean-token-mean"
 
 
@@ -74,7 +75,7 @@ def test_lam_setter_changes_the_loss():
     rlsd = module(z, None, x["tokens"], x["advantages"], **per_call)
     expected = rlsd_kernels.rlsd_loss(z, None, x["tokens"], x["advantages"], lam=1.0, **per_call)
     assert not torch.allclose(grpo, rlsd)
-    torch.testing.assert_close(rlsd, expected, rtol=0, atol=0)
+    torch.testing.assert_close(rlsd, expected, **EXACT)
     assert "lam=1.0" in repr(module)
     assert list(module.state_dict()) == []
 
@@ -107,9 +108,9 @@ def test_docs_loss_examples():
     expected = rlsd_kernels.rlsd_loss(logits, None, x["tokens"], x["advantages"],
                                       teacher_logprobs=x["teacher_logprobs"], old_logprobs=x["old_logprobs"],
                                       mask=x["mask"], lam=rlsd_kernels.lam_schedule(7))
-    torch.testing.assert_close(namespace["loss"], expected, rtol=0, atol=0)
+    torch.testing.assert_close(namespace["loss"], expected, **EXACT)
     exec(compile(module, "README.md", "exec"), namespace)
-    torch.testing.assert_close(namespace["loss"], expected, rtol=0, atol=0)
+    torch.testing.assert_close(namespace["loss"], expected, **EXACT)
     assert namespace["loss_fn"].lam == rlsd_kernels.lam_schedule(7)
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_linear import _gpu_inputs, assert_sum_close, logits64, make_linear_case
+from harness import assert_sum_close, compare
+from test_linear import _gpu_inputs, logits64, make_linear_case
 from tolerances import FP32, GRAD, MATMUL_FP32, PAIR_GRAD, assert_close, assert_grad_close
 
 import rlsd_kernels
@@ -56,33 +57,18 @@ def reference_loss(case, grpo, h, w, b, **extra):
 def check(case, dtype, *, grpo=False, loss_agg="token-mean", **extra):
     """Loss, metrics and every gradient against the float64 reference, with a random upstream."""
     h64, w64, b64 = case.leaves64()
-    ref_loss, ref_metrics = reference_loss(case, grpo, h64, w64, b64, loss_agg=loss_agg, return_metrics=True, **extra)
-    upstream = torch.randn(ref_loss.shape, dtype=torch.float64) if ref_loss.dim() else torch.tensor(1.7)
-    upstream = upstream.to(ref_loss.device)
-    (ref_loss * upstream).sum().backward()
+    leaves = dict(zip(("hidden", "weight", "bias"), (None if x is None else x.detach().requires_grad_()
+                                                      for x in (case.hidden, case.weight, case.bias)), strict=True))
 
-    hidden = case.hidden.detach().requires_grad_()
-    weight = case.weight.detach().requires_grad_()
-    bias = None if case.bias is None else case.bias.detach().requires_grad_()
-    loss, metrics = call(case, grpo, hidden, weight, bias, loss_agg=loss_agg, return_metrics=True, **extra)
-    assert loss.dtype == torch.float32
-    if loss.dim():
-        assert_close(loss, ref_loss, what="per-token loss", **FP32)
-    else:
+    def terms():
         with torch.no_grad():
-            terms = reference_loss(case, grpo, *case.leaves64(), loss_agg="none", **extra)
-        options = {**case.kwargs, **extra}
-        assert_sum_close(loss, ref_loss, terms, loss_agg, normalizer=options.get("normalizer"),
-                         cu_seqlens=options.get("cu_seqlens"))
-    assert set(metrics) == set(ref_metrics)
-    for key, value in ref_metrics.items():
-        assert_close(metrics[key], value, what=f"metrics[{key}]", **FP32)
-    (loss * upstream.to(loss.dtype)).sum().backward()
-    for name, x, ref in (("hidden", hidden, h64), ("weight", weight, w64), ("bias", bias, b64)):
-        if x is not None:
-            assert x.grad.dtype == dtype and x.grad.shape == x.shape, name
-            assert_grad_close(x.grad, ref.grad, dtype, what=f"d{name}")
-    return loss, metrics
+            return reference_loss(case, grpo, *case.leaves64(), loss_agg="none", **extra)
+
+    options = {**case.kwargs, **extra}
+    return compare(lambda: call(case, grpo, *leaves.values(), loss_agg=loss_agg, return_metrics=True, **extra),
+                   lambda: reference_loss(case, grpo, h64, w64, b64, loss_agg=loss_agg, return_metrics=True, **extra),
+                   leaves, dict(hidden=h64, weight=w64, bias=b64), dtype, terms=terms, loss_agg=loss_agg,
+                   aggregation=dict(normalizer=options.get("normalizer"), cu_seqlens=options.get("cu_seqlens")))
 
 
 def _id(axis):

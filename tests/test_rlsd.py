@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from cases import make_case
+from harness import check_logits_canaries, compare
 from tolerances import FP32, assert_close, assert_grad_close
 
 import rlsd_kernels
@@ -19,29 +20,20 @@ BLOCK = 16  # forced under test so that small vocabularies hit the block edges
 
 
 def check_against_reference(case, dtype, *, loss_agg="token-mean", inplace=False, upstream=None, **extra):
-    ref_student, (ref_loss, ref_metrics) = case.reference(loss_agg=loss_agg, return_metrics=True, **extra)
-    if upstream is None:
-        upstream = torch.randn(ref_loss.shape, dtype=torch.float64) if ref_loss.dim() else torch.tensor(1.7)
-    upstream = upstream.to(ref_loss.device)
-    (ref_loss * upstream).sum().backward()
-
     student = case.student.view.requires_grad_()
-    loss, metrics = case.call(
-        rlsd_kernels.rlsd_loss, student, loss_agg=loss_agg, inplace_backward=inplace, return_metrics=True, **extra
-    )
-    assert loss.dtype == torch.float32
-    assert_close(loss, ref_loss, what="loss", **FP32)
-    for key, value in ref_metrics.items():
-        assert_close(metrics[key], value, what=f"metrics[{key}]", **FP32)
-    (loss * upstream.to(loss.dtype)).sum().backward()
-    assert student.grad.dtype == dtype
-    assert_grad_close(student.grad, ref_student.grad, dtype)
-    if not inplace:
-        case.student.check_canaries("student logits")
-    else:
-        outside = case.student.buffer.detach()[~case.student.inside]
-        assert torch.isnan(outside.float()).all(), "in-place gradient wrote outside the logits view"
-    return loss, metrics
+    reference_student = {}
+
+    def run_reference():
+        reference_student["student"], out = case.reference(loss_agg=loss_agg, return_metrics=True, **extra)
+        return out
+
+    def run():
+        return case.call(rlsd_kernels.rlsd_loss, student, loss_agg=loss_agg, inplace_backward=inplace,
+                         return_metrics=True, **extra)
+
+    result = compare(run, run_reference, {"student": student}, reference_student, dtype, upstream=upstream)
+    check_logits_canaries(case, inplace)
+    return result
 
 
 AXES = [

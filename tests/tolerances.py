@@ -33,6 +33,26 @@ REAL_SIZE_FP32 = dict(rtol=1e-4, atol=1e-5)
 # 4.8e-6 of the largest float64 value (db), 3.2e-6 of it apart (dW).
 PAIR_GRAD = dict(rtol=2e-5, atol=1e-5)
 
+# The same computation by two routes (a module wrapper and the function it calls).
+EXACT = dict(rtol=0, atol=0)
+# The float64 reference against closed forms written by hand in float64: the same operations in
+# another order, a few ulps apart.
+FLOAT64_FORMULA = dict(rtol=1e-9, atol=1e-12)
+# Float64 gradients of the divergences against central differences of the hand formulas.
+FLOAT64_DIFFERENCES = dict(rtol=1e-8, atol=1e-9)
+# Float64 losses of verl's "vanilla" and the reference's terms at lam = 0: the same formula.
+FLOAT64_SAME = dict(rtol=1e-12, atol=1e-12)
+# Two float32 computations of one value by different routes (the Triton kernels and the PyTorch
+# path; a trainer's own loss and ours): each within FP32 of the exact value.
+TWO_ROUTES_FP32 = dict(rtol=1e-5, atol=1e-6)
+TRAINER_LOSS = dict(rtol=2e-5, atol=1e-6)
+# Parameter gradients of a two-layer model through two float32 routes: the backward through the
+# layers sums the tokens' contributions in another order.
+TRAINER_GRAD = dict(rtol=1e-4, atol=1e-6)
+# Teacher log-probs from hidden states in chunks against a float32 log_softmax of the full logits:
+# two float32 matmul orders.
+CHUNKED_LOGPROBS = dict(rtol=1e-5, atol=1e-5)
+
 
 def assert_close(actual, expected, *, rtol, atol, what=""):
     """Elementwise closeness, with ``atol`` relative to the largest expected magnitude."""
