@@ -126,14 +126,22 @@ def make_call(n, vocab, dtype, device, variant):
     return fn
 
 
-def measure(fn, validate, calls, device):
+def count_ops(fn, *args) -> Counter:
+    """The ATen ops of one ``fn(*args)`` by name (the stubs' own zeroing left out)."""
     global _counter
+    _counter = OpCounter()
+    try:
+        with _counter:
+            fn(*args)
+        return _counter.ops
+    finally:
+        _counter = None
+
+
+def measure(fn, validate, calls, device):
     for _ in range(5):
         fn(validate)
-    _counter = OpCounter()
-    with _counter:
-        fn(validate)
-    counted, _counter = _counter, None
+    ops = count_ops(fn, validate)
     times = []
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(calls):
@@ -142,7 +150,7 @@ def measure(fn, validate, calls, device):
         fn(validate)
         sync()
         times.append(time.perf_counter() - t0)
-    return sum(counted.ops.values()), statistics.median(times) * 1e6, counted.ops
+    return sum(ops.values()), statistics.median(times) * 1e6, ops
 
 
 def main(argv=None):

@@ -18,11 +18,35 @@ PER_TOKEN_KEYWORDS = ("teacher_logprobs", "old_logprobs", "mask", "credit_mask",
                       "is_weights", "normalizer", "cu_seqlens")
 
 
+POLICY_KEYWORDS = tuple(PolicyOptions.keywords())
+_PLAIN = (float, int, bool, str, type(None))
+_OPTIONS: dict = {}
+
+
+def policy_options(kwargs, want_entropy):
+    """``PolicyOptions.pick``, kept by value for keywords that are plain Python values (a trainer
+    repeats the same ones every step): the checks run once per distinct set. Eager only."""
+    if torch.compiler.is_compiling():
+        return PolicyOptions.pick(kwargs, want_entropy=want_entropy)
+    values = tuple(kwargs.get(k) for k in POLICY_KEYWORDS)
+    if not all(type(v) in _PLAIN for v in values):
+        return PolicyOptions.pick(kwargs, want_entropy=want_entropy)
+    # The types are part of the key: True, 1 and 1.0 are equal but not checked alike.
+    key = (tuple(k in kwargs for k in POLICY_KEYWORDS), values, tuple(map(type, values)), bool(want_entropy))
+    options = _OPTIONS.get(key)
+    if options is None:
+        options = PolicyOptions.pick(kwargs, want_entropy=want_entropy)
+        if len(_OPTIONS) >= 256:
+            _OPTIONS.clear()
+        _OPTIONS[key] = options
+    return options
+
+
 def describe(kwargs, token_shape, device, tokens, advantages, *, distill=None, grpo=False, want_entropy=False,
              no_teacher=False):
     """``(loss, call)`` from a public function's keywords (its ``locals()``); ``no_teacher`` for GRPO
     without a teacher (``check_teacher``)."""
-    options = PolicyOptions.pick(kwargs, want_entropy=want_entropy)
+    options = policy_options(kwargs, want_entropy)
     per_token = {k: kwargs.get(k) for k in PER_TOKEN_KEYWORDS}
     has_teacher = not no_teacher
     if no_teacher:
@@ -62,7 +86,7 @@ def logits_form(student_logits, teacher_logits, *, inplace, temporary, process_g
     rows = as_rows(student_logits, "student_logits")
     if teacher_logits is not None:
         same_rows(rows, teacher_logits, "teacher_logits", "student_logits")
-        teacher_logits = teacher_logits.detach()
+        teacher_logits = teacher_logits.detach() if teacher_logits.requires_grad else teacher_logits
     if inplace and torch.compiler.is_compiling():
         raise ValueError("inplace_backward=True is not supported under torch.compile")
     if inplace and rows.tensor.requires_grad and _overlaps(rows.tensor):
