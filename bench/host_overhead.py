@@ -5,7 +5,8 @@ the backend switch sends the tensors to the Triton launchers whatever their devi
 left is the host's work: argument checks and preparation, allocations, small ATen ops, option
 packing, the autograd Function and the launch path. Per variant it reports the ATen ops per call
 (counted by a ``TorchDispatchMode``) and the microseconds per call (median over many calls), with
-``validate=True`` and ``validate=False``, and writes a CSV under ``bench/results/cpu/`` (or
+``validate=True``, ``"deferred"`` (on CPU the same check as ``True``: nothing runs ahead of the
+host to defer it) and ``False``, and writes a CSV under ``bench/results/cpu/`` (or
 ``bench/results/<device>/`` with ``--device cuda``).
 
 On CPU the tensors need no kernel at all; with ``--device cuda`` the same stubs run on CUDA
@@ -171,7 +172,7 @@ def main(argv=None):
     try:
         for variant in args.variants.split(","):
             fn = make_call(args.n, args.vocab, getattr(torch, args.dtype), device, variant)
-            for validate in (True, False):
+            for validate in (True, "deferred", False):
                 count, us, ops = measure(fn, validate, args.calls, device)
                 rows.append(dict(variant=variant, validate=validate, n=args.n, vocab=args.vocab, dtype=args.dtype,
                                  device=device.type, aten_ops=count, us_per_call=round(us, 1)))
@@ -181,9 +182,9 @@ def main(argv=None):
         restore()
     print(f"host work per rlsd_loss fwd+bwd, kernels stubbed (N = {args.n}, V = {args.vocab}, {args.dtype}, "
           f"{device.type}, median of {args.calls})")
-    print(f"{'variant':<10} {'validate':>8} {'ATen ops':>9} {'us/call':>9}")
+    print(f"{'variant':<10} {'validate':>9} {'ATen ops':>9} {'us/call':>9}")
     for r in rows:
-        print(f"{r['variant']:<10} {r['validate']!s:>8} {r['aten_ops']:>9} {r['us_per_call']:>9.1f}")
+        print(f"{r['variant']:<10} {r['validate']!s:>9} {r['aten_ops']:>9} {r['us_per_call']:>9.1f}")
     card = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).lower().replace(" ", "-")
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / card / "host_overhead.csv"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 import rlsd_kernels
+from rlsd_kernels.api import compose
 from rlsd_kernels.call.losses import DistillLoss, PolicyLoss
 from rlsd_kernels.call.options import DistillOptions, PolicyOptions
+from rlsd_kernels.flags import Flag
 from rlsd_kernels.forms import ops
 from rlsd_kernels.launch import common
 
@@ -91,3 +93,93 @@ def test_cached_options_keep_their_checks(keyword, good, bad, error):
     assert torch.equal(first, second)
     with pytest.raises(error, match=keyword):
         rlsd_kernels.rlsd_loss(student, teacher, tokens, adv, **{keyword: bad})
+
+
+# --- validate="deferred": the error bits are read without a blocking sync, at a later call ---
+
+@pytest.fixture
+def pending():
+    compose._pending.clear()
+    yield compose._pending
+    compose._pending.clear()
+
+
+class _Event:
+    """A CUDA event's interface on CPU: ``done`` says whether the device has reached it."""
+
+    def __init__(self, done):
+        self.done, self.waited = done, False
+
+    def query(self):
+        return self.done
+
+    def synchronize(self):
+        self.waited, self.done = True, True
+
+
+def _bad_call(validate, v=8):
+    student, teacher = torch.randn(4, v), torch.randn(4, v)
+    tokens = torch.tensor([0, v + 3, 1, 2])  # an id outside [0, V) at flat position 1
+    return rlsd_kernels.rlsd_loss(student, teacher, tokens, torch.randn(4), validate=validate), tokens
+
+
+def test_deferred_off_cuda_checks_at_once(pending):
+    """On CPU nothing runs ahead of the host: the deferred check is the strict one, in the call."""
+    with pytest.raises(ValueError, match=r"tokens: 1 token ids outside \[0, 8\).*flat position 1: id 11"):
+        _bad_call("deferred")
+    assert not pending
+    value, _ = _bad_call(False)  # unchecked, as documented
+    assert value.shape == ()
+
+
+def test_deferred_check_reads_only_what_has_arrived(pending):
+    """A pending check is read without blocking once its event is done, raising with the argument,
+    count and position of the earlier call; a check not yet done waits only when asked to."""
+    flags = torch.zeros(4, dtype=torch.int32)
+    flags[1] = int(Flag.BAD_TOKEN)
+    tokens = torch.tensor([0, 11, 1, 2])
+    event = _Event(done=False)
+    pending.append((event, torch.tensor(True), flags, tokens, 8, ops.NAMES))
+    compose.check_deferred(wait=False)  # not arrived: nothing read, nothing waited for
+    assert len(pending) == 1 and not event.waited
+    with pytest.raises(ValueError, match=r"earlier call with validate='deferred'.*tokens: 1 token ids.*id 11"):
+        compose.check_deferred(wait=True)
+    assert event.waited and not pending
+    # A clean one is dropped silently; the next deferred call reads what has arrived before it runs.
+    pending.append((_Event(done=True), torch.tensor(False), torch.zeros(4, dtype=torch.int32), tokens, 8, ops.NAMES))
+    pending.append((_Event(done=True), torch.tensor(True), flags, tokens, 8, ops.NAMES))
+    with pytest.raises(ValueError, match="earlier call"):
+        rlsd_kernels.rlsd_loss(torch.randn(4, 8), torch.randn(4, 8), torch.tensor([0, 1, 2, 3]), torch.randn(4),
+                               validate="deferred")
+    assert not pending
+
+
+def test_deferred_leaves_the_values_alone():
+    student, teacher = torch.randn(6, 16, requires_grad=True), torch.randn(6, 16)
+    tokens, adv = torch.randint(0, 16, (6,)), torch.randn(6)
+    grads = []
+    for validate in (True, "deferred", False):
+        student.grad = None
+        loss = rlsd_kernels.rlsd_loss(student, teacher, tokens, adv, validate=validate)
+        loss.backward()
+        grads.append((loss.detach(), student.grad.clone()))
+    for loss, grad in grads[1:]:
+        assert torch.equal(loss, grads[0][0]) and torch.equal(grad, grads[0][1])
+
+
+@pytest.mark.gpu
+def test_deferred_on_cuda_raises_at_the_next_call(pending):
+    """On CUDA the bad call returns (no sync); the next deferred call raises for it."""
+    v = 64
+    student, teacher = torch.randn(4, v, device="cuda"), torch.randn(4, v, device="cuda")
+    bad = torch.tensor([0, v + 3, 1, 2], device="cuda")
+    good = torch.tensor([0, 1, 2, 3], device="cuda")
+    adv = torch.randn(4, device="cuda")
+    rlsd_kernels.rlsd_loss(student, teacher, bad, adv, validate="deferred")
+    assert len(pending) == 1
+    torch.cuda.synchronize()
+    with pytest.raises(ValueError, match=r"earlier call.*tokens: 1 token ids.*flat position 1"):
+        rlsd_kernels.rlsd_loss(student, teacher, good, adv, validate="deferred")
+    rlsd_kernels.rlsd_loss(student, teacher, good, adv, validate="deferred")
+    compose.check_deferred()
+    assert not pending
