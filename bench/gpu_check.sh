@@ -129,3 +129,53 @@ say "== parts: ${TIMES[*]}; total ${SECONDS} s"
 # --plots redraws both PNGs from the CSVs, so a sweep cut short by its time box still has its plot.
 "$PY" bench/report.py "$OUT" --plots --tests "$(cat "$TESTS_OUT")" 2>&1 | tee -a "$LOG"
 rm -f "$TESTS_OUT"
+
+# ---------------------------------------------------------------------------------------------------
+# Host overhead (issue 14). NOT YET RUN on a GPU: written and checked on CPU only. Opt-in, after the
+# check above: HOST_OVERHEAD=1 QUICK=1 bash bench/gpu_check.sh (about 2 minutes more).
+#   a. bench/host_overhead.py on CUDA tensors: ATen ops and us per rlsd_loss fwd+bwd with the kernels
+#      stubbed out (the validation's device-to-host read is real there), N = 1024, V = 151,936, bf16
+#   b. triton's do_bench of rlsd_loss fwd+bwd (and the no-grad forward) at N = 1024 and 8192,
+#      V = 151,936, bf16, 10% of rows masked: validate=True (default), validate="deferred" (error
+#      bits read at the next call, no blocking sync) and validate=False
+# Writes $OUT/host_overhead.csv and $OUT/host_do_bench.csv.
+if [ "${HOST_OVERHEAD:-0}" != 0 ]; then
+  part "host overhead, kernels stubbed" 90 "$PY" bench/host_overhead.py --device cuda --calls 300 \
+    --out "$OUT/host_overhead.csv"
+  part "host overhead, do_bench" 120 "$PY" - "$OUT/host_do_bench.csv" <<'PYEOF'
+import csv, sys
+import torch
+from triton.testing import do_bench
+import rlsd_kernels
+
+V, rows = 151936, []
+for n in (1024, 8192):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    s = torch.randn(n, V, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    t = torch.randn(n, V, device="cuda", dtype=torch.bfloat16, generator=g)
+    tok = torch.randint(0, V, (n,), device="cuda", generator=g)
+    tok[torch.rand(n, device="cuda", generator=g) < 0.1] = -100
+    adv = torch.randn(n, device="cuda", generator=g)
+    for validate in (True, "deferred", False):
+        def fwd_bwd():
+            s.grad = None
+            rlsd_kernels.rlsd_loss(s, t, tok, adv, validate=validate).backward()
+
+        def fwd():
+            with torch.no_grad():
+                rlsd_kernels.rlsd_loss(s, t, tok, adv, validate=validate)
+
+        for name, fn in (("fwd+bwd", fwd_bwd), ("fwd", fwd)):
+            fn()
+            ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
+            rows.append({"n": n, "vocab": V, "dtype": "bfloat16", "pass": name, "validate": validate, "ms": round(ms, 4)})
+            print(f"N={n:5d} {name:8s} validate={validate!s:8s} {ms:.3f} ms", flush=True)
+    del s, t
+    torch.cuda.empty_cache()
+with open(sys.argv[1], "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+PYEOF
+  say "== host overhead: ${SECONDS} s in all"
+fi

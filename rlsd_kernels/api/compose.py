@@ -9,27 +9,53 @@ from ..autograd.functions import LogprobsFunction, ScalarLossFunction, TokenLoss
 from ..call.inputs import check_tokens, prepare
 from ..call.losses import DistillLoss, PolicyLoss, empty_outputs
 from ..call.options import DistillOptions, PolicyOptions
+from ..flags import ERRORS
 from ..forms.linear import LinearForm, default_chunk_size
 from ..forms.logits import LogitsForm, slice_of_base
 from ..forms.sharded import ShardedForm
-from ..launch.common import as_rows, check_tensor, same_rows
+from ..launch.common import as_rows, check_tensor, raise_on_error_flags, same_rows
 
 PER_TOKEN_KEYWORDS = ("teacher_logprobs", "old_logprobs", "mask", "credit_mask", "rollout_logprobs", "ref_logprobs",
                       "is_weights", "normalizer", "cu_seqlens")
+
+
+POLICY_KEYWORDS = tuple(PolicyOptions.keywords())
+_PLAIN = frozenset((float, int, bool, str, type(None)))
+_OPTIONS: dict = {}
+
+
+def policy_options(kwargs, want_entropy):
+    """``PolicyOptions.pick``, kept by value for keywords that are plain Python values (a trainer
+    repeats the same ones every step): the checks run once per distinct set. Eager only."""
+    if torch.compiler.is_compiling():
+        return PolicyOptions.pick(kwargs, want_entropy=want_entropy)
+    values = tuple(map(kwargs.get, POLICY_KEYWORDS))
+    types = tuple(map(type, values))
+    if not _PLAIN.issuperset(types):
+        return PolicyOptions.pick(kwargs, want_entropy=want_entropy)
+    # The types are part of the key: True, 1 and 1.0 are equal but not checked alike.
+    key = (tuple(map(kwargs.__contains__, POLICY_KEYWORDS)), values, types, bool(want_entropy))
+    options = _OPTIONS.get(key)
+    if options is None:
+        options = PolicyOptions.pick(kwargs, want_entropy=want_entropy)
+        if len(_OPTIONS) >= 256:
+            _OPTIONS.clear()
+        _OPTIONS[key] = options
+    return options
 
 
 def describe(kwargs, token_shape, device, tokens, advantages, *, distill=None, grpo=False, want_entropy=False,
              no_teacher=False):
     """``(loss, call)`` from a public function's keywords (its ``locals()``); ``no_teacher`` for GRPO
     without a teacher (``check_teacher``)."""
-    options = PolicyOptions.pick(kwargs, want_entropy=want_entropy)
+    options = policy_options(kwargs, want_entropy)
     per_token = {k: kwargs.get(k) for k in PER_TOKEN_KEYWORDS}
     has_teacher = not no_teacher
     if no_teacher:
         # lam = 0 (GRPO): the credit weight does not enter the loss; the kernels score a zero teacher.
         per_token["teacher_logprobs"] = torch.zeros(tuple(token_shape), dtype=torch.float32, device=device)
     call = prepare(token_shape, device, tokens, advantages, options, loss_agg=kwargs["loss_agg"],
-                   validate=kwargs["validate"], **per_token)
+                   validate=kwargs["validate"] and not is_deferred(kwargs["validate"]), **per_token)
     if distill is None:
         return PolicyLoss(call.options, has_teacher), call
     return DistillLoss(call.options, DistillOptions.pick(distill, grpo=grpo)), call
@@ -62,7 +88,7 @@ def logits_form(student_logits, teacher_logits, *, inplace, temporary, process_g
     rows = as_rows(student_logits, "student_logits")
     if teacher_logits is not None:
         same_rows(rows, teacher_logits, "teacher_logits", "student_logits")
-        teacher_logits = teacher_logits.detach()
+        teacher_logits = teacher_logits.detach() if teacher_logits.requires_grad else teacher_logits
     if inplace and torch.compiler.is_compiling():
         raise ValueError("inplace_backward=True is not supported under torch.compile")
     if inplace and rows.tensor.requires_grad and _overlaps(rows.tensor):
@@ -134,8 +160,62 @@ def empty_loss(tensors):
     return sum(t.sum(dtype=torch.float32) for t in tensors if t is not None) * 0.0
 
 
+DEFERRED = "deferred"
+# Deferred checks of earlier calls, oldest first: (ready event or None, host flag, flags, tokens,
+# vocabulary, argument names).
+_pending: list = []
+MAX_PENDING = 64
+
+
+def is_deferred(validate):
+    return isinstance(validate, str) and validate == DEFERRED
+
+
+def check_deferred(wait=True, keep=0):
+    """Raises the first error found by an earlier call made with ``validate="deferred"``, naming the
+    argument and the flat position, as ``validate=True`` would have in that call. With ``wait`` it
+    waits for the pending checks (one sync); without it, it reads only the checks whose result has
+    already reached the host, and never blocks. The newest ``keep`` checks are left pending."""
+    while len(_pending) > keep:
+        event, found, flags, tokens, vocab, names = _pending[0]
+        if event is not None:
+            if not wait and not event.query():
+                return
+            event.synchronize()
+        _pending.pop(0)
+        if bool(found):
+            try:
+                raise_on_error_flags(flags, tokens, vocab, names)
+            except ValueError as e:
+                raise ValueError(f"an earlier call with validate='deferred' found bad input: {e}") from None
+
+
+def defer_check(flags, tokens, vocab, names):
+    """Starts the check of a call's error bits without waiting for it: one reduction on the device
+    and a non-blocking copy of its one byte to pinned host memory, read by ``check_deferred``. Off
+    CUDA there is nothing to overlap: the check is made at once."""
+    found = (flags & int(ERRORS)).any()
+    if not found.is_cuda:
+        if bool(found):
+            raise_on_error_flags(flags, tokens, vocab, names)
+        return
+    host = torch.empty((), dtype=torch.bool, pin_memory=True)
+    host.copy_(found, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    _pending.append((event, host, flags, tokens, vocab, names))
+    if len(_pending) > MAX_PENDING:
+        check_deferred(wait=True, keep=MAX_PENDING)
+
+
 def run_loss(form, tensors, loss, call, *, return_metrics, validate):
-    """The loss (and its metrics) of a described call over ``form``."""
+    """The loss (and its metrics) of a described call over ``form``. ``validate="deferred"`` runs it
+    unchecked and checks its error bits at the next such call (``check_deferred``); under
+    torch.compile and for a sharded form it is ``True``."""
+    deferred = is_deferred(validate) and not torch.compiler.is_compiling() and not isinstance(form, ShardedForm)
+    validate = False if deferred else bool(validate)
+    if deferred:
+        check_deferred(wait=False)
     inputs, _, mask, token_shape, loss_agg = call
     if mask.numel() == 0:
         value = empty_loss(tensors)
@@ -145,6 +225,8 @@ def run_loss(form, tensors, loss, call, *, return_metrics, validate):
         return value, loss.metrics(empty_outputs(loss, mask), mask.int(), mask, inputs)
     function = TokenLossFunction if loss_agg == "none" else ScalarLossFunction
     value, flags, *per_token = function.apply(form, loss, inputs, torch.is_grad_enabled(), validate, *tensors)
+    if deferred:
+        defer_check(flags, inputs.tokens, form.vocab(tensors), form.names)
     if loss_agg == "none":
         value = value.view(token_shape)
     if not return_metrics:
@@ -153,6 +235,8 @@ def run_loss(form, tensors, loss, call, *, return_metrics, validate):
 
 
 def run_logprobs(form, tensors, tokens, token_shape, *, temperature, return_entropy, validate):
+    """Token log-probs over ``form``; ``validate="deferred"`` is ``True`` here (no flags come back)."""
+    validate = bool(validate)
     check_tokens(tokens, token_shape, tensors[0].device)
     temperature = PolicyOptions(temperature=temperature).temperature
     if tokens.numel() == 0:

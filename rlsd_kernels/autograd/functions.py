@@ -48,7 +48,8 @@ class ScalarLossFunction(torch.autograd.Function):
         grads, ctx.grads, ctx.used = ctx.grads, None, True
         if grad_value is None:
             return (None,) * (HEAD + len(grads))
-        scale = grad_value.float().reshape(1)
+        # The incoming gradient of the scalar (one element, read on the device).
+        scale = grad_value if grad_value.dtype == torch.float32 else grad_value.float()
         for g in grads:
             if g is not None:
                 ctx.form.clear_outside(g)

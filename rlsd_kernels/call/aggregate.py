@@ -17,8 +17,10 @@ def _denominator(default, normalizer, like):
     as it is (checked by ``inputs.check_normalizer``)."""
     if normalizer is not None:
         return torch.as_tensor(normalizer, dtype=torch.float32, device=like.device).reshape(())
-    d = torch.as_tensor(default, dtype=torch.float32, device=like.device)
-    return torch.where(d != 0, d, torch.ones_like(d))
+    if not isinstance(default, torch.Tensor):
+        return torch.tensor(float(default) if default != 0 else 1.0, dtype=torch.float32, device=like.device)
+    # d + (d == 0): 1 where d is 0, d exactly elsewhere (two ops, no scalar tensor).
+    return default + (default == 0)
 
 
 def token_weights(mask, token_shape, loss_agg, normalizer=None, cu_seqlens=None):

@@ -44,7 +44,9 @@ def per_token(x, name, token_shape, *, kinds, dtype, device, broadcast_rows=Fals
                 allowed += [(token_shape[0],), (token_shape[0], 1)]
             raise ValueError(f"{name} has shape {shape}, expected one of {allowed}")
         x = x.reshape(token_shape[0], 1).expand(token_shape)
-    return x.detach().to(dtype).reshape(-1).contiguous()
+    # The copies are taken outside the graph: detach only what autograd tracks.
+    x = x.detach() if x.requires_grad else x
+    return x.to(dtype).reshape(-1).contiguous()
 
 
 def check_tokens(tokens, token_shape, device, name="tokens"):
@@ -151,7 +153,8 @@ def prepare(token_shape, device, tokens, advantages, options: PolicyOptions, *, 
     if options.ratio_level == "sequence" or (rollout_logprobs is not None and options.tis_level == "sequence"):
         seq_ids, num_seqs, _ = sequence_ids(token_shape, cu_seqlens, device)
         inputs = inputs.replace(seq_ids=seq_ids)
-    options = dataclasses.replace(options, num_seqs=int(num_seqs))
+    if int(num_seqs) != options.num_seqs:
+        options = dataclasses.replace(options, num_seqs=int(num_seqs))
     if rollout_logprobs is not None and options.tis_level == "sequence" and old_logprobs is not None:
         # Known before any kernel runs: the kernels take it as a per-token input.
         inputs = inputs.replace(log_is=sequence_log_is(inputs.lp_old, inputs, num_seqs))

@@ -64,21 +64,54 @@ def _unpack_fields(cls, floats, ints):
     return cls(**values)
 
 
-def pack(loss, inputs: TokenInputs):
-    """``(tensors, floats, ints)``: the loss's options and the call's per-token inputs, by field."""
+# Eager calls repeat the same options: their packed numbers, and the loss rebuilt from those numbers
+# (with its checks), are kept by value. Bounded: a key that stops matching only costs a rebuild.
+_PACKED: dict = {}
+_UNPACKED: dict = {}
+_CACHE_SIZE = 256
+
+
+def _remember(cache, key, value):
+    if len(cache) >= _CACHE_SIZE:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
+def _pack_options(loss):
     floats, ints = [], [int(loss.distill is not None)]
     _pack_fields(loss.options, floats, ints)
     if loss.distill is not None:
         _pack_fields(loss.distill, floats, ints)
-    return [getattr(inputs, name) for name in INPUT_NAMES], floats, ints
+    return floats, ints
+
+
+def pack(loss, inputs: TokenInputs):
+    """``(tensors, floats, ints)``: the loss's options and the call's per-token inputs, by field."""
+    tensors = [getattr(inputs, name) for name in INPUT_NAMES]
+    if torch.compiler.is_compiling():
+        return (tensors, *_pack_options(loss))
+    key = (loss.options, loss.distill)
+    packed = _PACKED.get(key)
+    if packed is None:
+        floats, ints = _pack_options(loss)
+        packed = _remember(_PACKED, key, (tuple(floats), tuple(ints)))
+    return tensors, list(packed[0]), list(packed[1])
+
+
+def _unpack_loss(floats, ints):
+    floats, ints = list(floats), list(ints)
+    has_distill = bool(ints.pop(0))
+    options = _unpack_fields(PolicyOptions, floats, ints)
+    return DistillLoss(options, _unpack_fields(DistillOptions, floats, ints)) if has_distill else PolicyLoss(options)
 
 
 def unpack(tensors, floats, ints):
     """The loss and the ``TokenInputs`` that ``pack`` took apart."""
-    floats, ints = list(floats), list(ints)
-    has_distill = bool(ints.pop(0))
-    options = _unpack_fields(PolicyOptions, floats, ints)
-    loss = DistillLoss(options, _unpack_fields(DistillOptions, floats, ints)) if has_distill else PolicyLoss(options)
+    key = (tuple(floats), tuple(ints))
+    loss = _UNPACKED.get(key)
+    if loss is None:
+        loss = _remember(_UNPACKED, key, _unpack_loss(floats, ints))
     return loss, TokenInputs(**dict(zip(INPUT_NAMES, tensors, strict=True)))
 
 
@@ -119,8 +152,9 @@ def loss_fwd_op(
     grad = dest = None
     if write_grad:
         grad = common.empty(grad_shape(student, pad_before, pad_after), dtype=student.dtype, device=student.device)
-        dest = grad if grad.dim() == 2 else grad[:, pad_before:pad_before + student.shape[1]]
+        dest = grad
         if pad_before or pad_after:
+            dest = grad[:, pad_before:pad_before + student.shape[1]]
             grad[:, :pad_before].zero_()
             grad[:, pad_before + student.shape[1]:].zero_()
     outs = _forward(student, teacher, tensors, floats, ints, dest, validate)

@@ -1,0 +1,200 @@
+"""Host work per call of ``rlsd_loss`` (forward and backward) with the kernels stubbed out.
+
+Every Triton kernel object the launchers hold is replaced by a stub whose launch does nothing, and
+the backend switch sends the tensors to the Triton launchers whatever their device, so what is
+left is the host's work: argument checks and preparation, allocations, small ATen ops, option
+packing, the autograd Function and the launch path. Per variant it reports the ATen ops per call
+(counted by a ``TorchDispatchMode``) and the microseconds per call (median over many calls), with
+``validate=True``, ``"deferred"`` (on CPU the same check as ``True``: nothing runs ahead of the
+host to defer it) and ``False``, and writes a CSV under ``bench/results/cpu/`` (or
+``bench/results/<device>/`` with ``--device cuda``).
+
+On CPU the tensors need no kernel at all; with ``--device cuda`` the same stubs run on CUDA
+tensors, where the validation's device-to-host read is real (but waits on nothing, the kernels
+being stubbed). The stub writes zeros into the int32 arguments (the kernels' flags) outside the
+count and the timing's ATen ops, so that validation finds no error bits.
+
+    python bench/host_overhead.py                      # N = 1024, V = 151,936, bf16, CPU
+    python bench/host_overhead.py --vocab 4096 --calls 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import os
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import rlsd_kernels  # noqa: E402
+from rlsd_kernels.launch import common  # noqa: E402
+
+LAUNCH_MODULES = ("logprobs", "rlsd", "opsd")
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every ATen op dispatched while it is active (and not ``paused``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.paused = Counter(), False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused:
+            self.ops[str(func.overloadpacket.__name__)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+_counter: OpCounter | None = None
+
+
+class _StubLaunch:
+    """``kernel[grid](*args, **meta)`` that zeroes the int32 tensor arguments (the flags) and does
+    nothing else; the zeroing is not counted."""
+
+    def __getitem__(self, grid):
+        return self._launch
+
+    @staticmethod
+    def _launch(*args, **meta):
+        paused = _counter is not None and not _counter.paused
+        if paused:
+            _counter.paused = True
+        try:
+            with torch.utils._python_dispatch._disable_current_modes():
+                for a in args:
+                    if isinstance(a, torch.Tensor) and a.dtype == torch.int32:
+                        a.zero_()
+        finally:
+            if paused:
+                _counter.paused = False
+
+
+def stub_kernels():
+    """Replaces the kernels and the backend switch in every launcher module; returns an undo."""
+    undo = []
+    stub = _StubLaunch()
+    for name in LAUNCH_MODULES:
+        module = importlib.import_module(f"rlsd_kernels.launch.{name}")
+        for attr, value in list(vars(module).items()):
+            if attr.endswith("_kernel") and hasattr(value, "run"):
+                undo.append((module, attr, value))
+                setattr(module, attr, stub)
+        if hasattr(module, "use_triton"):
+            undo.append((module, "use_triton", module.use_triton))
+            module.use_triton = lambda x: True
+    undo.append((common, "use_triton", common.use_triton))
+    common.use_triton = lambda x: True
+
+    def restore():
+        for module, attr, value in reversed(undo):
+            setattr(module, attr, value)
+
+    return restore
+
+
+def make_call(n, vocab, dtype, device, variant):
+    """``(fn, student)``: ``fn()`` runs one forward and backward of the variant's call."""
+    seq = 128 if n % 128 == 0 else n
+    b = n // seq
+    g = torch.Generator().manual_seed(0)
+    student = torch.empty((b, seq, vocab), dtype=dtype, device=device).requires_grad_()
+    teacher = torch.empty((b, seq, vocab), dtype=dtype, device=device)
+    tokens = torch.randint(0, vocab, (b, seq), generator=g).to(device)  # int64: the stub leaves them
+    advantages = torch.randn((b,), generator=g).to(device)
+    extra = {}
+    if variant == "trainer":
+        # What a GRPO trainer passes: a mask, the behaviour policy's log-probs, [B, 1] advantages.
+        extra = dict(mask=torch.ones((b, seq), dtype=torch.bool, device=device),
+                     old_logprobs=-torch.rand((b, seq), generator=g).to(device))
+        advantages = advantages[:, None]
+
+    def fn(validate):
+        student.grad = None
+        loss = rlsd_kernels.rlsd_loss(student, teacher, tokens, advantages, validate=validate, **extra)
+        loss.backward()
+
+    return fn
+
+
+def count_ops(fn, *args) -> Counter:
+    """The ATen ops of one ``fn(*args)`` by name (the stubs' own zeroing left out)."""
+    global _counter
+    _counter = OpCounter()
+    try:
+        with _counter:
+            fn(*args)
+        return _counter.ops
+    finally:
+        _counter = None
+
+
+def measure(fn, validate, calls, device):
+    for _ in range(5):
+        fn(validate)
+    ops = count_ops(fn, validate)
+    times = []
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(calls):
+        sync()
+        t0 = time.perf_counter()
+        fn(validate)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return sum(ops.values()), statistics.median(times) * 1e6, ops
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=1024)
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--calls", type=int, default=300)
+    p.add_argument("--variants", default="default,trainer")
+    p.add_argument("--ops", action="store_true", help="print the ATen ops of each call by name")
+    p.add_argument("--out", default=None, help="CSV path (default bench/results/<device>/host_overhead.csv)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    device = torch.device(args.device)
+    restore = stub_kernels()
+    rows = []
+    try:
+        for variant in args.variants.split(","):
+            fn = make_call(args.n, args.vocab, getattr(torch, args.dtype), device, variant)
+            for validate in (True, "deferred", False):
+                count, us, ops = measure(fn, validate, args.calls, device)
+                rows.append(dict(variant=variant, validate=validate, n=args.n, vocab=args.vocab, dtype=args.dtype,
+                                 device=device.type, aten_ops=count, us_per_call=round(us, 1)))
+                if args.ops:
+                    print(f"{variant} validate={validate}: {dict(ops.most_common())}")
+    finally:
+        restore()
+    print(f"host work per rlsd_loss fwd+bwd, kernels stubbed (N = {args.n}, V = {args.vocab}, {args.dtype}, "
+          f"{device.type}, median of {args.calls})")
+    print(f"{'variant':<10} {'validate':>9} {'ATen ops':>9} {'us/call':>9}")
+    for r in rows:
+        print(f"{r['variant']:<10} {r['validate']!s:>9} {r['aten_ops']:>9} {r['us_per_call']:>9.1f}")
+    card = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).lower().replace(" ", "-")
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / card / "host_overhead.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {os.path.relpath(out, ROOT)}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
