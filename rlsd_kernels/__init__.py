@@ -9,6 +9,7 @@ Public API (keyword-only options, defaults from the official recipe):
 - :func:`opsd_loss`, :func:`grpo_opsd_loss`: the on-policy self-distillation baselines, and
   :func:`opsd_linear_loss`, :func:`grpo_opsd_linear_loss` from hidden states.
 - :func:`lam_schedule`: the official schedule of the credit mix ``lam``.
+- :func:`check_deferred`: raise the errors found by earlier calls with ``validate="deferred"``.
 
 Every loss and log-prob function takes ``process_group`` for vocabulary-parallel inputs.
 ``rlsd_kernels.reference`` holds the plain PyTorch specification of every op. The layers, from the
@@ -17,6 +18,7 @@ bottom: ``reference`` / ``flags`` / ``schedule``; ``kernels/``; ``launch/``; ``c
 """
 
 from . import reference
+from .api.compose import check_deferred
 from .api.linear import grpo_opsd_linear_loss, opsd_linear_loss, rlsd_linear_loss, token_logprobs_linear
 from .api.logprobs import token_logprobs
 from .api.losses import grpo_opsd_loss, opsd_loss, rlsd_loss
@@ -25,6 +27,7 @@ from .schedule import lam_schedule
 __version__ = "0.2.0"
 
 __all__ = [
+    "check_deferred",
     "grpo_opsd_linear_loss",
     "grpo_opsd_loss",
     "lam_schedule",

@@ -116,6 +116,11 @@ def rlsd_loss(
         validate: raise ``ValueError`` for token ids outside ``[0, V)`` at unmasked positions and for
             unmasked rows holding NaN or ``+inf`` (one device-to-host sync per call). With
             ``False`` such rows give non-finite values; use it where syncs are not allowed.
+            ``"deferred"`` (CUDA, opt-in) checks the same without blocking: the error bits are
+            copied to the host in the background and the next deferred call (or
+            ``rlsd_kernels.check_deferred()``) raises for the call that had them; by then the
+            gradient of that call exists. Under torch.compile and with ``process_group`` it is
+            ``True``.
         process_group: a ``torch.distributed`` group over which the vocabulary is sharded (tensor
             parallelism): the logits (student and teacher alike) are this rank's contiguous slice of
             the vocabulary, in group rank order, sizes may differ. One all-gather per forward, none
