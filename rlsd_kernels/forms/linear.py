@@ -255,14 +255,15 @@ class LinearForm:
         bits of its rows) and the sequence-level terms."""
         temperature = loss.options.temperature
         scored = inputs.tokens.masked_fill(inputs.weight == 0, IGNORE_INDEX)
-        plan = skip.plan(inputs.weight != 0)
+        pre_teacher = self.teacher is not None and not loss.pairs_teacher
+        plan = skip.plan(inputs.weight != 0) if pre_teacher or needs_sequence_pass(inputs, loss.options) else None
 
         def lp(z, _, sl):
             lp, _, _, flags = logprobs_fwd(z, scored[sl], temperature, False)
             return {"lp": lp, "flags": flags}
 
         t_flags = None
-        if self.teacher is not None and not loss.pairs_teacher:
+        if pre_teacher:
             teacher = self.map_tiles(tensors, lp, "teacher", plan)
             inputs = inputs.replace(lp_t=teacher["lp"])
             # The teacher's non-finite rows carry its own bit; its bad ids are the student's, flagged there.
