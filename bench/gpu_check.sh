@@ -142,6 +142,7 @@ rm -f "$TESTS_OUT"
 #    d. TFLOP/s of torch.mm at the planned shapes (M = 256, 512 logits; dH; dW);
 #    e. dW accumulated in float32 (forms/linear.py: DW_FP32_BYTES) at a size where it fits: it runs
 #       (torch.addmm with out_dtype on CUDA) and its error against float64 beside the bf16 default.
+#    QUICK=1 LINEAR_CHECK=1 bash bench/gpu_check.sh keeps the whole run near 8 minutes (300 s + this).
 if [ "${LINEAR_CHECK:-0}" != 0 ]; then
 LINEAR_PY=$(cat <<'EOF'
 import math, time

@@ -84,6 +84,7 @@ POLICY = [
     dict(layout="packed", chunk_size=4, ratio_level="sequence", rollout=True, tis_level="sequence"),
     dict(layout="packed", chunk_size=4, ref=True, kl_coef=0.1),
     dict(layout="packed", chunk_size=4, entropy_coef=0.01),
+    dict(layout="packed", chunk_size=4, surrogate="cispo", credit_mask=True, lam=0.5, temperature=0.7),
 ]
 
 
