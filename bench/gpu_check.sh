@@ -179,3 +179,122 @@ with open(sys.argv[1], "w", newline="") as f:
 PYEOF
   say "== host overhead: ${SECONDS} s in all"
 fi
+
+# ---------------------------------------------------------------------------------------------------
+# 6. The schedule of the fused linear form (issue 15), with LINEAR_CHECK=1 only, after the parts above
+#    (time box LINEAR_S, default 150 s). NOT YET RUN ON A GPU: written and run on CPU at tiny sizes
+#    (DRY_RUN=1) only. At N = 8192, H = 4096, V = 151,936, bf16, teacher included, 10% masked rows:
+#    a. the profiler's breakdown of one rlsd_linear_loss fwd+bwd by GEMM role (teacher logits,
+#       student logits, dH, dW; roles told apart by the matmuls' shapes) with each role's TFLOP/s;
+#    b. chunk_size 256 / 512 / 1024 (the fitted model says 92 / 71 / 67 ms), time and peak extra;
+#    c. work skipping on and off (forms/rows.py: SKIP) on a batch with 40% zero-advantage sequences,
+#       and on one without (skipping must then cost nothing);
+#    d. TFLOP/s of torch.mm at the planned shapes (M = 256, 512 logits; dH; dW);
+#    e. dW accumulated in float32 (forms/linear.py: DW_FP32_BYTES) at a size where it fits: it runs
+#       (torch.addmm with out_dtype on CUDA) and its error against float64 beside the bf16 default.
+#    QUICK=1 LINEAR_CHECK=1 bash bench/gpu_check.sh keeps the whole run near 8 minutes (300 s + this).
+if [ "${LINEAR_CHECK:-0}" != 0 ]; then
+LINEAR_PY=$(cat <<'EOF'
+import math, time
+import torch
+import rlsd_kernels
+from rlsd_kernels import reference
+from rlsd_kernels.forms import linear, rows
+
+cuda = torch.cuda.is_available()
+dev = "cuda" if cuda else "cpu"
+N, H, V, SEQ = (8192, 4096, 151936, 512) if cuda else (256, 32, 512, 32)
+CHUNKS = (256, 512, 1024) if cuda else (32, 64, 128)
+g = torch.Generator(device=dev).manual_seed(0)
+hidden = torch.randn(N, H, device=dev, generator=g).bfloat16().requires_grad_()
+teacher = (hidden.detach().float() + 0.5 * torch.randn(N, H, device=dev, generator=g)).bfloat16()
+weight = (torch.randn(V, H, device=dev, generator=g) * 2 / math.sqrt(H)).bfloat16().requires_grad_()
+tokens = torch.randint(0, V, (N,), device=dev, generator=g)
+mask = torch.rand(N, device=dev, generator=g) > 0.1
+adv = torch.randn(N, device=dev, generator=g)
+seq = torch.arange(N, device=dev) // SEQ
+adv_skip = adv * (torch.rand(N // SEQ, device=dev, generator=g) > 0.4)[seq]
+print(f"N={N} H={H} V={V} bf16 on {dev}; zero-advantage rows in the skip batch: "
+      f"{float((adv_skip == 0).float().mean()):.0%}")
+
+def step(a=adv, **kw):
+    loss = rlsd_kernels.rlsd_linear_loss(hidden, weight, tokens, a, teacher_hidden=teacher, mask=mask, **kw)
+    return torch.autograd.grad(loss, (hidden, weight))
+
+def sync():
+    if cuda:
+        torch.cuda.synchronize()
+
+def timed(fn, reps=5):
+    fn(); fn(); sync()
+    if cuda:
+        base = torch.cuda.memory_allocated(); torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter(); fn(); sync(); times.append(1e3 * (time.perf_counter() - t))
+    peak = (torch.cuda.max_memory_allocated() - base) / 1e9 if cuda else float("nan")
+    return sorted(times)[reps // 2], peak
+
+# a. the profiler breakdown of one call by GEMM role
+step(); sync()
+acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
+    step(); sync()
+roles = {}
+for e in prof.key_averages(group_by_input_shape=True):
+    us = e.device_time_total if cuda else e.cpu_time_total
+    if e.key in ("aten::mm", "aten::addmm", "aten::addmm_"):
+        shapes = [s for s in e.input_shapes if len(s) == 2]
+        a, b = shapes[1:3] if "addmm" in e.key else shapes[:2]
+        if b == [H, V] or (a[1] == H and b[0] == H):
+            role = f"logits M={a[0]}"
+        elif a[1] == V:
+            role = "dH"
+        else:
+            role = "dW"
+        flops = 2 * a[0] * a[1] * b[1] * e.count
+        r = roles.setdefault(role, [0, 0.0, 0.0]); r[0] += e.count; r[1] += us; r[2] += flops
+for role, (n, us, flops) in sorted(roles.items()):
+    print(f"a. {role:16s} {n:4d} calls {us / 1e3:9.2f} ms  {flops / us / 1e6 if us else 0:8.1f} TFLOP/s")
+print(prof.key_averages().table(sort_by="device_time_total" if cuda else "cpu_time_total", row_limit=12))
+
+# b. chunk sizes; c. skipping on and off
+for c in CHUNKS:
+    ms, gb = timed(lambda c=c: step(chunk_size=c))
+    print(f"b. chunk_size={c:5d}: {ms:8.2f} ms  peak extra {gb:.3f} GB")
+for label, a in (("40% zero adv", adv_skip), ("no zero adv", adv)):
+    for skip in (True, False):
+        rows.SKIP = skip
+        ms, gb = timed(lambda a=a: step(a=a, chunk_size=CHUNKS[0]))
+        print(f"c. {label:12s} skip={skip!s:5s}: {ms:8.2f} ms  peak extra {gb:.3f} GB")
+rows.SKIP = True
+
+# d. torch.mm at the planned shapes
+def mm_rate(m, k, n, out_dtype=None):
+    a = torch.randn(m, k, device=dev).bfloat16(); b = torch.randn(k, n, device=dev).bfloat16()
+    kw = {"out_dtype": torch.float32} if out_dtype and cuda else {}
+    ms, _ = timed(lambda: torch.mm(a, b, **kw), reps=10)
+    return 2 * m * k * n / ms / 1e9
+for m in CHUNKS[:2]:
+    print(f"d. logits [{m},{H}]x[{H},{V}] fp32 out: {mm_rate(m, H, V, True):7.1f} TFLOP/s; "
+          f"dH [{m},{V}]x[{V},{H}]: {mm_rate(m, V, H):7.1f}; dW [{V},{m}]x[{m},{H}]: {mm_rate(V, m, H):7.1f}")
+
+# e. dW in float32 where it fits, against float64 (a smaller vocabulary and hidden size)
+n2, h2, v2 = (2048, 1024, 8192) if cuda else (128, 16, 64)
+x = torch.randn(n2, h2, device=dev, generator=g).bfloat16()
+w0 = (torch.randn(v2, h2, device=dev, generator=g) * 2 / math.sqrt(h2)).bfloat16()
+y = torch.randint(0, v2, (n2,), device=dev, generator=g)
+a2 = torch.randn(n2, device=dev, generator=g)
+lp_t = -3 * torch.rand(n2, device=dev, generator=g)
+w64 = w0.double().requires_grad_()
+reference.rlsd_loss(x.double() @ w64.T, None, y, a2.double(), teacher_logprobs=lp_t.double()).backward()
+for budget in (0, 1 << 40):
+    linear.DW_FP32_BYTES[dev] = budget
+    w = w0.clone().requires_grad_()
+    rlsd_kernels.rlsd_linear_loss(x, w, y, a2, teacher_logprobs=lp_t, chunk_size=n2 // 32).backward()
+    err = float((w.grad.double() - w64.grad).norm() / w64.grad.norm())
+    print(f"e. dW {'float32' if budget else 'bf16   '} accumulator, 32 chunks: relative error {err:.3%}")
+EOF
+)
+  part "linear schedule" "${LINEAR_S:-150}" "$PY" -c "$LINEAR_PY"
+fi

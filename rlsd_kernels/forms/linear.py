@@ -5,7 +5,8 @@ of token rows at a time in float32 and never kept. Design notes and memory figur
 Per chunk the loss's launchers run on float32 tiles of logits (half a chunk at a time where a
 gradient buffer shares the memory, see ``_tiles``), write the chunk's logit gradient ``dz`` into the
 chunk's own buffer, and the chunk's gradients are added right away: ``dH[chunk] = dz @ W``,
-``dW += dz^T @ h``, ``db += sum(dz)``. Eager only.
+``dW += dz^T @ h``, ``db += sum(dz)``. Rows with zero weight are skipped, and rows without a
+logit gradient take no part in dH and dW (``rows.py``). Eager only.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ..launch import common
 from ..launch.logprobs import logprobs_bwd, logprobs_fwd
 from ..launch.terms import needs_sequence_pass, sequence_terms
 from ..reference import IGNORE_INDEX
+from . import rows as skip
 
 # Bytes for a chunk's buffers, by device type: a student tile and a gradient row per chunk row, and
 # for losses that pair the teacher's rows with the student's, a teacher tile too (docs/linear-form.md).
@@ -24,6 +26,11 @@ CHUNK_BYTES = {"cuda": 160 << 20}
 CHUNK_BYTES_OTHER = 16 << 20
 PAIRED_CHUNK_BYTES = {"cuda": 240 << 20}
 PAIRED_CHUNK_BYTES_OTHER = 24 << 20
+# Bytes a float32 accumulator of a half-precision weight's dW may take (4·V·H), by device type: within
+# it dW is summed over the chunks in float32 and rounded once, else in the weight's dtype, one rounding
+# per chunk (docs/linear-form.md: precision of dW). 0 keeps the measured default everywhere.
+DW_FP32_BYTES = {"cuda": 0}
+DW_FP32_BYTES_OTHER = 0
 
 
 def default_chunk_size(vocab: int, device: torch.device, dtype: torch.dtype, paired: bool = False) -> int:
@@ -50,6 +57,15 @@ def _tiles(rows, vocab, grad_dtype, device):
         return buf[start : start + n * padded * dtype.itemsize].view(dtype).view(n, padded)[:, :vocab]
 
     return view(0, work_rows, torch.float32), None if grad_dtype is None else view(work_bytes, rows, grad_dtype)
+
+
+def dw_in_fp32(weight, choice=None):
+    """Whether dW of ``weight`` accumulates in float32: ``choice`` (True/False) or, for None, the budget."""
+    if weight.dtype == torch.float32:
+        return False  # it does anyway
+    if choice is not None:
+        return bool(choice)
+    return 0 < 4 * weight.numel() <= DW_FP32_BYTES.get(weight.device.type, DW_FP32_BYTES_OTHER)
 
 
 def logits_into(out, h, weight, bias):
@@ -96,37 +112,62 @@ def _rows_of(x, sl):
 class _Grads:
     """dH, dW and db, added chunk by chunk from the chunk's logit gradient ``dz``."""
 
-    def __init__(self, hidden, weight, bias, needs):
+    def __init__(self, hidden, weight, bias, needs, plan=None, fp32=False):
         need_h, self.need_w, need_b = needs
-        self.weight, self.bias = weight, bias
-        self.h = common.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
+        self.weight, self.bias, self.fp32 = weight, bias, fp32
+        # With a plan the skipped rows get no dz: their dH rows are the zeros written here.
+        self.planned = plan is not None
+        alloc = common.empty if plan is None else torch.zeros
+        self.h = alloc(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
         self.w = None
         self.b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
 
-    def add(self, sl, dz, h, live):
-        """Adds a chunk: ``dz`` [c, V], its hidden states ``h`` [c, H], ``live`` [c] its rows with a gradient."""
+    def add(self, sl, dz, h, live, grads):
+        """Adds a chunk: ``dz`` [c, V], its hidden states ``h`` [c, H], ``live`` [c] its rows with a gradient
+        (None: all of them), ``grads`` how many of its first rows the sum takes (the rest have none)."""
+        if grads == 0:
+            return
+        dz, h, sl = dz[:grads], h[:grads], skip.sub(sl, slice(0, grads))
         if self.h is not None:
-            torch.mm(dz, self.weight, out=self.h.view(-1, self.h.shape[-1])[sl])  # [c, H]
+            dh = self.h.view(-1, self.h.shape[-1])
+            if isinstance(sl, slice):
+                torch.mm(dz, self.weight, out=dh[sl])  # [c, H]
+            else:
+                dh.index_copy_(0, sl, dz @ self.weight)
         if self.need_w:
-            # Rows without a gradient have dz = 0, but 0 * NaN is NaN: padding may hold anything.
-            h = torch.where(live[:, None], h, 0)
-            # One rounding of the running sum per chunk (docs/linear-form.md); the first chunk writes it.
-            self.w = dz.T @ h if self.w is None else self.w.addmm_(dz.T, h)  # [V, H]
+            if live is not None:
+                # Rows without a gradient have dz = 0, but 0 * NaN is NaN: padding may hold anything.
+                h = torch.where(live[:, None], h, 0)
+            if self.fp32:
+                # Products and sums in float32; one rounding to the weight's dtype at the end.
+                if self.w is None:
+                    self.w = torch.zeros(self.weight.shape, dtype=torch.float32, device=self.weight.device)
+                if self.w.is_cuda:
+                    torch.addmm(self.w, dz.T, h, out_dtype=torch.float32, out=self.w)
+                else:
+                    self.w.addmm_(dz.T.float(), h.float())
+            else:
+                # One rounding of the running sum per chunk (docs/linear-form.md); the first chunk writes it.
+                self.w = dz.T @ h if self.w is None else self.w.addmm_(dz.T, h)  # [V, H]
         if self.b is not None:
             self.b += dz.sum(0, dtype=torch.float32)
 
     def result(self):
-        return self.h, self.w, None if self.b is None else self.b.to(self.bias.dtype)
+        if self.need_w and self.w is None and self.planned:
+            self.w = torch.zeros_like(self.weight)  # every row skipped
+        w = self.w.to(self.weight.dtype) if self.fp32 and self.w is not None else self.w
+        return self.h, w, None if self.b is None else self.b.to(self.bias.dtype)
 
 
 class LinearForm:
-    """``tensors`` is ``(hidden, weight, bias)``; the teacher's hidden states (or None) and the chunk
-    size are attributes."""
+    """``tensors`` is ``(hidden, weight, bias)``; the teacher's hidden states (or None), the chunk size
+    and ``dw_fp32`` (``dw_in_fp32``: True/False, or None for the memory budget) are attributes."""
 
     eager_only = True
 
-    def __init__(self, chunk, teacher=None, student_name="student_hidden", teacher_name="teacher_hidden"):
-        self.chunk, self.teacher = chunk, teacher
+    def __init__(self, chunk, teacher=None, student_name="student_hidden", teacher_name="teacher_hidden",
+                 dw_fp32=None):
+        self.chunk, self.teacher, self.dw_fp32 = chunk, teacher, dw_fp32
         self.names = {"tokens": "tokens", "student": f"logits of {student_name} @ weight.T",
                       "teacher": f"logits of {teacher_name} @ weight.T"}
 
@@ -140,15 +181,22 @@ class LinearForm:
         """The ids the backward takes (a sharded form maps them to its columns)."""
         return tokens
 
-    def passes(self, tensors, which="student", grad_dtype=None):
-        """Per chunk ``(sl, h, dz, tiles)``: the flat token slice, the student's rows ``[c, H]`` (the
-        teacher's with ``which="teacher"``), the chunk's gradient buffer ``[c, V]`` in ``grad_dtype``
-        (or None), and an iterator of tiles ``(rows of the chunk, logits, teacher logits or None)`` in
-        float32, with the teacher's rows paired when ``which="pair"``. The buffers are shared: use each
-        chunk's tiles before the next chunk."""
+    def passes(self, tensors, which="student", grad_dtype=None, plan=None):
+        """Per chunk ``(sl, h, dz, tiles, grads)``: its tokens (a flat token slice, or with a ``plan``
+        (``rows.py``) a tensor of token ids), the student's rows ``[c, H]`` (the teacher's with
+        ``which="teacher"``), the chunk's gradient buffer ``[c, V]`` in ``grad_dtype`` (or None), an
+        iterator of tiles ``(rows of the chunk, logits, teacher logits or None)`` in float32, with the
+        teacher's rows paired when ``which="pair"``, and how many of its first rows have a gradient.
+        The buffers are shared: use each chunk's tiles before the next chunk."""
         hidden, weight, bias = tensors
         source = self.teacher if which == "teacher" else hidden
-        rows, chunks = _chunks(source, self.chunk)
+        if plan is None:
+            rows, chunks = _chunks(source, self.chunk)
+        else:
+            m = plan.order.numel()
+            rows = min(self.chunk, m)
+            chunks = ((plan.order[s : s + self.chunk], skip.gather(source, plan.order[s : s + self.chunk]))
+                      for s in range(0, m, self.chunk))
         vocab, device = weight.shape[0], hidden.device
         paired = which == "pair"
         half = -(-rows // 2)
@@ -165,29 +213,40 @@ class LinearForm:
                 zt = None if t is None else logits_into(t_work[: rs.stop - a], t[rs], weight, bias)
                 yield rs, zs, zt
 
+        done = 0
         for sl, h in chunks:
-            t = _rows_of(self.teacher, sl) if paired else None
-            yield sl, h, None if grad is None else grad[: h.shape[0]], tiles(h, t)
+            c = h.shape[0]
+            if plan is None:
+                t, grads = (_rows_of(self.teacher, sl) if paired else None), c
+            else:
+                t, grads = (skip.gather(self.teacher, sl) if paired else None), min(c, max(0, plan.grads - done))
+            done += c
+            yield sl, h, None if grad is None else grad[:c], tiles(h, t), grads
 
-    def map_tiles(self, tensors, fn, which="student"):
-        """``fn(logits, teacher logits or None, flat token slice)`` over every tile, its per-token
-        outputs (tensors ``[..., n]`` or dicts of them) concatenated along the tokens."""
+    def map_tiles(self, tensors, fn, which="student", plan=None):
+        """``fn(logits, teacher logits or None, tokens)`` over every tile (``tokens`` a flat token slice,
+        or with a ``plan`` a tensor of token ids), its per-token outputs (tensors ``[..., n]`` or dicts
+        of them) concatenated along the tokens; those of the rows a plan skips are zero."""
         parts = []
-        for sl, _, _, tiles in self.passes(tensors, which):
-            parts += [fn(zs, zt, slice(sl.start + rs.start, sl.start + rs.stop)) for rs, zs, zt in tiles]
+        for sl, _, _, tiles, _ in self.passes(tensors, which, plan=plan):
+            parts += [fn(zs, zt, skip.sub(sl, rs)) for rs, zs, zt in tiles]
+        if plan is not None:
+            return skip.scatter(parts, plan)
         if isinstance(parts[0], dict):
             return {k: torch.cat([p[k] for p in parts], dim=-1) for k in parts[0]}
         return torch.cat(parts, dim=-1)
 
     def accumulate(self, tensors, fn, which, needs, live):
-        """``(dH, dW, db)`` where ``needs`` asks, from ``fn(logits, teacher logits, flat token slice,
-        dest)`` writing each tile's logit gradient into ``dest``; ``live`` marks the rows with one."""
+        """``(dH, dW, db)`` where ``needs`` asks, from ``fn(logits, teacher logits, tokens, dest)``
+        writing each tile's logit gradient into ``dest``; ``live`` marks the rows with one (the others
+        are skipped)."""
         hidden, weight, bias = tensors
-        grads = _Grads(hidden, weight, bias, needs)
-        for sl, h, dz, tiles in self.passes(tensors, which, weight.dtype):
+        plan = skip.plan(live)
+        grads = _Grads(hidden, weight, bias, needs, plan, dw_in_fp32(weight, self.dw_fp32))
+        for sl, h, dz, tiles, n_grad in self.passes(tensors, which, weight.dtype, plan):
             for rs, zs, zt in tiles:
-                fn(zs, zt, slice(sl.start + rs.start, sl.start + rs.stop), dz[rs])
-            grads.add(sl, dz, h, live[sl])
+                fn(zs, zt, skip.sub(sl, rs), dz[rs])
+            grads.add(sl, dz, h, live[sl] if plan is None else None, n_grad)
         return grads.result()
 
     def _pre_passes(self, loss, tensors, inputs):
@@ -196,19 +255,21 @@ class LinearForm:
         bits of its rows) and the sequence-level terms."""
         temperature = loss.options.temperature
         scored = inputs.tokens.masked_fill(inputs.weight == 0, IGNORE_INDEX)
+        pre_teacher = self.teacher is not None and not loss.pairs_teacher
+        plan = skip.plan(inputs.weight != 0) if pre_teacher or needs_sequence_pass(inputs, loss.options) else None
 
         def lp(z, _, sl):
             lp, _, _, flags = logprobs_fwd(z, scored[sl], temperature, False)
             return {"lp": lp, "flags": flags}
 
         t_flags = None
-        if self.teacher is not None and not loss.pairs_teacher:
-            teacher = self.map_tiles(tensors, lp, "teacher")
+        if pre_teacher:
+            teacher = self.map_tiles(tensors, lp, "teacher", plan)
             inputs = inputs.replace(lp_t=teacher["lp"])
             # The teacher's non-finite rows carry its own bit; its bad ids are the student's, flagged there.
             t_flags = ((teacher["flags"] & int(Flag.NONFINITE_STUDENT)) != 0).int() * int(Flag.NONFINITE_TEACHER)
         if needs_sequence_pass(inputs, loss.options):
-            inputs = sequence_terms(self.map_tiles(tensors, lp)["lp"], inputs, loss.options)
+            inputs = sequence_terms(self.map_tiles(tensors, lp, plan=plan)["lp"], inputs, loss.options)
         return inputs, t_flags
 
     def which(self, loss):
@@ -219,18 +280,22 @@ class LinearForm:
         outs, flags = [], []
         track = any(needs)
         hidden, weight, bias = tensors
-        grads = _Grads(hidden, weight, bias, needs) if track else None
         live = inputs.weight != 0
-        for sl, h, dz, tiles in self.passes(tensors, self.which(loss), weight.dtype if track else None):
+        free = skip.gradient_free(loss, inputs) if track else None
+        plan = skip.plan(live, None if free is None else ~free)
+        grads = _Grads(hidden, weight, bias, needs, plan, dw_in_fp32(weight, self.dw_fp32)) if track else None
+        for sl, h, dz, tiles, n_grad in self.passes(tensors, self.which(loss), weight.dtype if track else None, plan):
             for rs, zs, zt in tiles:
-                rows = slice(sl.start + rs.start, sl.start + rs.stop)
-                out, f = loss.forward(zs, zt, inputs.sliced(rows), None if dz is None else dz[rs])
+                dest = None if dz is None or rs.start >= n_grad else dz[rs]
+                out, f = loss.forward(zs, zt, inputs.sliced(skip.sub(sl, rs)), dest)
                 outs.append(out)
                 flags.append(f)
             if track:
-                grads.add(sl, dz, h, live[sl])
-        out = {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
-        flags = torch.cat(flags)
+                grads.add(sl, dz, h, live[sl] if plan is None else None, n_grad)
+        if plan is None:
+            out, flags = {k: torch.cat([o[k] for o in outs]) for k in outs[0]}, torch.cat(flags)
+        else:
+            out, flags = skip.scatter(outs, plan), skip.scatter(flags, plan)
         if t_flags is not None:
             flags |= t_flags
         if validate:
@@ -238,7 +303,7 @@ class LinearForm:
         return out, flags, grads.result() if track else (None, None, None)
 
     def loss_backward(self, loss, tensors, tokens, stats, scale, needs):
-        live = (scale != 0) & (tokens != IGNORE_INDEX)
+        live = skip.gradient_rows(loss, tokens, stats, scale)
 
         def fn(zs, zt, rows, dest):
             loss.backward(zs, zt, tokens[rows], {k: v[rows] for k, v in stats.items()}, scale[rows], out=dest)
@@ -247,7 +312,8 @@ class LinearForm:
 
     def logprobs_forward(self, tensors, tokens, temperature, entropy, validate):
         parts = self.map_tiles(tensors, lambda z, _, sl: dict(zip(
-            ("lp", "lse", "ent", "flags"), logprobs_fwd(z, tokens[sl], temperature, entropy), strict=True)))
+            ("lp", "lse", "ent", "flags"), logprobs_fwd(z, tokens[sl], temperature, entropy), strict=True)),
+            plan=skip.plan(tokens != IGNORE_INDEX))
         if validate:
             common.raise_on_error_flags(parts["flags"], tokens, self.vocab(tensors), self.names)
         return parts["lp"], parts["lse"], parts["ent"]
