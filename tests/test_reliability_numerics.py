@@ -316,3 +316,32 @@ def test_logprobs_precise_at_large_logits(offset, temperature, backend):
     expected = -torch.exp((exact_t - exact).clamp(math.log1p(-0.999999), math.log1p(0.999999)))
     got_delta = torch.log(-out.double())
     assert (got_delta - torch.log(-expected)).abs().max().item() <= bound + bound_t, "rlsd_loss delta"
+
+
+@pytest.mark.parametrize("dtype,upstream", [(torch.float16, 65536.0), (torch.float16, 1.0 / 3.0)])
+@pytest.mark.parametrize("op", ["rlsd_linear", "opsd_linear"])
+def test_linear_upstream_gradient_scaled_in_float32(op, dtype, upstream, backend):
+    """dH and dW of the fused-linear forms, computed in the forward and scaled by the upstream
+    gradient in the backward, the same way: never inf under float16 loss scaling, never biased."""
+    n, hidden, vocab = 64, 16, 2 * BLOCK + 3
+    h = torch.randn(n, hidden).to(dtype)
+    h_t = torch.randn(n, hidden).to(dtype)
+    w = (torch.randn(vocab, hidden) / 4).to(dtype)
+    tokens = torch.randint(0, vocab, (n,))
+    adv = torch.linspace(-1.0, 1.0, n)
+    grads = []
+    for factor in (1.0, upstream):
+        hs, ws = h.clone().requires_grad_(), w.clone().requires_grad_()
+        if op == "rlsd_linear":
+            loss = rlsd_kernels.rlsd_linear_loss(hs, ws, tokens, adv, teacher_hidden=h_t)
+        else:
+            loss = rlsd_kernels.opsd_linear_loss(hs, ws, h_t, tokens)
+        (loss * factor).backward()
+        grads.append((hs.grad.double(), ws.grad.double()))
+    for got, at_one, what in zip(grads[1], grads[0], ("dH", "dW"), strict=True):
+        assert torch.isfinite(got).all(), f"{what}: the upstream gradient overflowed"
+        expected = at_one * upstream
+        assert_close(got, expected, what=what, **GRAD[dtype])
+        if backend == "torch" or torch.cuda.is_available():  # the interpreter rounds toward zero
+            bias = ((got - expected) * expected.sign()).sum() / expected.abs().sum()
+            assert abs(bias.item()) < 5e-4, f"{what} biased by {bias.item():.2e}"
