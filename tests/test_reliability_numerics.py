@@ -226,6 +226,30 @@ def test_nan_input_gives_nan_with_gpu_min_max(case, backend, gpu_min_max):
     assert torch.isfinite(loss), f"{op} with a NaN in a masked token's {where} gave {float(loss)}"
 
 
+LINEAR_NAN_CASES = [("token_logprobs_linear", "student_row"), ("rlsd_linear", "student_row"),
+                    ("rlsd_linear", "teacher_row"), ("rlsd_linear", "old_logprobs"), ("opsd_linear", "student_row"),
+                    ("opsd_linear", "teacher_row"), ("grpo_opsd_linear", "advantages")]
+
+
+@pytest.mark.parametrize("op,where", LINEAR_NAN_CASES)
+def test_nan_input_gives_nan_linear_with_gpu_min_max(op, where, backend, gpu_min_max):
+    """The fused-linear forms: a NaN hidden state (a NaN logit row) or per-token input gives NaN."""
+    n, hidden = B * T, 8
+    h, h_t, w = torch.randn(n, hidden), torch.randn(n, hidden), torch.randn(V, hidden) / 3
+    tokens, adv, old = torch.randint(0, V, (n,)), torch.linspace(-1.0, 1.0, n), -torch.rand(n) - 1.0
+    {"student_row": h, "teacher_row": h_t, "old_logprobs": old, "advantages": adv}[where][4] = float("nan")
+    calls = {
+        "token_logprobs_linear": lambda: rlsd_kernels.token_logprobs_linear(h, w, tokens, validate=False).sum(),
+        "rlsd_linear": lambda: rlsd_kernels.rlsd_linear_loss(h, w, tokens, adv, teacher_hidden=h_t, old_logprobs=old,
+                                                             validate=False),
+        "opsd_linear": lambda: rlsd_kernels.opsd_linear_loss(h, w, h_t, tokens, validate=False),
+        "grpo_opsd_linear": lambda: rlsd_kernels.grpo_opsd_linear_loss(h, w, tokens, adv, teacher_hidden=h_t,
+                                                                       validate=False),
+    }
+    loss = calls[op]()
+    assert torch.isnan(loss), f"{op} with a NaN in {where} gave {float(loss)}"
+
+
 def test_gpu_min_max_fixture_drops_nan():
     """The fixture's premise: without ``propagate_nan`` the patched interpreter returns the non-NaN
     operand, with ``PropagateNan.ALL`` it keeps the NaN (what the kernels must use where it matters)."""
