@@ -21,8 +21,9 @@ CHUNK_ELEMENTS = 1 << 22
 def _row_chunks(rows: Rows, *tensors):
     """Yields ``(row slice, views)`` over the flat rows ``b * seqlen + t``, at most ``CHUNK_ELEMENTS``
     logits per chunk: views of ``tensors`` (shaped like the rows) of whole sequences ``[b0:b1]``
-    (``[C, T, V]``) while a sequence fits, else of parts of one sequence (``[C, V]``). Read them with
-    ``_flat``, write them with ``_write``: many short sequences make few chunks, not one each."""
+    (``[C, T, V]``) while a sequence fits, else of parts of one sequence (``[C, V]``): many short
+    sequences make few chunks, not one each. The ops over the last dimension take either shape;
+    ``_flat`` and ``_write`` are for code that needs ``[C, V]`` rows."""
     seq_elements = rows.seqlen * rows.vocab
     if rows.batch > 1 and seq_elements <= CHUNK_ELEMENTS:
         step = max(1, CHUNK_ELEMENTS // max(seq_elements, 1))
@@ -56,44 +57,48 @@ def _scaled(chunk, temperature):
 
 
 def _stats(chunk, y, temperature, active, want_entropy=False):
-    """Scaled logits, logsumexp, log-prob, entropy and error masks of a ``[C, V]`` chunk.
+    """Scaled logits, then flat ``[C]`` logsumexp, log-prob, entropy and error masks of a chunk of
+    rows (``[C, V]``, or a ``[b, T, V]`` view read in place); ``y`` and ``active`` are flat.
 
     The log-prob is formed from ``z - m`` with the row's maximum ``m`` (as the kernels do), not as
     ``z - lse``: its error does not grow with the logits' magnitude."""
     z = _scaled(chunk, temperature)
+    y, active = y.view(z.shape[:-1]), active.view(z.shape[:-1])
     m = z.amax(-1)
     # A row without a finite logit takes 0 as its reference; a +inf logit makes its sums NaN, as in
     # the kernels' online logsumexp.
     m = torch.where(m == float("-inf"), 0.0, m)
-    shifted = z - m[:, None]
+    shifted = z - m[..., None]
     e = shifted.exp()
     log_s = e.sum(-1).log()
     lse = m + log_s
-    vocab = z.shape[-1]
-    ok = (y >= 0) & (y < vocab)
-    gathered = shifted.gather(1, torch.where(ok, y, 0).long()[:, None]).squeeze(1)
+    ok = (y >= 0) & (y < z.shape[-1])
+    gathered = shifted.gather(-1, torch.where(ok, y, 0).long()[..., None]).squeeze(-1)
     zy = torch.where(active & ok, gathered, float("-inf"))
     lp = torch.where(active, (zy - log_s).clamp(max=0.0), 0.0)
     entropy = None
     if want_entropy:
         p = e / e.sum(-1, keepdim=True)
         # p * log p is 0 where p is 0 (a -inf logit), never 0 * -inf.
-        plogp = torch.where(p > 0, p * (shifted - log_s[:, None]), 0.0)
-        entropy = torch.where(active, -plogp.sum(-1), 0.0)
-    return z, torch.where(active, lse, 0.0), lp, entropy, active & ~ok, active & ~torch.isfinite(lse)
+        plogp = torch.where(p > 0, p * (shifted - log_s[..., None]), 0.0)
+        entropy = torch.where(active, -plogp.sum(-1), 0.0).reshape(-1)
+    flat = (torch.where(active, lse, 0.0), lp, active & ~ok, active & ~torch.isfinite(lse))
+    lse, lp, bad, nonfinite = (x.reshape(-1) for x in flat)
+    return z, lse, lp, entropy, bad, nonfinite
 
 
 def _softmax_grad(z, lse, y, coef, coef_h=None, entropy=None):
-    """``coef * (1[v = y] - p) - coef_h * p * (log p + H)`` for scaled logits ``z`` (mirrors the kernel)."""
-    log_p = z - lse[:, None]
+    """``coef * (1[v = y] - p) - coef_h * p * (log p + H)`` for scaled logits ``z`` (mirrors the kernel);
+    ``lse``, ``y``, ``coef`` (and ``coef_h``, ``entropy``) are shaped like ``z`` without its last dimension."""
+    log_p = z - lse[..., None]
     p = log_p.exp()
+    if coef_h is not None:
+        h_term = coef_h[..., None] * torch.where(p > 0, p * (log_p + entropy[..., None]), 0.0)
     # Like the kernels, an id outside [0, V) (only with validate=False) matches no column.
     ok = (y >= 0) & (y < z.shape[-1])
-    g = torch.neg(p).scatter_add_(1, torch.where(ok, y, 0).long()[:, None], ok.to(p.dtype)[:, None])
-    g.mul_(coef[:, None])
-    if coef_h is not None:
-        g.sub_(coef_h[:, None] * torch.where(p > 0, p * (log_p + entropy[:, None]), 0.0))
-    return g
+    g = p.neg_().scatter_add_(-1, torch.where(ok, y, 0).long()[..., None], ok.to(p.dtype)[..., None])
+    g.mul_(coef[..., None])
+    return g.sub_(h_term) if coef_h is not None else g
 
 
 def logprobs_fwd(rows: Rows, tokens, temperature, want_entropy):
@@ -105,7 +110,7 @@ def logprobs_fwd(rows: Rows, tokens, temperature, want_entropy):
     for sl, (chunk,) in _row_chunks(rows, rows.tensor):
         y = tokens[sl]
         active = y != reference.IGNORE_INDEX
-        _, lse[sl], lp[sl], e, bad, nonfinite = _stats(_flat(chunk), y, temperature, active, want_entropy)
+        _, lse[sl], lp[sl], e, bad, nonfinite = _stats(chunk, y, temperature, active, want_entropy)
         if want_entropy:
             ent[sl] = e
         flags[sl] = bad.int() * int(Flag.BAD_TOKEN) + nonfinite.int() * int(Flag.NONFINITE_STUDENT)
@@ -138,17 +143,20 @@ def partial_stats(rows: Rows, tokens, vocab_start, temperature, want_entropy):
 
 
 def logprobs_bwd(rows: Rows, tokens, lse, coef, coef_h, entropy, temperature, grad):
+    inv = 1.0 / temperature
     for sl, (chunk, g_chunk) in _row_chunks(rows, rows.tensor, grad):
-        y, c = tokens[sl], coef[sl]
+        shape = chunk.shape[:-1]
+        y, c = tokens[sl].view(shape), coef[sl].view(shape)
         active = (y != reference.IGNORE_INDEX) & (c != 0)
         c_h = h = None
         if coef_h is not None:
-            c_h, h = coef_h[sl], entropy[sl]
+            c_h, h = coef_h[sl].view(shape) * inv, entropy[sl].view(shape)
             active |= (y != reference.IGNORE_INDEX) & (c_h != 0)
-        z = _scaled(_flat(chunk), temperature)
-        inv = 1.0 / temperature
-        g = _softmax_grad(z, lse[sl], y, c * inv, None if c_h is None else c_h * inv, h)
-        _write(g_chunk, g.masked_fill_(~active[:, None], 0.0))
+        # The chunk is read in place (a [b, T, V] view of strided rows too) and written once.
+        g = _softmax_grad(_scaled(chunk, temperature), lse[sl].view(shape), y, c * inv, c_h, h)
+        if not bool(active.all()):
+            g.masked_fill_(~active[..., None], 0.0)
+        g_chunk.copy_(g)
     return grad
 
 
@@ -166,11 +174,11 @@ def rlsd_fwd(s_rows: Rows, t_rows, inputs, params, grad):
     for sl, views in _row_chunks(s_rows, *tensors):
         y, on = inputs["tokens"][sl], active[sl]
         _, out["lse"][sl], out["lp_s"][sl], entropy, bad, nonfinite_s = _stats(
-            _flat(views[0]), y, temperature, on, want_entropy=bool(params["want_entropy"]))
+            views[0], y, temperature, on, want_entropy=bool(params["want_entropy"]))
         out["entropy"][sl] = entropy if entropy is not None else 0.0
         nonfinite_t = torch.zeros_like(on)
         if t_rows is not None:
-            _, _, out["lp_t"][sl], _, _, nonfinite_t = _stats(_flat(views[1]), y, temperature, on)
+            _, _, out["lp_t"][sl], _, _, nonfinite_t = _stats(views[1], y, temperature, on)
         else:
             out["lp_t"][sl] = torch.where(on, inputs["lp_t"][sl], 0.0)
         flags[sl] = (bad.int() * int(Flag.BAD_TOKEN) + nonfinite_s.int() * int(Flag.NONFINITE_STUDENT)
