@@ -50,18 +50,19 @@ def finish_sum(ref, acc):
 
 
 @triton.jit
-def entropy_terms(d):
-    """Per-lane ``exp2(d)`` and ``exp2(d) * d`` (0 where d is -inf) of centred base-2 logits ``d``
-    for the entropy sums."""
+def entropy_terms(d, z):
+    """Per-lane ``exp2(d)`` and ``exp2(d) * z`` (0 where z is -inf) for the entropy sums, from the
+    centred (``d``) and uncentred (``z``) base-2 logits. (A sum of ``exp2(d) * d`` would be more
+    precise at large logits, but takes up to 50 more registers in the streaming loops.)"""
     e = tl.exp2(d)
-    return e, tl.where(d > float("-inf"), e * d, 0.0)
+    return e, tl.where(z > float("-inf"), e * z, 0.0)
 
 
 @triton.jit
 def row_centre(ref, s, lse2, exact):
     """``(r, c)`` such that a logit ``x`` of the row has the base-2 log-prob ``(x - r) * scale2 - c``:
     the reference (logits' units) and ``log2`` of the sum on the fast path, ``(0, lse2)`` after the
-    exact pass. The entropy sums are centred on ``r * scale2`` too: ``H = ln2 * (c - t / s)``."""
+    exact pass."""
     return tl.where(exact, 0.0, ref), tl.where(exact, lse2, tl.log2(s))
 
 
@@ -112,10 +113,9 @@ def row_lse_exact(x_row, V, scale2, BLOCK_V: tl.constexpr, ENTROPY: tl.constexpr
 
 
 @triton.jit
-def entropy_finish(c, s, t):
-    """Entropy in natural units from the base-2 sums: ``H = ln2 * (c - t / s)``, with ``t`` centred as
-    ``row_centre`` says (``c = lse2`` for the exact pass's uncentred sums)."""
-    return LN2 * (c - t / s)
+def entropy_finish(lse2, s, t):
+    """Entropy in natural units from the base-2 sums: ``H = ln2 * (lse2 - t / s)``."""
+    return LN2 * (lse2 - t / s)
 
 
 @triton.jit

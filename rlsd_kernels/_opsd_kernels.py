@@ -37,10 +37,8 @@ from ._jit import (
     jsd_mixture,
     log_diff,
     nan_min,
-    row_centre,
     row_reference,
     softmax_grad_block,
-    token_logprob,
 )
 from ._rlsd_kernels import _token_terms
 
@@ -105,66 +103,61 @@ def _pair_exact(s_row, t_row, V, scale2, c, DIV: tl.constexpr, ENTROPY: tl.const
 def _pair_sweep(s_row, t_row, V, read_end, active, scale2, DIV: tl.constexpr, ENTROPY: tl.constexpr,
                 HAS_T: tl.constexpr, KEEP_S: tl.constexpr, KEEP_T: tl.constexpr, BLOCK_V: tl.constexpr):
     """The first sweep over a student row and its teacher row: ``(lse2_s, sum_s, m_s, lse2_t, sum_t,
-    m_t, c, x, sum_e, r_s, c_s, r_t, c_t)``, the base-2 logsumexps, the sums and base-2 references
-    they come from, the KL cross sum ``x`` centred by ``c`` (see ``_pair_exact``), the entropy sum
-    and each row's centre (``_jit.row_centre``: log-probs precise at any magnitude); the exact pass
-    for a row whose per-lane sums overflowed. Without ``HAS_T`` the teacher's values are the student's."""
+    m_t, c, x, sum_e)``, the base-2 logsumexps, the sums and references they come from, the KL cross
+    sum ``x`` centred by ``c`` (see ``_pair_exact``) and the entropy sum; the exact pass for a row
+    whose per-lane sums overflowed. Without ``HAS_T`` the teacher's values are the student's."""
     offs = tl.arange(0, BLOCK_V)
     n_blocks = tl.cdiv(V, BLOCK_V)
     # Per-lane sums against each row's first-block max, the next blocks loaded before these are
-    # used, each logit centred on its row's reference before scaling. ``c`` centres the KL cross
-    # terms of the exact pass: zt - zs - c = (zt - m_t) - (zs - m_s), the fast path's dt - ds.
+    # used. ``c`` centres the KL cross terms: zt - zs - c = (zt - ref_t) - (zs - ref_s).
     zs_next = _load_block(s_row, offs, read_end, KEEP_S)
-    ref_s = row_reference(zs_next.to(tl.float32))
+    ref_s = row_reference(zs_next.to(tl.float32) * scale2)
     zt_next = zs_next
     ref_t = ref_s
     if HAS_T:
         zt_next = _load_block(t_row, offs, read_end, KEEP_T)
-        ref_t = row_reference(zt_next.to(tl.float32))
-    m_s = ref_s * scale2
-    m_t = ref_t * scale2
-    c = m_t - m_s
+        ref_t = row_reference(zt_next.to(tl.float32) * scale2)
+    c = ref_t - ref_s
     acc_s = tl.zeros([BLOCK_V], dtype=tl.float32)
     acc_t = tl.zeros([BLOCK_V], dtype=tl.float32)
     acc_x = tl.zeros([BLOCK_V], dtype=tl.float32)
     acc_e = tl.zeros([BLOCK_V], dtype=tl.float32)
     for i in tl.range(0, tl.where(active, n_blocks, 0)):
-        ds = (zs_next.to(tl.float32) - ref_s) * scale2
-        dt = (zt_next.to(tl.float32) - ref_t) * scale2
+        zs = zs_next.to(tl.float32) * scale2
+        zt = zt_next.to(tl.float32) * scale2
         cols = (i + 1) * BLOCK_V + offs
         zs_next = _load_block(s_row, cols, read_end, KEEP_S)
         if HAS_T:
             zt_next = _load_block(t_row, cols, read_end, KEEP_T)
         if ENTROPY:
-            es, ez = entropy_terms(ds)
+            es, ez = entropy_terms(zs - ref_s, zs)
             acc_e += ez
         else:
-            es = tl.exp2(ds)
+            es = tl.exp2(zs - ref_s)
         acc_s += es
         if HAS_T:
-            et = tl.exp2(dt)
+            et = tl.exp2(zt - ref_t)
             acc_t += et
             if DIV == DIV_FORWARD_KL:
-                acc_x += tl.where(dt > float("-inf"), et * (dt - ds), 0.0)
+                acc_x += tl.where(zt > float("-inf"), et * (zt - zs - c), 0.0)
             elif DIV == DIV_REVERSE_KL:
-                acc_x += tl.where(ds > float("-inf"), es * (ds - dt), 0.0)
-    lse2_s, sum_s, ok = finish_sum(m_s, acc_s)
+                acc_x += tl.where(zs > float("-inf"), es * (zs - zt + c), 0.0)
+    m_s = ref_s
+    m_t = ref_t
+    lse2_s, sum_s, ok = finish_sum(ref_s, acc_s)
     lse2_t = lse2_s
     sum_t = sum_s
     if HAS_T:
-        lse2_t, sum_t, ok_t = finish_sum(m_t, acc_t)
+        lse2_t, sum_t, ok_t = finish_sum(ref_t, acc_t)
         ok = ok & ok_t
     x = tl.sum(acc_x, axis=0)
     sum_e = tl.sum(acc_e, axis=0)
-    exact = active & ~ok
-    if exact:
+    if active & ~ok:
         m_s, sum_s, m_t, sum_t, x, sum_e = _pair_exact(s_row, t_row, V, scale2, c, DIV, ENTROPY, HAS_T, BLOCK_V)
         lse2_s = m_s + tl.log2(sum_s)
         if HAS_T:
             lse2_t = m_t + tl.log2(sum_t)
-    r_s, c_s = row_centre(ref_s, sum_s, lse2_s, exact)
-    r_t, c_t = row_centre(ref_t, sum_t, lse2_t, exact)
-    return lse2_s, sum_s, m_s, lse2_t, sum_t, m_t, c, x, sum_e, r_s, c_s, r_t, c_t
+    return lse2_s, sum_s, m_s, lse2_t, sum_t, m_t, c, x, sum_e
 
 
 @triton.jit
@@ -272,22 +265,22 @@ def _opsd_fwd_kernel(
         y_safe = tl.where(y_ok, y, 0)
         read_end = tl.where(active, V, 0)
 
-        lse2_s, sum_s, m_s, lse2_t, sum_t, m_t, c, x, sum_e, r_s, c_s, r_t, c_t = _pair_sweep(
+        lse2_s, sum_s, m_s, lse2_t, sum_t, m_t, c, x, sum_e = _pair_sweep(
             s_row, t_row, V, read_end, active, scale2, DIV, ENTROPY, HAS_T_LOGITS, KEEP_S, KEEP_T, BLOCK_V)
         flags = tl.where(active & ~is_finite(lse2_s), FLAG_NONFINITE_STUDENT, 0)
         if HAS_T_LOGITS:
             flags |= tl.where(active & ~is_finite(lse2_t), FLAG_NONFINITE_TEACHER, 0)
         entropy = 0.0
         if ENTROPY:
-            entropy = tl.where(active, entropy_finish(c_s, sum_s, sum_e), 0.0)
+            entropy = tl.where(active, entropy_finish(lse2_s, sum_s, sum_e), 0.0)
         lp_s = 0.0
         lp_t = 0.0
         if NEED_LP:
-            zy_s = tl.load(s_row + y_safe, mask=active & y_ok, other=float("-inf")).to(tl.float32)
-            lp_s = token_logprob(zy_s, r_s, c_s, scale2)
+            zy_s = tl.load(s_row + y_safe, mask=active & y_ok, other=float("-inf")).to(tl.float32) * scale2
+            lp_s = nan_min((zy_s - lse2_s) * LN2, 0.0)
             if HAS_T_LOGITS:
-                zy_t = tl.load(t_row + y_safe, mask=active & y_ok, other=float("-inf")).to(tl.float32)
-                lp_t = token_logprob(zy_t, r_t, c_t, scale2)
+                zy_t = tl.load(t_row + y_safe, mask=active & y_ok, other=float("-inf")).to(tl.float32) * scale2
+                lp_t = nan_min((zy_t - lse2_t) * LN2, 0.0)
             else:
                 lp_t = tl.load(lp_t_in + row)
             flags |= tl.where(active & ~y_ok, FLAG_BAD_TOKEN, 0)
@@ -411,7 +404,7 @@ def _opsd_stats_kernel(
         y = tl.load(tokens + row).to(tl.int64)
         active = y != IGNORE_INDEX
         read_end = tl.where(active, V, 0)
-        lse2_s, sum_s, m_s, lse2_t, sum_t, m_t, c, x, sum_e, _, c_s, _, _ = _pair_sweep(
+        lse2_s, sum_s, m_s, lse2_t, sum_t, m_t, c, x, sum_e = _pair_sweep(
             s_row, t_row, V, read_end, active, scale2, DIV, ENTROPY, True, False, False, BLOCK_V)
         tl.store(lse_s_out + row, tl.where(active, lse2_s, float("-inf")))
         tl.store(lse_t_out + row, tl.where(active, lse2_t, float("-inf")))
@@ -424,7 +417,7 @@ def _opsd_stats_kernel(
             tl.store(zy_s_out + row, zy_s)
             tl.store(zy_t_out + row, zy_t)
         if ENTROPY:
-            tl.store(h_s_out + row, tl.where(active & (sum_s > 0.0), c_s - sum_e / sum_s, 0.0))
+            tl.store(h_s_out + row, tl.where(active & (sum_s > 0.0), lse2_s - sum_e / sum_s, 0.0))
         if DIV < DIV_JSD:
             tl.store(d_out + row, tl.where(active, _kl_of_sums(x, sum_s, m_s, sum_t, m_t, c, DIV), 0.0))
 

@@ -77,7 +77,8 @@ def _rlsd_fwd_kernel(
             zt_next = tl.load(t_row + offs, mask=offs < read_end, other=float("-inf"), eviction_policy="evict_first")
             ref_t = row_reference(zt_next.to(tl.float32))
         for i in tl.range(0, tl.where(active, n_blocks, 0)):
-            zs = (zs_next.to(tl.float32) - ref_s) * scale2
+            xs = zs_next.to(tl.float32)
+            zs = (xs - ref_s) * scale2
             zt = zt_next
             cols = (i + 1) * BLOCK_V + offs
             zs_next = tl.load(s_row + cols, mask=cols < read_end, other=float("-inf"), eviction_policy="evict_last")
@@ -85,7 +86,7 @@ def _rlsd_fwd_kernel(
                 zt_next = tl.load(t_row + cols, mask=cols < read_end, other=float("-inf"),
                                   eviction_policy="evict_first")
             if ENTROPY:
-                e, ez = entropy_terms(zs)
+                e, ez = entropy_terms(zs, xs * scale2)
                 acc_s += e
                 acc_e += ez
             else:
@@ -102,7 +103,7 @@ def _rlsd_fwd_kernel(
         r_s, c_s = row_centre(ref_s, sum_s, lse2_s, exact)
         entropy = 0.0
         if ENTROPY:
-            entropy = tl.where(active, entropy_finish(c_s, sum_s, sum_e), 0.0)
+            entropy = tl.where(active, entropy_finish(lse2_s, sum_s, sum_e), 0.0)
         zy_s = tl.load(s_row + y_safe, mask=active & y_ok, other=float("-inf")).to(tl.float32)
         lp_s = token_logprob(zy_s, r_s, c_s, scale2)
         flags = tl.where(active & ~y_ok, FLAG_BAD_TOKEN, 0)

@@ -60,11 +60,12 @@ def _logprobs_fwd_kernel(
         acc = tl.zeros([BLOCK_V], dtype=tl.float32)
         acc_t = tl.zeros([BLOCK_V], dtype=tl.float32)
         for i in tl.range(0, tl.where(active, n_blocks, 0)):
-            z = (x_next.to(tl.float32) - ref) * scale2
+            x = x_next.to(tl.float32)
+            z = (x - ref) * scale2
             cols = (i + 1) * BLOCK_V + offs
             x_next = tl.load(x_row + cols, mask=cols < read_end, other=float("-inf"))
             if ENTROPY:
-                e, ez = entropy_terms(z)
+                e, ez = entropy_terms(z, x * scale2)
                 acc += e
                 acc_t += ez
             else:
@@ -80,7 +81,7 @@ def _logprobs_fwd_kernel(
             tl.store(lp_out + row, tl.where(active, zy * scale2, float("-inf")))
             tl.store(lse_out + row, tl.where(active, lse2, float("-inf")))
             if ENTROPY:
-                tl.store(entropy_out + row, tl.where(active & (s > 0.0), c - t / s, 0.0))
+                tl.store(entropy_out + row, tl.where(active & (s > 0.0), lse2 - t / s, 0.0))
             # A shard may hold no finite logit (padding): only NaN and +inf are errors here.
             tl.store(flags_out + row, tl.where(active & ((lse2 != lse2) | (lse2 == float("inf"))),
                                                FLAG_NONFINITE_STUDENT, 0))
@@ -89,7 +90,7 @@ def _logprobs_fwd_kernel(
             tl.store(lp_out + row, tl.where(active, lp, 0.0))
             tl.store(lse_out + row, tl.where(active, lse2 * LN2, 0.0))
             if ENTROPY:
-                tl.store(entropy_out + row, tl.where(active, entropy_finish(c, s, t), 0.0))
+                tl.store(entropy_out + row, tl.where(active, entropy_finish(lse2, s, t), 0.0))
             flags = tl.where(active & ~y_ok, FLAG_BAD_TOKEN, 0)
             flags |= tl.where(active & ~is_finite(lse2), FLAG_NONFINITE_STUDENT, 0)
             tl.store(flags_out + row, flags)
