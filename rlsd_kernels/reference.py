@@ -147,7 +147,9 @@ def rlsd_token_terms(
     old = lp_s if lp_old is None else lp_old
     delta = _log_diff(lp_teacher, old if credit_base == "old" else lp_s)
     sign = torch.sign(advantages)
-    x = sign * delta
+    # sign(0) = 0 gives w = 1 whatever delta is: never 0 * (+-inf) = NaN (a -inf teacher or student
+    # log-prob at A = 0, the commonest advantage); a NaN delta stays NaN.
+    x = torch.where((sign == 0) & ~torch.isnan(delta), torch.zeros_like(delta), sign * delta)
     log_lo = math.log1p(-(eps_w if eps_w_low is None else eps_w_low))
     log_hi = math.log1p(eps_w if eps_w_high is None else eps_w_high)
     on = torch.ones_like(sign, dtype=torch.bool) if credit_on is None else credit_on.bool()
@@ -558,11 +560,19 @@ def opsd_loss(
             lp_t = torch.where(valid, teacher_logprobs.to(dtype), 0.0)
         d = _log_diff(lp_s.detach(), lp_t)
         clipped = d > token_clip if token_clip is not None else torch.zeros_like(valid)
-        per_token = torch.where(clipped, d.clamp(max=token_clip or 0.0) * lp_s.detach(), d * lp_s)
+        # D = 0 (both log-probs -inf) adds 0, not 0 * -inf; a clipped D takes no part in the gradient
+        # (not even as 0 * inf).
+        live = torch.where(clipped, torch.zeros_like(d), d)
+        per_token = torch.where(clipped, d.clamp(max=token_clip or 0.0) * lp_s.detach(),
+                                torch.where(d == 0, torch.zeros_like(d), live * lp_s))
     else:
-        d = opsd_token_divergence(student_logits, teacher_logits, divergence=divergence, beta=beta,
-                                  temperature=temperature)
+        divergence_of = lambda s: opsd_token_divergence(  # noqa: E731
+            s, teacher_logits, divergence=divergence, beta=beta, temperature=temperature)
+        d = divergence_of(student_logits)
         clipped = d.detach() > token_clip if token_clip is not None else torch.zeros_like(valid)
+        if bool(clipped.any()):
+            # Clipped rows take no part in the gradient, not even as 0 * inf (an infinite divergence).
+            d = divergence_of(torch.where(clipped[..., None], student_logits.detach(), student_logits))
         per_token = torch.where(clipped, torch.full_like(d, token_clip or 0.0), d)
     m = valid.to(dtype) if mask is None else torch.where(valid, mask.to(dtype), 0)
     loss = aggregate_loss(per_token, m, loss_agg, normalizer=normalizer, cu_seqlens=cu_seqlens)

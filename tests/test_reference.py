@@ -145,7 +145,14 @@ def test_metrics_are_masked_means():
         "weight": [1.2, 0.8, 5.0], "delta": [1.0, -1.0, 9.0], "ratio": [1.0, 1.0, 9.0],
         "weight_clip_low": [0.0, 1.0, 1.0], "weight_clip_high": [1.0, 0.0, 1.0], "ppo_clip_low": [0.0, 0.0, 1.0],
         "ppo_clip_high": [0.0, 1.0, 1.0], "dual_clip": [0.0, 0.0, 1.0]}.items()}
+    out["advantage"] = torch.tensor([0.5, -1.0, 0.0], dtype=F64)
     metrics = reference.rlsd_metrics(out, torch.tensor([1.0, 1.0, 0.0], dtype=F64))
     assert metrics["credit_weight_mean"].item() == pytest.approx(1.0)
     assert metrics["delta_mean"].item() == 0.0 and metrics["num_tokens"].item() == 2
     assert metrics["credit_clip_low_frac"].item() == 0.5 and metrics["dual_clip_frac"].item() == 0.0
+    # The credit metrics count only the tokens with an advantage: with A = 0 at the second token,
+    # its weight (0.8) and clip no longer count.
+    out["advantage"] = torch.tensor([0.5, 0.0, 0.0], dtype=F64)
+    metrics = reference.rlsd_metrics(out, torch.tensor([1.0, 1.0, 0.0], dtype=F64))
+    assert metrics["credit_weight_mean"].item() == pytest.approx(1.2) and metrics["num_credit_tokens"].item() == 1
+    assert metrics["credit_clip_low_frac"].item() == 0.0 and metrics["ratio_mean"].item() == 1.0

@@ -54,7 +54,11 @@ def _tiles(rows, vocab, grad_dtype, device):
     buf = common.empty(((work_bytes + grad_bytes) // 4,), dtype=torch.float32, device=device).view(torch.uint8)
 
     def view(start, n, dtype):
-        return buf[start : start + n * padded * dtype.itemsize].view(dtype).view(n, padded)[:, :vocab]
+        rows_view = buf[start : start + n * padded * dtype.itemsize].view(dtype).view(n, padded)
+        # The padding columns are never written; some CPU half-precision matmuls read them (a
+        # [:, :V] view's rows are padded), so they hold zeros rather than whatever memory held.
+        rows_view[:, vocab:].zero_()
+        return rows_view[:, :vocab]
 
     return view(0, work_rows, torch.float32), None if grad_dtype is None else view(work_bytes, rows, grad_dtype)
 

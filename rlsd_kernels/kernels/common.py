@@ -1,8 +1,10 @@
 """Shared ``@triton.jit`` helpers: the logsumexp of a row, the per-token RLSD epilogue and the
 softmax gradient of a row.
 
-Rows are streamed in base-2 units: logits are multiplied once by ``log2(e) / tau`` so that every
-exponent is an ``exp2``; log-probs leave the helpers in natural units. The epilogue works on scalars
+Rows are streamed in base-2 units: logits are multiplied by ``log2(e) / tau`` so that every
+exponent is an ``exp2``; log-probs leave the helpers in natural units. The fast paths centre each
+logit on its row's reference before scaling, ``(x - ref) * scale2``, so that a log-prob's error does
+not grow with the logits' magnitude (``x * scale2 - lse2`` would lose ``ulp(x)``). The epilogue works on scalars
 or on blocks of tokens alike (only elementwise ops, no control flow on values), and mirrors
 ``reference.rlsd_token_terms`` line by line.
 """
@@ -28,10 +30,11 @@ FLAG_NONFINITE_TEACHER = tl.constexpr(int(Flag.NONFINITE_TEACHER))
 
 @triton.jit
 def row_reference(z):
-    """A row's exponent reference, from its first block (base 2): the block max, 0 while all -inf.
+    """A row's exponent reference, from its first block (in the logits' units): the block max, 0
+    while all -inf.
 
-    The streaming loops add ``exp2(z - ref)`` into per-lane accumulators: no reduction and no
-    barrier per block, and one ``exp2`` per logit. A logit more than ~126 (base 2) above the
+    The streaming loops add ``exp2((x - ref) * scale2)`` into per-lane accumulators: no reduction
+    and no barrier per block, and one ``exp2`` per logit. A logit more than ~126 (base 2) above the
     reference overflows the sum; ``finish_sum`` says so and ``row_lse_exact`` redoes the row.
     """
     m = tl.max(z, axis=0)
@@ -40,17 +43,33 @@ def row_reference(z):
 
 @triton.jit
 def finish_sum(ref, acc):
-    """``(lse2, s, ok)`` from the per-lane sums; ``ok`` is False when the row needs the exact pass
-    (an overflow above the reference, no finite logit, or NaN/inf in the input)."""
+    """``(lse2, s, ok)`` from the per-lane sums and the base-2 reference; ``ok`` is False when the row
+    needs the exact pass (an overflow above the reference, no finite logit, or NaN/inf in the input)."""
     s = tl.sum(acc, axis=0)
     return ref + tl.log2(s), s, (s > 0.0) & (s < float("inf"))
 
 
 @triton.jit
-def entropy_terms(z, ref):
-    """Per-lane ``exp2(z - ref)`` and ``exp2(z - ref) * z`` (0 where z is -inf) for the entropy sums."""
-    e = tl.exp2(z - ref)
+def entropy_terms(d, z):
+    """Per-lane ``exp2(d)`` and ``exp2(d) * z`` (0 where z is -inf) for the entropy sums, from the
+    centred (``d``) and uncentred (``z``) base-2 logits. (A sum of ``exp2(d) * d`` would be more
+    precise at large logits, but takes up to 50 more registers in the streaming loops.)"""
+    e = tl.exp2(d)
     return e, tl.where(z > float("-inf"), e * z, 0.0)
+
+
+@triton.jit
+def row_centre(ref, s, lse2, exact):
+    """``(r, c)`` such that a logit ``x`` of the row has the base-2 log-prob ``(x - r) * scale2 - c``:
+    the reference (logits' units) and ``log2`` of the sum on the fast path, ``(0, lse2)`` after the
+    exact pass."""
+    return tl.where(exact, 0.0, ref), tl.where(exact, lse2, tl.log2(s))
+
+
+@triton.jit
+def token_logprob(x, r, c, scale2):
+    """``min(((x - r) * scale2 - c) * ln2, 0)``: a token's natural log-prob from ``row_centre``; NaN kept."""
+    return nan_min(((x - r) * scale2 - c) * LN2, 0.0)
 
 
 @triton.jit
@@ -100,6 +119,24 @@ def entropy_finish(lse2, s, t):
 
 
 @triton.jit
+def nan_min(a, b):
+    """``min(a, b)`` that keeps a NaN (a GPU's plain ``min.f32`` returns the other operand)."""
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def nan_max(a, b):
+    """``max(a, b)`` that keeps a NaN."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def nan_clamp(x, lo, hi):
+    """``x`` clamped to ``[lo, hi]``; NaN stays NaN."""
+    return nan_min(nan_max(x, lo), hi)
+
+
+@triton.jit
 def is_finite(x):
     return (x == x) & (x < float("inf")) & (x > float("-inf"))
 
@@ -125,9 +162,10 @@ def rlsd_epilogue(
     else:
         delta = log_diff(lp_t, lp_s)
     sign = tl.where(adv > 0, 1.0, tl.where(adv < 0, -1.0, 0.0))
-    x = sign * delta
+    # sign(0) = 0 gives w = 1 whatever delta is (never 0 * inf); a NaN delta stays NaN.
+    x = tl.where((sign == 0.0) & (delta == delta), 0.0, sign * delta)
     on = credit_on != 0
-    weight = tl.where(on, tl.exp(tl.minimum(tl.maximum(x, log_w_lo), log_w_hi)), 1.0)
+    weight = tl.where(on, tl.exp(nan_clamp(x, log_w_lo, log_w_hi)), 1.0)
     credit = (1.0 - lam) + lam * weight
     a_hat = adv * credit
 
@@ -135,8 +173,8 @@ def rlsd_epilogue(
         log_ratio = log_seq_ratio + log_diff(lp_s, lp_s)
     else:
         log_ratio = log_diff(lp_s, lp_old)
-    ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -20.0), 20.0))
-    clipped_ratio = tl.minimum(tl.maximum(ratio, 1.0 - clip_lo), 1.0 + clip_hi)
+    ratio = tl.exp(nan_clamp(log_ratio, -20.0, 20.0))
+    clipped_ratio = nan_clamp(ratio, 1.0 - clip_lo, 1.0 + clip_hi)
     in_range = (log_ratio >= -20.0) & (log_ratio <= 20.0) & (lp_s > float("-inf"))
     flags = tl.where(on & (sign != 0) & (x < log_w_lo), FLAG_WEIGHT_CLIP_LOW, 0)
     flags |= tl.where(on & (sign != 0) & (x > log_w_hi), FLAG_WEIGHT_CLIP_HIGH, 0)
@@ -164,13 +202,13 @@ def rlsd_epilogue(
 
     is_weight = tl.full(lp_s.shape, 1.0, tl.float32)
     if HAS_IS:
-        is_weight = tl.exp(tl.minimum(log_is, log_tis_cap))
+        is_weight = tl.exp(nan_min(log_is, log_tis_cap))
         loss = is_weight * loss
         d_loss = is_weight * d_loss
     kl = tl.zeros(lp_s.shape, tl.float32)
     if KL != 0:
         d_raw = log_diff(lp_ref, lp_s)
-        d = tl.minimum(tl.maximum(d_raw, -20.0), 20.0)
+        d = nan_clamp(d_raw, -20.0, 20.0)
         kl_in_range = (d_raw >= -20.0) & (d_raw <= 20.0) & (lp_s > float("-inf"))
         if KL == 1:
             kl = -d
@@ -211,8 +249,8 @@ def jsd_mixture(a2, b2, beta):
     ``log2 M`` is -inf only where both are -inf; ``0 < beta < 1``."""
     u = b2 + tl.log2(beta)
     w = a2 + tl.log2(1.0 - beta)
-    hi = tl.maximum(u, w)
-    r = tl.exp2(tl.minimum(u, w) - tl.where(hi == float("-inf"), 0.0, hi))
+    hi = nan_max(u, w)
+    r = tl.exp2(nan_min(u, w) - tl.where(hi == float("-inf"), 0.0, hi))
     e_hi = tl.exp2(hi)
     teacher_first = u >= w
     s = tl.where(teacher_first, e_hi * r, e_hi) * (1.0 / (1.0 - beta))
@@ -234,7 +272,10 @@ def divergence_grad_block(zs2, zt2, lse2_s, lse2_t, k, beta, DIV: tl.constexpr):
         g = tl.exp2(a2) - tl.exp2(b2)
     elif DIV == 1:
         s = tl.exp2(a2)
-        g = tl.where(s == 0.0, 0.0, s * ((a2 - b2) * LN2 - k))
+        # An infinite KL (T = 0 where S > 0): the gradient's limit is +inf at those entries, not inf - inf.
+        diff = (a2 - b2) * LN2 - k
+        diff = tl.where(b2 == float("-inf"), tl.where(k == float("inf"), float("inf"), diff), diff)
+        g = tl.where(s == 0.0, 0.0, s * diff)
     else:
         s, _, log_m = jsd_mixture(a2, b2, beta)
         g = tl.where(s == 0.0, 0.0, (1.0 - beta) * s * ((a2 - log_m) * LN2 - k))

@@ -16,9 +16,11 @@ from .common import (
     entropy_terms,
     finish_sum,
     is_finite,
+    row_centre,
     row_lse_exact,
     row_reference,
     softmax_grad_block,
+    token_logprob,
 )
 
 
@@ -46,23 +48,26 @@ def _logprobs_fwd_kernel(
         read_end = tl.where(active, V, 0)
         # Per-lane sums against the first block's max, the next block loaded before this one is used.
         x_next = tl.load(x_row + offs, mask=offs < read_end, other=float("-inf"))
-        ref = row_reference(x_next.to(tl.float32) * scale2)
+        ref = row_reference(x_next.to(tl.float32))
         acc = tl.zeros([BLOCK_V], dtype=tl.float32)
         acc_t = tl.zeros([BLOCK_V], dtype=tl.float32)
         for i in tl.range(0, tl.where(active, n_blocks, 0)):
-            z = x_next.to(tl.float32) * scale2
+            x = x_next.to(tl.float32)
+            z = (x - ref) * scale2
             cols = (i + 1) * BLOCK_V + offs
             x_next = tl.load(x_row + cols, mask=cols < read_end, other=float("-inf"))
             if ENTROPY:
-                e, ez = entropy_terms(z, ref)
+                e, ez = entropy_terms(z, x * scale2)
                 acc += e
                 acc_t += ez
             else:
-                acc += tl.exp2(z - ref)
-        lse2, s, ok = finish_sum(ref, acc)
+                acc += tl.exp2(z)
+        lse2, s, ok = finish_sum(ref * scale2, acc)
         t = tl.sum(acc_t, axis=0)
-        if active & ~ok:
+        exact = active & ~ok
+        if exact:
             lse2, s, t = row_lse_exact(x_row, V, scale2, BLOCK_V, ENTROPY)
+        r, c = row_centre(ref, s, lse2, exact)
         zy = tl.load(x_row + tl.where(y_ok, y, 0), mask=active & y_ok, other=float("-inf")).to(tl.float32)
         if PARTIAL:
             tl.store(lp_out + row, tl.where(active, zy * scale2, float("-inf")))
@@ -73,7 +78,7 @@ def _logprobs_fwd_kernel(
             tl.store(flags_out + row, tl.where(active & ((lse2 != lse2) | (lse2 == float("inf"))),
                                                FLAG_NONFINITE_STUDENT, 0))
         else:
-            lp = tl.minimum((zy * scale2 - lse2) * LN2, 0.0)
+            lp = token_logprob(zy, r, c, scale2)
             tl.store(lp_out + row, tl.where(active, lp, 0.0))
             tl.store(lse_out + row, tl.where(active, lse2 * LN2, 0.0))
             if ENTROPY:

@@ -33,6 +33,7 @@ from .common import (
     is_finite,
     jsd_mixture,
     log_diff,
+    nan_min,
     row_reference,
     softmax_grad_block,
 )
@@ -126,7 +127,7 @@ def _pair_sweep(s_row, t_row, V, read_end, active, scale2, DIV: tl.constexpr, EN
         if HAS_T:
             zt_next = _load_block(t_row, cols, read_end, KEEP_T)
         if ENTROPY:
-            es, ez = entropy_terms(zs, ref_s)
+            es, ez = entropy_terms(zs - ref_s, zs)
             acc_e += ez
         else:
             es = tl.exp2(zs - ref_s)
@@ -273,10 +274,10 @@ def _opsd_fwd_kernel(
         lp_t = 0.0
         if NEED_LP:
             zy_s = tl.load(s_row + y_safe, mask=active & y_ok, other=float("-inf")).to(tl.float32) * scale2
-            lp_s = tl.minimum((zy_s - lse2_s) * LN2, 0.0)
+            lp_s = nan_min((zy_s - lse2_s) * LN2, 0.0)
             if HAS_T_LOGITS:
                 zy_t = tl.load(t_row + y_safe, mask=active & y_ok, other=float("-inf")).to(tl.float32) * scale2
-                lp_t = tl.minimum((zy_t - lse2_t) * LN2, 0.0)
+                lp_t = nan_min((zy_t - lse2_t) * LN2, 0.0)
             else:
                 lp_t = tl.load(lp_t_in + row)
             flags |= tl.where(active & ~y_ok, FLAG_BAD_TOKEN, 0)
@@ -297,10 +298,11 @@ def _opsd_fwd_kernel(
             div = log_diff(lp_s, lp_t)
         clipped = div > token_clip
         if DIV == DIV_SAMPLED:
-            opsd = tl.minimum(div, token_clip) * lp_s
+            # D = 0 (both log-probs -inf: a token neither model can sample) adds 0, not 0 * -inf.
+            opsd = tl.where(div == 0.0, 0.0, nan_min(div, token_clip) * lp_s)
             d_div = tl.where(clipped, 0.0, div)
         else:
-            opsd = tl.minimum(div, token_clip)
+            opsd = nan_min(div, token_clip)
             d_div = tl.where(clipped, 0.0, 1.0)
 
         d_lp = 0.0

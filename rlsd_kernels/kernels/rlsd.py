@@ -23,9 +23,11 @@ from .common import (
     is_finite,
     log_diff,
     rlsd_epilogue,
+    row_centre,
     row_lse_exact,
     row_reference,
     softmax_grad_block,
+    token_logprob,
 )
 
 ERROR_BITS = tl.constexpr(FLAG_BAD_TOKEN.value | FLAG_NONFINITE_STUDENT.value | FLAG_NONFINITE_TEACHER.value)
@@ -65,7 +67,7 @@ def _rlsd_fwd_kernel(
         # the next block loaded before this one is used, so loads stay in flight. The student row
         # is read again for the gradient: the cache is asked to keep it and drop the teacher's first.
         zs_next = tl.load(s_row + offs, mask=offs < read_end, other=float("-inf"), eviction_policy="evict_last")
-        ref_s = row_reference(zs_next.to(tl.float32) * scale2)
+        ref_s = row_reference(zs_next.to(tl.float32))
         acc_s = tl.zeros([BLOCK_V], dtype=tl.float32)
         acc_e = tl.zeros([BLOCK_V], dtype=tl.float32)
         zt_next = zs_next
@@ -73,9 +75,10 @@ def _rlsd_fwd_kernel(
         acc_t = tl.zeros([BLOCK_V], dtype=tl.float32)
         if HAS_T_LOGITS:
             zt_next = tl.load(t_row + offs, mask=offs < read_end, other=float("-inf"), eviction_policy="evict_first")
-            ref_t = row_reference(zt_next.to(tl.float32) * scale2)
+            ref_t = row_reference(zt_next.to(tl.float32))
         for i in tl.range(0, tl.where(active, n_blocks, 0)):
-            zs = zs_next.to(tl.float32) * scale2
+            xs = zs_next.to(tl.float32)
+            zs = (xs - ref_s) * scale2
             zt = zt_next
             cols = (i + 1) * BLOCK_V + offs
             zs_next = tl.load(s_row + cols, mask=cols < read_end, other=float("-inf"), eviction_policy="evict_last")
@@ -83,30 +86,36 @@ def _rlsd_fwd_kernel(
                 zt_next = tl.load(t_row + cols, mask=cols < read_end, other=float("-inf"),
                                   eviction_policy="evict_first")
             if ENTROPY:
-                e, ez = entropy_terms(zs, ref_s)
+                e, ez = entropy_terms(zs, xs * scale2)
                 acc_s += e
                 acc_e += ez
             else:
-                acc_s += tl.exp2(zs - ref_s)
+                acc_s += tl.exp2(zs)
             if HAS_T_LOGITS:
-                acc_t += tl.exp2(zt.to(tl.float32) * scale2 - ref_t)
-        lse2_s, sum_s, ok = finish_sum(ref_s, acc_s)
+                acc_t += tl.exp2((zt.to(tl.float32) - ref_t) * scale2)
+        lse2_s, sum_s, ok = finish_sum(ref_s * scale2, acc_s)
         sum_e = tl.sum(acc_e, axis=0)
-        if active & ~ok:
+        exact = active & ~ok
+        if exact:
             lse2_s, sum_s, sum_e = row_lse_exact(s_row, V, scale2, BLOCK_V, ENTROPY)
+        # Log-probs (and the gradient) from the logits centred on the row's reference: precise at any
+        # magnitude (see ``row_centre``).
+        r_s, c_s = row_centre(ref_s, sum_s, lse2_s, exact)
         entropy = 0.0
         if ENTROPY:
             entropy = tl.where(active, entropy_finish(lse2_s, sum_s, sum_e), 0.0)
-        zy_s = tl.load(s_row + y_safe, mask=active & y_ok, other=float("-inf")).to(tl.float32) * scale2
-        lp_s = tl.minimum((zy_s - lse2_s) * LN2, 0.0)
+        zy_s = tl.load(s_row + y_safe, mask=active & y_ok, other=float("-inf")).to(tl.float32)
+        lp_s = token_logprob(zy_s, r_s, c_s, scale2)
         flags = tl.where(active & ~y_ok, FLAG_BAD_TOKEN, 0)
         flags |= tl.where(active & ~is_finite(lse2_s), FLAG_NONFINITE_STUDENT, 0)
         if HAS_T_LOGITS:
-            lse2_t, _, ok = finish_sum(ref_t, acc_t)
-            if active & ~ok:
-                lse2_t, _, _ = row_lse_exact(t_row, V, scale2, BLOCK_V, False)
-            zy_t = tl.load(t_row + y_safe, mask=active & y_ok, other=float("-inf")).to(tl.float32) * scale2
-            lp_t = tl.minimum((zy_t - lse2_t) * LN2, 0.0)
+            lse2_t, sum_t, ok = finish_sum(ref_t * scale2, acc_t)
+            exact_t = active & ~ok
+            if exact_t:
+                lse2_t, sum_t, _ = row_lse_exact(t_row, V, scale2, BLOCK_V, False)
+            r_t, c_t = row_centre(ref_t, sum_t, lse2_t, exact_t)
+            zy_t = tl.load(t_row + y_safe, mask=active & y_ok, other=float("-inf")).to(tl.float32)
+            lp_t = token_logprob(zy_t, r_t, c_t, scale2)
             flags |= tl.where(active & ~is_finite(lse2_t), FLAG_NONFINITE_TEACHER, 0)
         else:
             lp_t = tl.load(lp_t_in + row)
@@ -132,7 +141,8 @@ def _rlsd_fwd_kernel(
             d_row = dS + b * stride_db + t * stride_dt
             coef = tl.where(active, wt * d_lp, 0.0)
             coef_h = tl.where(active, -wt * entropy_coef, 0.0)
-            lse2_ref = tl.where(active, lse2_s, 0.0)
+            r_ref = tl.where(active, r_s, 0.0)
+            c_ref = tl.where(active, c_s, 0.0)
             # Backwards over the row (its last blocks were read most recently), prefetching as above.
             cols = (n_blocks - 1) * BLOCK_V + offs
             zs_next = tl.load(s_row + cols, mask=cols < read_end, other=float("-inf"), eviction_policy="evict_first")
@@ -142,7 +152,7 @@ def _rlsd_fwd_kernel(
                 prev = cols - BLOCK_V
                 zs_next = tl.load(s_row + prev, mask=(prev >= 0) & (prev < read_end), other=float("-inf"),
                                   eviction_policy="evict_first")
-                g = softmax_grad_block(zs.to(tl.float32) * scale2, lse2_ref, cols, y, coef, coef_h, entropy,
+                g = softmax_grad_block((zs.to(tl.float32) - r_ref) * scale2, c_ref, cols, y, coef, coef_h, entropy,
                                        ENTROPY_GRAD)
                 tl.store(d_row + cols, (g * inv_temp).to(dS.dtype.element_ty), mask=cols < V,
                          eviction_policy="evict_first")

@@ -131,7 +131,8 @@ def scale_grad_(grad, scale):
     """``grad *= scale`` in place, skipped on the device when ``scale`` is 1 (no host sync)."""
     if not use_triton(grad):
         if not bool(scale == 1):
-            grad.mul_(scale.to(grad.dtype))
+            # In float32, then rounded once: a float16 2**16 (loss scaling) is inf, a bfloat16 1/3 biased.
+            grad.mul_(scale.float())
         return
     rows = as_rows(grad, "grad")
     block = min(triton.next_power_of_2(rows.vocab), 4096)

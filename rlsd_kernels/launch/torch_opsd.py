@@ -54,7 +54,9 @@ def divergence_grad(zs, lse_s, zt, lse_t, k, code, beta):
     if code == FORWARD_KL:
         return s - b.exp()
     if code == REVERSE_KL:
-        return torch.where(s == 0, 0.0, s * ((a - b) - k[:, None]))
+        # An infinite KL (T = 0 where S > 0): the gradient's limit is +inf at those entries, not inf - inf.
+        diff = torch.where((b == -math.inf) & (k[:, None] == math.inf), math.inf, (a - b) - k[:, None])
+        return torch.where(s == 0, 0.0, s * diff)
     return torch.where(s == 0, 0.0, (1 - beta) * s * ((a - _mixture(a, b, beta)) - k[:, None]))
 
 
@@ -64,7 +66,8 @@ def token_terms(div, lp_s, code, token_clip):
     clip = math.inf if token_clip is None else token_clip
     clipped = div > clip
     if code == SAMPLED:
-        return div.clamp(max=clip) * lp_s, torch.where(clipped, 0.0, div), clipped
+        # D = 0 (both log-probs -inf: a token neither model can sample) adds 0, not 0 * -inf.
+        return torch.where(div == 0, 0.0, div.clamp(max=clip) * lp_s), torch.where(clipped, 0.0, div), clipped
     return div.clamp(max=clip), torch.where(clipped, 0.0, 1.0), clipped
 
 
@@ -85,11 +88,11 @@ def opsd_fwd(s_rows, t_rows, inputs, params, opsd, grad):
     for sl, views in torch_rows._row_chunks(s_rows, *tensors):
         on = active[sl]
         y = inputs.tokens[sl] if need_lp else torch.zeros_like(on, dtype=torch.long)
-        zs, lse_s, lp_s, _, bad, nonfinite_s = torch_rows._stats(views[0], y, temperature, on)
+        zs, lse_s, lp_s, _, bad, nonfinite_s = torch_rows._stats(torch_rows._flat(views[0]), y, temperature, on)
         nonfinite_t = torch.zeros_like(on)
         lse_t = lse_s
         if t_rows is not None:
-            zt, lse_t, lp_t, _, _, nonfinite_t = torch_rows._stats(views[1], y, temperature, on)
+            zt, lse_t, lp_t, _, _, nonfinite_t = torch_rows._stats(torch_rows._flat(views[1]), y, temperature, on)
         else:
             lp_t = torch.where(on, inputs.lp_t[sl], 0.0)
         if code == SAMPLED:
@@ -133,17 +136,17 @@ def opsd_grad(s_rows, t_rows, tokens, out, c_lp, c_h, c_d, temperature, opsd, gr
         active = (c_lp[sl] != 0) | (c_d[sl] != 0)
         if c_h is not None:
             active |= c_h[sl] != 0
-        zs = views[0].float() / temperature
+        zs = torch_rows._flat(views[0]).float() / temperature
         lse_s = out["lse"][sl]
         g = torch.zeros_like(zs)
         if code == SAMPLED or opsd.grpo:
             g = torch_rows._softmax_grad(zs, lse_s, y, c_lp[sl], None if c_h is None else c_h[sl],
                                    None if c_h is None else out["entropy"][sl])
         if code != SAMPLED:
-            zt = views[2].float() / temperature
+            zt = torch_rows._flat(views[2]).float() / temperature
             dd = divergence_grad(zs, lse_s, zt, out["lse_t"][sl], out["k"][sl], code, opsd.beta)
             g = g + torch.where(c_d[sl][:, None] != 0, c_d[sl][:, None] * dd, 0.0)
-        views[1].copy_(torch.where(active[:, None], g / temperature, 0.0))
+        torch_rows._write(views[1], torch.where(active[:, None], g / temperature, 0.0))
     return grad
 
 
@@ -167,7 +170,8 @@ def partial_stats(s_rows, t_rows, tokens, vocab_start, temperature, code, need_l
         for sl, (zs, zt) in torch_rows._row_chunks(s_rows, s_rows.tensor, t_rows.tensor):
             on = tokens[sl] != reference.IGNORE_INDEX
             lse_s, lse_t = (torch.where(on, x[sl], 0.0) * _LN2 for x in (s_stats[0], t_stats[0]))
-            d, _ = divergence(zs.float() / temperature, lse_s, zt.float() / temperature, lse_t, code, 0.5)
+            zs2, zt2 = (torch_rows._flat(z).float() / temperature for z in (zs, zt))
+            d, _ = divergence(zs2, lse_s, zt2, lse_t, code, 0.5)
             found["d"][sl] = torch.where(on, d * _LOG2E, 0.0)
     return torch.stack([found[k] for k in stats_rows(code, need_lp, entropy)])
 
@@ -177,8 +181,8 @@ def jsd_sums(s_rows, t_rows, tokens, lse_s, lse_t, temperature, beta):
     sums = common.empty((2, s_rows.n), dtype=torch.float32, device=s_rows.tensor.device)
     for sl, (zs, zt) in torch_rows._row_chunks(s_rows, s_rows.tensor, t_rows.tensor):
         on = tokens[sl] != reference.IGNORE_INDEX
-        a = zs.float() / temperature - torch.where(on, lse_s[sl], 0.0)[:, None]
-        b = zt.float() / temperature - torch.where(on, lse_t[sl], 0.0)[:, None]
+        a = torch_rows._flat(zs).float() / temperature - torch.where(on, lse_s[sl], 0.0)[:, None]
+        b = torch_rows._flat(zt).float() / temperature - torch.where(on, lse_t[sl], 0.0)[:, None]
         log_m = _mixture(a, b, beta)
         s, t = a.exp(), b.exp()
         sums[0, sl] = torch.where(on, torch.where(t == 0, 0.0, t * (b - log_m)).sum(-1) * _LOG2E, 0.0)

@@ -20,7 +20,18 @@ CHUNK_ELEMENTS = 1 << 22
 
 
 def _row_chunks(rows: Rows, *tensors):
-    """Yields ``(row slice, views)``: matching ``[C, V]`` views of ``tensors`` shaped like the rows."""
+    """Yields ``(row slice, views)`` over the flat rows ``b * seqlen + t``, at most ``CHUNK_ELEMENTS``
+    logits per chunk: views of ``tensors`` (shaped like the rows) of whole sequences ``[b0:b1]``
+    (``[C, T, V]``) while a sequence fits, else of parts of one sequence (``[C, V]``): many short
+    sequences make few chunks, not one each. The ops over the last dimension take either shape;
+    ``_flat`` and ``_write`` are for code that needs ``[C, V]`` rows."""
+    seq_elements = rows.seqlen * rows.vocab
+    if rows.batch > 1 and seq_elements <= CHUNK_ELEMENTS:
+        step = max(1, CHUNK_ELEMENTS // max(seq_elements, 1))
+        for b0 in range(0, rows.batch, step):
+            b1 = min(b0 + step, rows.batch)
+            yield slice(b0 * rows.seqlen, b1 * rows.seqlen), [x[b0:b1] for x in tensors]
+        return
     step = max(1, CHUNK_ELEMENTS // rows.vocab)
     for b in range(rows.batch):
         for t0 in range(0, rows.seqlen, step):
@@ -30,36 +41,65 @@ def _row_chunks(rows: Rows, *tensors):
             yield slice(start + t0, start + t1), views
 
 
+def _flat(view):
+    """A chunk of ``_row_chunks`` as ``[C, V]`` rows (a copy of that chunk only when not viewable)."""
+    return view.reshape(-1, view.shape[-1])
+
+
+def _write(view, value):
+    """Writes ``[C, V]`` rows into a chunk of ``_row_chunks``."""
+    view.copy_(value.view(view.shape))
+
+
+def _scaled(chunk, temperature):
+    """A ``[C, V]`` chunk as float32 logits divided by the temperature (no copy for float32 at 1)."""
+    z = chunk.float()
+    return z if temperature == 1 else z / temperature
+
+
 def _stats(chunk, y, temperature, active, want_entropy=False):
-    """Scaled logits, logsumexp, log-prob, entropy and error masks of a ``[C, V]`` chunk."""
-    z = chunk.float() / temperature
-    lse = torch.logsumexp(z, dim=-1)
-    # As in the kernels' online logsumexp, a +inf logit makes the row's logsumexp NaN.
-    lse = torch.where(lse == float("inf"), float("nan"), lse)
-    vocab = z.shape[-1]
-    ok = (y >= 0) & (y < vocab)
-    gathered = z.gather(1, torch.where(ok, y, 0).long()[:, None]).squeeze(1)
+    """Scaled logits, then flat ``[C]`` logsumexp, log-prob, entropy and error masks of a chunk of
+    rows (``[C, V]``, or a ``[b, T, V]`` view read in place); ``y`` and ``active`` are flat.
+
+    The log-prob is formed from ``z - m`` with the row's maximum ``m`` (as the kernels do), not as
+    ``z - lse``: its error does not grow with the logits' magnitude."""
+    z = _scaled(chunk, temperature)
+    y, active = y.view(z.shape[:-1]), active.view(z.shape[:-1])
+    m = z.amax(-1)
+    # A row without a finite logit takes 0 as its reference; a +inf logit makes its sums NaN, as in
+    # the kernels' online logsumexp.
+    m = torch.where(m == float("-inf"), 0.0, m)
+    shifted = z - m[..., None]
+    e = shifted.exp()
+    log_s = e.sum(-1).log()
+    lse = m + log_s
+    ok = (y >= 0) & (y < z.shape[-1])
+    gathered = shifted.gather(-1, torch.where(ok, y, 0).long()[..., None]).squeeze(-1)
     zy = torch.where(active & ok, gathered, float("-inf"))
-    lp = torch.where(active, (zy - lse).clamp(max=0.0), 0.0)
+    lp = torch.where(active, (zy - log_s).clamp(max=0.0), 0.0)
     entropy = None
     if want_entropy:
-        p = torch.softmax(z, dim=-1)
-        log_p = torch.where(p > 0, z - lse[:, None], 0.0)
-        entropy = torch.where(active, -(p * log_p).sum(-1), 0.0)
-    return z, torch.where(active, lse, 0.0), lp, entropy, active & ~ok, active & ~torch.isfinite(lse)
+        p = e / e.sum(-1, keepdim=True)
+        # p * log p is 0 where p is 0 (a -inf logit), never 0 * -inf.
+        plogp = torch.where(p > 0, p * (shifted - log_s[..., None]), 0.0)
+        entropy = torch.where(active, -plogp.sum(-1), 0.0).reshape(-1)
+    flat = (torch.where(active, lse, 0.0), lp, active & ~ok, active & ~torch.isfinite(lse))
+    lse, lp, bad, nonfinite = (x.reshape(-1) for x in flat)
+    return z, lse, lp, entropy, bad, nonfinite
 
 
 def _softmax_grad(z, lse, y, coef, coef_h=None, entropy=None):
-    """``coef * (1[v = y] - p) - coef_h * p * (log p + H)`` for scaled logits ``z`` (mirrors the kernel)."""
-    p = torch.exp(z - lse[:, None])
-    onehot = torch.zeros_like(z).scatter_(1, y.clamp(0, z.shape[-1] - 1).long()[:, None], 1.0)
-    # Like the kernels, an id outside [0, V) (only with validate=False) matches no column.
-    onehot = torch.where(((y >= 0) & (y < z.shape[-1]))[:, None], onehot, 0.0)
-    g = coef[:, None] * (onehot - p)
+    """``coef * (1[v = y] - p) - coef_h * p * (log p + H)`` for scaled logits ``z`` (mirrors the kernel);
+    ``lse``, ``y``, ``coef`` (and ``coef_h``, ``entropy``) are shaped like ``z`` without its last dimension."""
+    log_p = z - lse[..., None]
+    p = log_p.exp()
     if coef_h is not None:
-        log_p = torch.where(p > 0, z - lse[:, None], 0.0)
-        g = g - coef_h[:, None] * p * (log_p + entropy[:, None])
-    return g
+        h_term = coef_h[..., None] * torch.where(p > 0, p * (log_p + entropy[..., None]), 0.0)
+    # Like the kernels, an id outside [0, V) (only with validate=False) matches no column.
+    ok = (y >= 0) & (y < z.shape[-1])
+    g = p.neg_().scatter_add_(-1, torch.where(ok, y, 0).long()[..., None], ok.to(p.dtype)[..., None])
+    g.mul_(coef[..., None])
+    return g.sub_(h_term) if coef_h is not None else g
 
 
 def logprobs_fwd(rows: Rows, tokens, temperature, want_entropy):
@@ -70,7 +110,8 @@ def logprobs_fwd(rows: Rows, tokens, temperature, want_entropy):
     flags = common.empty((n,), dtype=torch.int32, device=device)
     for sl, (chunk,) in _row_chunks(rows, rows.tensor):
         y = tokens[sl]
-        _, lse[sl], lp[sl], e, bad, nonfinite = _stats(chunk, y, temperature, y != reference.IGNORE_INDEX, want_entropy)
+        active = y != reference.IGNORE_INDEX
+        _, lse[sl], lp[sl], e, bad, nonfinite = _stats(chunk, y, temperature, active, want_entropy)
         if want_entropy:
             ent[sl] = e
         flags[sl] = bad.int() * int(Flag.BAD_TOKEN) + nonfinite.int() * int(Flag.NONFINITE_STUDENT)
@@ -88,7 +129,7 @@ def partial_stats(rows: Rows, tokens, vocab_start, temperature, want_entropy):
         active = y != reference.IGNORE_INDEX
         local = y - vocab_start
         in_shard = active & (local >= 0) & (local < rows.vocab)
-        z2 = chunk.float() * (log2e / temperature)
+        z2 = _flat(chunk).float() * (log2e / temperature)
         lse2 = torch.logsumexp(z2 / log2e, dim=-1) * log2e
         # As in the kernels, a +inf logit makes the shard's logsumexp NaN.
         lse2 = torch.where(lse2 == float("inf"), float("nan"), lse2)
@@ -103,16 +144,20 @@ def partial_stats(rows: Rows, tokens, vocab_start, temperature, want_entropy):
 
 
 def logprobs_bwd(rows: Rows, tokens, lse, coef, coef_h, entropy, temperature, grad):
+    inv = 1.0 / temperature
     for sl, (chunk, g_chunk) in _row_chunks(rows, rows.tensor, grad):
-        y, c = tokens[sl], coef[sl]
+        shape = chunk.shape[:-1]
+        y, c = tokens[sl].view(shape), coef[sl].view(shape)
         active = (y != reference.IGNORE_INDEX) & (c != 0)
         c_h = h = None
         if coef_h is not None:
-            c_h, h = coef_h[sl], entropy[sl]
+            c_h, h = coef_h[sl].view(shape) * inv, entropy[sl].view(shape)
             active |= (y != reference.IGNORE_INDEX) & (c_h != 0)
-        z = chunk.float() / temperature
-        g = _softmax_grad(z, lse[sl], y, c, c_h, h) / temperature
-        g_chunk.copy_(torch.where(active[:, None], g, 0.0))
+        # The chunk is read in place (a [b, T, V] view of strided rows too) and written once.
+        g = _softmax_grad(_scaled(chunk, temperature), lse[sl].view(shape), y, c * inv, c_h, h)
+        if not bool(active.all()):
+            g.masked_fill_(~active[..., None], 0.0)
+        g_chunk.copy_(g)
     return grad
 
 
