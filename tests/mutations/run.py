@@ -98,7 +98,8 @@ MUTATIONS = [
     ], [F, "-k", "sequence_ratio"]),
     Mutation("tis_uncapped", "truncated importance weight without its cap", [
         ("is_weight = torch.exp(log_is.clamp(max=math.log(tis_cap)))", "is_weight = torch.exp(log_is)", 1),
-        ("is_weight = tl.exp(tl.minimum(log_is, log_tis_cap))", "is_weight = tl.exp(log_is)", 1),
+        [("is_weight = tl.exp(nan_min(log_is, log_tis_cap))", "is_weight = tl.exp(log_is)", 1),
+         ("is_weight = tl.exp(tl.minimum(log_is, log_tis_cap))", "is_weight = tl.exp(log_is)", 1)],
     ], [F, "-k", "tis"]),
     Mutation("no_dual_clip", "the dual clip never binds", [
         ("dual = (a_hat < 0) & (loss_pg > bound)", "dual = (a_hat < 0) & (loss_pg > bound) & (a_hat > 0)", 1),
@@ -107,8 +108,10 @@ MUTATIONS = [
     Mutation("ppo_bounds_swapped", "PPO clip range [1 - clip_high, 1 + clip_low]", [
         ("clipped_ratio = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)",
          "clipped_ratio = ratio.clamp(1.0 - clip_high, 1.0 + clip_low)", 1),
-        ("clipped_ratio = tl.minimum(tl.maximum(ratio, 1.0 - clip_lo), 1.0 + clip_hi)",
-         "clipped_ratio = tl.minimum(tl.maximum(ratio, 1.0 - clip_hi), 1.0 + clip_lo)", 1),
+        [("clipped_ratio = nan_clamp(ratio, 1.0 - clip_lo, 1.0 + clip_hi)",
+          "clipped_ratio = nan_clamp(ratio, 1.0 - clip_hi, 1.0 + clip_lo)", 1),
+         ("clipped_ratio = tl.minimum(tl.maximum(ratio, 1.0 - clip_lo), 1.0 + clip_hi)",
+          "clipped_ratio = tl.minimum(tl.maximum(ratio, 1.0 - clip_hi), 1.0 + clip_lo)", 1)],
     ], [F, "-k", "ppo"]),
     Mutation("lam_mix_swapped", "credit = lam + (1 - lam) * w", [
         ("credit = (1.0 - lam) + lam * weight", "credit = lam + (1.0 - lam) * weight", 2),
@@ -142,8 +145,10 @@ MUTATIONS = [
          "clipped = d.detach() > 1e30 if token_clip is not None", 1),
         ("return div.clamp(max=clip), torch.where(clipped, 0.0, 1.0), clipped",
          "return div, torch.ones_like(div), clipped & False", 1),
-        ("opsd = tl.minimum(div, token_clip)\n            d_div = tl.where(clipped, 0.0, 1.0)",
-         "opsd = div\n            d_div = tl.where(clipped, 1.0, 1.0)", 1),
+        [("opsd = nan_min(div, token_clip)\n            d_div = tl.where(clipped, 0.0, 1.0)",
+          "opsd = div\n            d_div = tl.where(clipped, 1.0, 1.0)", 1),
+         ("opsd = tl.minimum(div, token_clip)\n            d_div = tl.where(clipped, 0.0, 1.0)",
+          "opsd = div\n            d_div = tl.where(clipped, 1.0, 1.0)", 1)],
     ], [FO, "-k", "divergence and True"]),
     Mutation("jsd_mixture_weights_swapped", "M = (1 - beta) T + beta S (reference and PyTorch path)", [
         ("torch.stack([b0 + math.log(beta), a0 + math.log1p(-beta)])",
@@ -152,10 +157,13 @@ MUTATIONS = [
          "torch.logaddexp(b + math.log1p(-beta), a + math.log(beta))", 1),
     ], [FO, "-k", "jsd-0.2 or jsd-0.9"]),
     Mutation("reverse_kl_grad_no_baseline", "reverse-KL gradient S * (a - b) without the - KL term (kernels)", [
-        ("return torch.where(s == 0, 0.0, s * ((a - b) - k[:, None]))",
-         "return torch.where(s == 0, 0.0, s * (a - b))", 1),
-        ("g = tl.where(s == 0.0, 0.0, s * ((a2 - b2) * LN2 - k))",
-         "g = tl.where(s == 0.0, 0.0, s * ((a2 - b2) * LN2))", 1),
+        [("diff = torch.where((b == -math.inf) & (k[:, None] == math.inf), math.inf, (a - b) - k[:, None])",
+          "diff = torch.where((b == -math.inf) & (k[:, None] == math.inf), math.inf, (a - b))", 1),
+         ("return torch.where(s == 0, 0.0, s * ((a - b) - k[:, None]))",
+          "return torch.where(s == 0, 0.0, s * (a - b))", 1)],
+        [("diff = (a2 - b2) * LN2 - k\n", "diff = (a2 - b2) * LN2\n", 1),
+         ("g = tl.where(s == 0.0, 0.0, s * ((a2 - b2) * LN2 - k))",
+          "g = tl.where(s == 0.0, 0.0, s * ((a2 - b2) * LN2))", 1)],
     ], [FO, "-k", "reverse_kl"]),
     Mutation("sum_norm_without_length", "seq-mean-token-sum-norm divides by S instead of S * L", [
         ('denominator = num_seqs * max_len if loss_agg == "seq-mean-token-sum-norm" else num_seqs',
