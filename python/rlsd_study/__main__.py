@@ -59,12 +59,15 @@ def parse_args(argv=None):
     p.add_argument("--rollout", choices=["builtin", "vllm"], help="rollout engine (vllm: one worker)")
     p.add_argument("--trainer", choices=["native"], help="training loop (native: this package's)")
     p.add_argument("--out", help="output folder (default results/<preset>)")
+    p.add_argument("--warm-only", action="store_true", help="only train (and cache) the warm starts")
+    p.add_argument("--report-only", action="store_true", help="only rewrite the table and plot from --out's runs")
     args = p.parse_args(argv)
     merged = {**DEFAULTS, **PRESETS[args.preset]}
     for key, value in vars(args).items():
         if key != "preset" and (value is not None and value is not False):
             merged[key] = value
-    merged["warm_per_seed"] = args.warm_per_seed
+    for flag in ("warm_per_seed", "warm_only", "report_only"):
+        merged[flag] = getattr(args, flag)
     merged["out"] = merged["out"] or os.path.join("results", args.preset)
     return args.preset, merged
 
@@ -86,11 +89,16 @@ def main(argv=None):
         warm_per_seed=a["warm_per_seed"], workers=workers, rollout=a["rollout"],
     )
     t0 = time.perf_counter()
-    _, warm = run_study(cfg)
+    if a["report_only"]:
+        print(write_report(cfg.out))
+        return
+    _, warm = run_study(cfg, warm_only=a["warm_only"])
     for w in warm:
         print(f"warm start {w['task']}: {w['sft_steps']} steps, {w['sft_seconds']:.0f} s, sampled accuracy "
               f"{w['sft_sampled_acc']:.2f}, greedy {w['sft_greedy_acc']:.2f}, teacher context greedy "
               f"{w['teacher_greedy_acc']:.2f}")
+    if a["warm_only"]:
+        return
     print(write_report(cfg.out))
     print(f"\n{preset}: {time.perf_counter() - t0:.0f} s; CSV, table and plot in {cfg.out}/")
 

@@ -198,15 +198,17 @@ def _drain(q, bar, count_steps):
         _handle(item, bar, count_steps)
 
 
-def run_study(cfg: StudyConfig):
+def run_study(cfg: StudyConfig, warm_only: bool = False):
     """Warm starts, then the RL runs (longest task first); returns the CSV paths and warm-start summaries."""
     os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:
+    with open(os.path.join(cfg.out, f"config-{'-'.join(cfg.tasks)}.json"), "w") as f:
         json.dump(asdict(cfg), f, indent=1, default=str)
     for spec in cfg.methods:
         parse_method(spec)
     warm_seeds = cfg.seeds if cfg.warm_per_seed else [0]
     warm = _pool_run(cfg, warm_job, [(t, s) for t in cfg.tasks for s in warm_seeds], "warm start", None)
+    if warm_only:
+        return [], warm
     jobs = [(t, m, s) for t in sorted(cfg.tasks, key=lambda t: t != "chain") for s in cfg.seeds for m in cfg.methods]
     paths = _pool_run(cfg, rl_job, jobs, "RL", len(jobs) * cfg.rl.steps)
     return paths, warm
