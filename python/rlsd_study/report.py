@@ -29,11 +29,12 @@ def load_runs(out: str) -> list[dict]:
     return rows
 
 
-def _curves(rows):
-    """``{(task, method): {seed: [(step, acc), ...]}}``."""
+def _curves(rows, metric="accuracy"):
+    """``{(task, method): {seed: [(step, value), ...]}}`` of ``metric``."""
     curves = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        curves[(r["task"], r["method"])][int(r["seed"])].append((int(r["step"]), r["accuracy"]))
+        if not math.isnan(r.get(metric, math.nan)):
+            curves[(r["task"], r["method"])][int(r["seed"])].append((int(r["step"]), r[metric]))
     return curves
 
 
@@ -56,8 +57,8 @@ def _mean(xs):
     return statistics.fmean(xs) if xs else math.nan
 
 
-def summarize(rows) -> list[dict]:
-    curves = _curves(rows)
+def summarize(rows, metric="accuracy") -> list[dict]:
+    curves = _curves(rows, metric)
     last = {}
     for r in rows:
         key = (r["task"], r["method"], int(r["seed"]))
@@ -69,7 +70,7 @@ def summarize(rows) -> list[dict]:
             by_run[(r["task"], r["method"])].append(r)
     out = []
     for (task, method), by_seed in sorted(curves.items()):
-        finals = [last[(task, method, s)]["accuracy"] for s in by_seed]
+        finals = [last[(task, method, s)][metric] for s in by_seed]
         mean_curve = _mean_curve(by_seed)
         peak_step, peak = max(mean_curve, key=lambda x: x[1])
         grpo = curves.get((task, "grpo"))
@@ -84,6 +85,7 @@ def summarize(rows) -> list[dict]:
         runs = by_run[(task, method)]
         lasts = [last[(task, method, s)] for s in by_seed]
         out.append({
+            "metric": metric,
             "task": task,
             "method": method,
             "seeds": len(by_seed),
@@ -111,7 +113,8 @@ def _fmt(x, spec=".3f"):
 
 
 def table(summary) -> str:
-    head = ("| task | method | seeds | start | final ± sd | peak (step) | steps to GRPO final (×GRPO) "
+    head = (f"{summary[0]['metric']} (held-out):\n\n"
+            "| task | method | seeds | start | final ± sd | peak (step) | steps to GRPO final (×GRPO) "
             "| resp. len | credit w (A≠0) | s/step rollout / teacher / update |")
     lines = [head, "|" + "---|" * 10]
     for s in summary:
@@ -126,16 +129,16 @@ def table(summary) -> str:
     return "\n".join(lines)
 
 
-def plot(rows, path: str):
+def plot(rows, path: str, metrics):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = _curves(rows)
-    tasks = sorted({t for t, _ in curves})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.5), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
+    tasks = sorted({r["task"] for r in rows})
+    fig, axes = plt.subplots(len(metrics), len(tasks), figsize=(6.5 * len(tasks), 4.2 * len(metrics)), squeeze=False)
+    for (row, metric), (col, task) in ((m, t) for m in enumerate(metrics) for t in enumerate(tasks)):
+        ax, curves = axes[row][col], _curves(rows, metric)
         methods = sorted(m for t, m in curves if t == task)
         for i, method in enumerate(methods):
             color = f"C{i % 10}"
@@ -144,9 +147,9 @@ def plot(rows, path: str):
                 ax.plot(*zip(*sorted(c), strict=True), color=color, alpha=0.2, lw=0.8)
             ax.plot(*zip(*_mean_curve(by_seed), strict=True), color=color, lw=2,
                     label=f"{method} ({len(by_seed)} seeds)")
-        ax.set_title(f"{task}: held-out greedy accuracy")
+        ax.set_title(f"{task}: held-out {'greedy' if metric == 'accuracy' else 'sampled (T=1)'} accuracy")
         ax.set_xlabel("RL step")
-        ax.set_ylabel("accuracy")
+        ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -165,13 +168,15 @@ def write_report(out: str) -> str:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    summary = summarize(rows)
+    metrics = [m for m in ("accuracy", "sampled_accuracy") if any(not math.isnan(r.get(m, math.nan)) for r in rows)]
+    summaries = [summarize(rows, m) for m in metrics]
     with open(os.path.join(out, "summary.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(summary[0].keys()))
+        w = csv.DictWriter(f, fieldnames=list(summaries[0][0].keys()))
         w.writeheader()
-        w.writerows(summary)
-    plot(rows, os.path.join(out, "curves.png"))
-    text = table(summary)
+        for summary in summaries:
+            w.writerows(summary)
+    plot(rows, os.path.join(out, "curves.png"), metrics)
+    text = "\n\n".join(table(s) for s in summaries)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(text + "\n")
     return text
