@@ -57,7 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--warm-per-seed", action="store_true", help="one warm start per seed (default: one per task)")
     p.add_argument("--workers", type=int, help="processes (one torch thread each; one per core)")
     p.add_argument("--rollout", choices=["builtin", "vllm"], help="rollout engine (vllm: one worker)")
-    p.add_argument("--trainer", choices=["native"], help="training loop (native: this package's)")
+    p.add_argument("--trainer", choices=["native", "trl"],
+                   help="training loop: native (this package's) or trl (RLSDTrainer; grpo and rlsd methods)")
     p.add_argument("--out", help="output folder (default results/<preset>)")
     p.add_argument("--warm-only", action="store_true", help="only train (and cache) the warm starts")
     p.add_argument("--report-only", action="store_true", help="only rewrite the table and plot from --out's runs")
@@ -86,7 +87,7 @@ def main(argv=None):
         seeds=list(range(a["first_seed"], a["first_seed"] + a["seeds"])), rl=rl, out=a["out"],
         chain_steps=a["chain_steps"], num_train=a["num_train"], num_test=a["num_test"],
         warm_target=a["warm_target"], warm_max_steps=a["warm_max_steps"], warm_lr=a["warm_lr"],
-        warm_per_seed=a["warm_per_seed"], workers=workers, rollout=a["rollout"],
+        warm_per_seed=a["warm_per_seed"], workers=workers, rollout=a["rollout"], trainer=a["trainer"],
     )
     t0 = time.perf_counter()
     if a["report_only"]:

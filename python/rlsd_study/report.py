@@ -73,7 +73,8 @@ def summarize(rows, metric="accuracy") -> list[dict]:
         finals = [last[(task, method, s)][metric] for s in by_seed]
         mean_curve = _mean_curve(by_seed)
         peak_step, peak = max(mean_curve, key=lambda x: x[1])
-        grpo = curves.get((task, "grpo"))
+        # Runs through TRL compare with TRL's GRPO run.
+        grpo = curves.get((task, "trl-grpo" if method.startswith("trl-") else "grpo"))
         reach = ratio = None
         if grpo:
             grpo_curve = _mean_curve(grpo)

@@ -36,6 +36,7 @@ class StudyConfig:
     heads: int = 2
     workers: int = 1
     rollout: str = "builtin"
+    trainer: str = "native"
     extra: dict = field(default_factory=dict)
 
 
@@ -120,9 +121,15 @@ def rl_job(cfg: StudyConfig, task: str, method_spec: str, seed: int, progress=No
         from .vllm_rollout import VLLMRollout
 
         rollout = VLLMRollout(model, seed=seed, workdir=os.path.join(cfg.out, "vllm_model"))
+    bar = _QueueBar(progress) if progress is not None else None
     t0 = time.perf_counter()
-    rows = train(model, tok, split, method, cfg.rl, seed=seed, rollout=rollout,
-                 progress=_QueueBar(progress) if progress is not None else None)
+    if cfg.trainer == "trl":
+        from .trl_trainer import train_trl
+
+        rows = train_trl(model, tok, split, method, cfg.rl, seed=seed, progress=bar)
+        method_spec = "trl-" + method_spec
+    else:
+        rows = train(model, tok, split, method, cfg.rl, seed=seed, rollout=rollout, progress=bar)
     wall = time.perf_counter() - t0
     path = os.path.join(cfg.out, "runs", run_name(task, method_spec, seed) + ".csv")
     os.makedirs(os.path.dirname(path), exist_ok=True)
