@@ -1,8 +1,9 @@
 """Reads a study's run CSVs; writes ``curves.csv``, ``summary.csv`` and ``curves.png``; returns the table.
 
 Table columns, per task and method (means over seeds of each seed's value):
-final held-out accuracy (mean ± sd), peak (and its step), the first step at which the seed-mean
-curve reaches GRPO's final seed-mean accuracy (and that step over GRPO's own), response length,
+final held-out accuracy (the mean of a seed's last three evaluations; mean ± sd over seeds), the
+peak of the seed-mean curve (and its step), the first step at which the seed-mean curve (trailing
+mean over three evaluations) reaches GRPO's final (and that step over GRPO's own), response length,
 the mean credit weight over tokens with a non-zero advantage (RLSD only), and seconds per step split
 into rollout, teacher and update.
 """
@@ -45,6 +46,18 @@ def _mean_curve(by_seed):
     return [(s, statistics.fmean(t[s] for t in table.values())) for s in steps]
 
 
+SMOOTH = 3
+
+
+def _smooth(curve, window=SMOOTH):
+    """Trailing mean over ``window`` evaluations (fewer at the start)."""
+    out = []
+    for i, (step, _) in enumerate(curve):
+        values = [v for _, v in curve[max(0, i - window + 1) : i + 1]]
+        out.append((step, statistics.fmean(values)))
+    return out
+
+
 def _first_reach(curve, level):
     for step, acc in curve:
         if step > 0 and acc >= level - 1e-9:
@@ -70,16 +83,18 @@ def summarize(rows, metric="accuracy") -> list[dict]:
             by_run[(r["task"], r["method"])].append(r)
     out = []
     for (task, method), by_seed in sorted(curves.items()):
-        finals = [last[(task, method, s)][metric] for s in by_seed]
+        # A seed's final accuracy: the mean of its last SMOOTH evaluations (one is too noisy).
+        finals = [_smooth(sorted(c))[-1][1] for c in by_seed.values()]
         mean_curve = _mean_curve(by_seed)
         peak_step, peak = max(mean_curve, key=lambda x: x[1])
         # Runs through TRL compare with TRL's GRPO run.
         grpo = curves.get((task, "trl-grpo" if method.startswith("trl-") else "grpo"))
         reach = ratio = None
         if grpo:
-            grpo_curve = _mean_curve(grpo)
+            # Steps at which the seed-mean curve, smoothed like the finals, first reaches GRPO's final.
+            grpo_curve = _smooth(_mean_curve(grpo))
             level = grpo_curve[-1][1]
-            reach = _first_reach(mean_curve, level)
+            reach = _first_reach(_smooth(mean_curve), level)
             grpo_reach = _first_reach(grpo_curve, level)
             if reach is not None and grpo_reach:
                 ratio = reach / grpo_reach
