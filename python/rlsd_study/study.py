@@ -44,6 +44,11 @@ def run_name(task: str, method: str, seed: int) -> str:
     return f"{task}__{method.replace(':', '_').replace('=', '')}__seed{seed}"
 
 
+def _run_path(cfg, task: str, method: str, seed: int) -> str:
+    label = "trl-" + method if cfg.trainer == "trl" else method
+    return os.path.join(cfg.out, "runs", run_name(task, label, seed) + ".csv")
+
+
 def _setup(cfg: StudyConfig, task_name: str):
     from .model import CharTokenizer, make_config
     from .tasks import make_split, make_task
@@ -127,11 +132,11 @@ def rl_job(cfg: StudyConfig, task: str, method_spec: str, seed: int, progress=No
         from .trl_trainer import train_trl
 
         rows = train_trl(model, tok, split, method, cfg.rl, seed=seed, progress=bar)
-        method_spec = "trl-" + method_spec
     else:
         rows = train(model, tok, split, method, cfg.rl, seed=seed, rollout=rollout, progress=bar)
     wall = time.perf_counter() - t0
-    path = os.path.join(cfg.out, "runs", run_name(task, method_spec, seed) + ".csv")
+    path = _run_path(cfg, task, method_spec, seed)
+    method_spec = "trl-" + method_spec if cfg.trainer == "trl" else method_spec
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fields = ["task", "method", "seed", "rollout", *rows[0].keys(), "wall_s"]
     for row in rows:
@@ -216,6 +221,9 @@ def run_study(cfg: StudyConfig, warm_only: bool = False):
     warm = _pool_run(cfg, warm_job, [(t, s) for t in cfg.tasks for s in warm_seeds], "warm start", None)
     if warm_only:
         return [], warm
-    jobs = [(t, m, s) for t in sorted(cfg.tasks, key=lambda t: t != "chain") for s in cfg.seeds for m in cfg.methods]
+    # Method by method in the order given, every seed of one before the next: a study cut short keeps
+    # whole methods. Runs whose CSV exists are kept, so a study resumes where it stopped.
+    jobs = [(t, m, s) for t in sorted(cfg.tasks, key=lambda t: t != "chain") for m in cfg.methods for s in cfg.seeds
+            if not os.path.exists(_run_path(cfg, t, m, s))]
     paths = _pool_run(cfg, rl_job, jobs, "RL", len(jobs) * cfg.rl.steps)
     return paths, warm
