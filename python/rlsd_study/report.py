@@ -94,10 +94,14 @@ def summarize(rows, metric="accuracy") -> list[dict]:
             # Steps at which the seed-mean curve, smoothed like the finals, first reaches GRPO's final.
             grpo_curve = _smooth(_mean_curve(grpo))
             level = grpo_curve[-1][1]
-            reach = _first_reach(_smooth(mean_curve), level)
-            grpo_reach = _first_reach(grpo_curve, level)
-            if reach is not None and grpo_reach:
-                ratio = reach / grpo_reach
+            # GRPO's final at or below its start: there is no gain whose speed could be compared.
+            if level > grpo_curve[0][1]:
+                reach = _first_reach(_smooth(mean_curve), level)
+                grpo_reach = _first_reach(grpo_curve, level)
+                if reach is not None and grpo_reach:
+                    ratio = reach / grpo_reach
+            else:
+                reach = "GRPO no gain"
         runs = by_run[(task, method)]
         lasts = [last[(task, method, s)] for s in by_seed]
         out.append({
@@ -134,8 +138,11 @@ def table(summary) -> str:
             "| resp. len | credit w (A≠0) | s/step rollout / teacher / update |")
     lines = [head, "|" + "---|" * 10]
     for s in summary:
-        reach = "not reached" if s["steps_to_grpo_final"] is None else (
-            f"{s['steps_to_grpo_final']:.0f} ({_fmt(s['vs_grpo_steps'], '.2f')})")
+        reach = s["steps_to_grpo_final"]
+        if reach is None:
+            reach = "not reached"
+        elif not isinstance(reach, str):
+            reach = f"{reach:.0f} ({_fmt(s['vs_grpo_steps'], '.2f')})"
         lines.append(
             f"| {s['task']} | {s['method']} | {s['seeds']} | {_fmt(s['start_acc'])} "
             f"| {_fmt(s['final_acc'])} ± {_fmt(s['final_sd'])} | {_fmt(s['peak_acc'])} ({s['peak_step']:.0f}) "
