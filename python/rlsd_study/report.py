@@ -159,12 +159,14 @@ def plot(rows, path: str, metrics):
     import matplotlib.pyplot as plt
 
     tasks = sorted({r["task"] for r in rows})
+    # One colour per method across every panel.
+    colors = {m: f"C{i % 10}" for i, m in enumerate(sorted({r["method"] for r in rows}))}
     fig, axes = plt.subplots(len(metrics), len(tasks), figsize=(6.5 * len(tasks), 4.2 * len(metrics)), squeeze=False)
     for (row, metric), (col, task) in ((m, t) for m in enumerate(metrics) for t in enumerate(tasks)):
         ax, curves = axes[row][col], _curves(rows, metric)
         methods = sorted(m for t, m in curves if t == task)
-        for i, method in enumerate(methods):
-            color = f"C{i % 10}"
+        for method in methods:
+            color = colors[method]
             by_seed = curves[(task, method)]
             for c in by_seed.values():
                 ax.plot(*zip(*sorted(c), strict=True), color=color, alpha=0.2, lw=0.8)
