@@ -76,17 +76,15 @@ def method_loss(method: Method, step: int, student, teacher, tokens, advantages,
     lam = method.lam_at(step)
     extra = {} if rollout_logprobs is None else {"rollout_logprobs": rollout_logprobs}
     if method.base in ("grpo", "rlsd"):
-        teacher_kw = {"teacher_logprobs": torch.zeros_like(advantages)} if teacher is None else {}
+        # GRPO (lam = 0) needs no teacher: the library then leaves the credit metrics out.
         loss, metrics = rlsd_kernels.rlsd_loss(
             student, teacher, tokens, advantages, eps_w=method.eps_w, lam=lam, loss_agg="token-mean",
-            return_metrics=True, **teacher_kw, **extra,
+            return_metrics=True, **extra,
         )
         if method.uses_credit:
-            nonzero = (advantages != 0).sum()
-            total = metrics["num_tokens"]
-            weighted = metrics["credit_weight_mean"] * total - (total - nonzero)
-            # No token with a non-zero advantage: no weight to report.
-            metrics["credit_weight_nonzero"] = torch.where(nonzero > 0, weighted / nonzero.clamp(min=1), float("nan"))
+            # The library's credit metrics average over the tokens with a non-zero advantage.
+            metrics["credit_weight_nonzero"] = torch.where(metrics["num_credit_tokens"] > 0,
+                                                           metrics["credit_weight_mean"], float("nan"))
         return loss, metrics, lam
     if method.base == "opsd":
         loss, metrics = rlsd_kernels.opsd_loss(student, teacher, tokens, divergence=method.div, return_metrics=True)
