@@ -110,3 +110,18 @@ def test_a_detached_base_never_receives_a_gradient(device, backend):
     view = detached[:, :-1].requires_grad_()
     rlsd_kernels.rlsd_loss(view, teacher[:, :-1], tokens, adv).backward()
     assert detached.grad is None and base.grad is None and view.grad is not None
+
+
+def test_the_temporary_view_is_recognised_after_torch_compile(device):
+    """torch.compile leaves a frame-evaluation hook that adds a reference to every call's arguments:
+    a temporary view is still told apart from a named one."""
+    torch._dynamo.reset()
+    torch.compile(lambda x: x * 2)(torch.randn(3))
+    logits, teacher, tokens, adv = _inputs(device)
+    base = logits.clone().requires_grad_()
+    loss = rlsd_kernels.rlsd_loss(base[:, :-1], teacher[:, :-1], tokens, adv)
+    assert any(getattr(fn, "variable", None) is base for fn, _ in loss.grad_fn.next_functions)
+    view = base[:, :-1]
+    loss = rlsd_kernels.rlsd_loss(view, teacher[:, :-1], tokens, adv)
+    (grad,) = torch.autograd.grad(loss, [view])
+    assert grad.shape == view.shape

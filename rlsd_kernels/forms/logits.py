@@ -10,6 +10,8 @@ copy of a slice's backward (``slice_of_base``).
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from . import ops
@@ -41,10 +43,16 @@ def slice_of_base(x, temporary):
     return base, start
 
 
+def _count(x):
+    return sys.getrefcount(x)
+
+
 def is_temporary(refcount):
     """Whether an argument whose ``sys.getrefcount`` at the entry of a public function is ``refcount``
-    is held by that call alone (``f(x[:, :-1])``); a named view counts one more."""
-    return refcount <= 2
+    is held by that call alone (``f(x[:, :-1])``); a named view counts one more. The count is compared
+    with a fresh temporary's in the same interpreter state: a frame-evaluation hook (torch.compile
+    leaves one installed) adds a reference to every call's arguments."""
+    return refcount <= _count(object())
 
 
 class LogitsForm:
