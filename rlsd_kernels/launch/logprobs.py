@@ -9,7 +9,7 @@ import torch
 from ..kernels.logprobs import _logprobs_bwd_kernel, _logprobs_fwd_kernel
 from . import common, torch_rows
 from .common import as_rows, use_triton
-from .tuning import TRIAL_ROWS, pick_row_config
+from .tuning import TRIAL_ROWS, pick_choice, pick_row_config
 
 
 def logprobs_fwd(logits, tokens, temperature, entropy):
@@ -92,6 +92,16 @@ def trial_destination(dest, rows):
         return found[0]
 
     return get
+
+
+def fused_or_split(key, device, grad, n_rows, trial_rows, trial_dest, fused, split):
+    """Writes the gradient of ``n_rows`` rows into ``grad`` with the faster of two strategies, timed
+    once per ``key`` on a prefix of the rows: ``fused(n_rows, dest, dest_strides)`` (the forward
+    program writes it) or ``split(...)`` (the forward, then the row backward kernel)."""
+    strategies = {"fused": lambda: fused(trial_rows, *trial_dest()), "split": lambda: split(trial_rows, *trial_dest())}
+    g_rows = as_rows(grad, "grad")
+    chosen = fused if pick_choice(key + ("strategy",), device, strategies, default="fused") == "fused" else split
+    chosen(n_rows, grad, (g_rows.stride_b, g_rows.stride_t))
 
 
 def logprobs_bwd(logits, tokens, lse, coef, coef_h, entropy, temperature, out=None):

@@ -13,11 +13,11 @@ from ..kernels.opsd import _opsd_bwd_kernel, _opsd_fwd_kernel
 from ..kernels.opsd_shard import _jsd_sums_kernel, _opsd_stats_kernel
 from . import common, torch_opsd
 from .common import as_rows, use_triton
-from .logprobs import bwd_launcher, trial_destination
+from .logprobs import bwd_launcher, fused_or_split, trial_destination
 from .rlsd import rlsd_token_epilogue
 from .terms import OUTPUTS, kernel_flags, kernel_scalars, needs_sequence_pass, optional, sequence_terms
 from .torch_opsd import JSD, OPSD_OUTPUTS, SAMPLED, grad_coefficients, output_names, stats_rows
-from .tuning import TRIAL_ROWS, RowConfig, pick_choice, pick_row_config
+from .tuning import TRIAL_ROWS, RowConfig, pick_row_config
 
 LOG2E = 1.4426950408889634
 # The OPSD row kernels carry three or four per-lane sums and both rows' next blocks: with 32 logits a
@@ -117,13 +117,7 @@ def opsd_fwd(student, teacher, inputs, params, opsd, grad):
                 buf.copy_(value)
         backward(bwd_config, n_rows, dest, dest_strides)
 
-    strategies = {"fused": lambda: run(fused, trial_rows, *trial_dest()),
-                  "split": lambda: split(trial_rows, *trial_dest())}
-    g_rows = as_rows(grad, "grad")
-    if pick_choice(key + ("strategy",), device, strategies, default="fused") == "fused":
-        run(fused, n, grad, (g_rows.stride_b, g_rows.stride_t))
-    else:
-        split(n, grad, (g_rows.stride_b, g_rows.stride_t))
+    fused_or_split(key, device, grad, n, trial_rows, trial_dest, lambda *a: run(fused, *a), split)
     return out, flags
 
 

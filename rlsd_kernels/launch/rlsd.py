@@ -10,9 +10,9 @@ import triton
 from ..kernels.rlsd import _rlsd_fwd_kernel, _rlsd_token_kernel, _scale_kernel
 from . import common, torch_rows
 from .common import as_rows, use_triton
-from .logprobs import bwd_launcher, logprobs_bwd, trial_destination
+from .logprobs import bwd_launcher, fused_or_split, logprobs_bwd, trial_destination
 from .terms import OUTPUTS, kernel_flags, kernel_scalars, needs_sequence_pass, optional, sequence_terms
-from .tuning import TRIAL_ROWS, pick_choice, pick_row_config
+from .tuning import TRIAL_ROWS, pick_row_config
 
 TOKEN_BLOCK = 1024
 
@@ -86,13 +86,7 @@ def rlsd_fwd(student, teacher, inputs, params, grad):
         _backward_coefficients(inputs, params, out, coef, coef_h)
         backward(bwd_config, n_rows, dest, dest_strides)
 
-    strategies = {"fused": lambda: run(fused, trial_rows, *trial_dest()),
-                  "split": lambda: split(trial_rows, *trial_dest())}
-    g_rows = as_rows(grad, "grad")
-    if pick_choice(key + ("strategy",), device, strategies, default="fused") == "fused":
-        run(fused, n, grad, (g_rows.stride_b, g_rows.stride_t))
-    else:
-        split(n, grad, (g_rows.stride_b, g_rows.stride_t))
+    fused_or_split(key, device, grad, n, trial_rows, trial_dest, lambda *a: run(fused, *a), split)
     return out, flags
 
 
