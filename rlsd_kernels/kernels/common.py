@@ -50,12 +50,12 @@ def finish_sum(ref, acc):
 
 
 @triton.jit
-def entropy_terms(d, z):
-    """Per-lane ``exp2(d)`` and ``exp2(d) * z`` (0 where z is -inf) for the entropy sums, from the
-    centred (``d``) and uncentred (``z``) base-2 logits. (A sum of ``exp2(d) * d`` would be more
-    precise at large logits, but takes up to 50 more registers in the streaming loops.)"""
+def entropy_terms(d):
+    """Per-lane ``exp2(d)`` and ``exp2(d) * d`` (0 where d is -inf) for the entropy sums, from the
+    centred base-2 logits: with ``row_centre``'s ``c`` the entropy is ``entropy_finish(c, s, t)``,
+    its error independent of the logits' magnitude."""
     e = tl.exp2(d)
-    return e, tl.where(z > float("-inf"), e * z, 0.0)
+    return e, tl.where(d > float("-inf"), e * d, 0.0)
 
 
 @triton.jit
@@ -114,7 +114,9 @@ def row_lse_exact(x_row, V, scale2, BLOCK_V: tl.constexpr, ENTROPY: tl.constexpr
 
 @triton.jit
 def entropy_finish(lse2, s, t):
-    """Entropy in natural units from the base-2 sums: ``H = ln2 * (lse2 - t / s)``."""
+    """Entropy in natural units from the base-2 sums: ``H = ln2 * (lse2 - t / s)``, where ``t`` sums
+    ``exp2(z - m) * z`` over logits ``z`` centred as ``lse2`` is (``row_centre``'s ``c`` for the
+    fast paths' sums, the logsumexp for ``row_lse_exact``'s)."""
     return LN2 * (lse2 - t / s)
 
 

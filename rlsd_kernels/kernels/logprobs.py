@@ -57,7 +57,7 @@ def _logprobs_fwd_kernel(
             cols = (i + 1) * BLOCK_V + offs
             x_next = tl.load(x_row + cols, mask=cols < read_end, other=float("-inf"))
             if ENTROPY:
-                e, ez = entropy_terms(z, x * scale2)
+                e, ez = entropy_terms(z)
                 acc += e
                 acc_t += ez
             else:
@@ -73,7 +73,7 @@ def _logprobs_fwd_kernel(
             tl.store(lp_out + row, tl.where(active, zy * scale2, float("-inf")))
             tl.store(lse_out + row, tl.where(active, lse2, float("-inf")))
             if ENTROPY:
-                tl.store(entropy_out + row, tl.where(active & (s > 0.0), lse2 - t / s, 0.0))
+                tl.store(entropy_out + row, tl.where(active & (s > 0.0), c - t / s, 0.0))
             # A shard may hold no finite logit (padding): only NaN and +inf are errors here.
             tl.store(flags_out + row, tl.where(active & ((lse2 != lse2) | (lse2 == float("inf"))),
                                                FLAG_NONFINITE_STUDENT, 0))
@@ -82,7 +82,7 @@ def _logprobs_fwd_kernel(
             tl.store(lp_out + row, tl.where(active, lp, 0.0))
             tl.store(lse_out + row, tl.where(active, lse2 * LN2, 0.0))
             if ENTROPY:
-                tl.store(entropy_out + row, tl.where(active, entropy_finish(lse2, s, t), 0.0))
+                tl.store(entropy_out + row, tl.where(active, entropy_finish(c, s, t), 0.0))
             flags = tl.where(active & ~y_ok, FLAG_BAD_TOKEN, 0)
             flags |= tl.where(active & ~is_finite(lse2), FLAG_NONFINITE_STUDENT, 0)
             tl.store(flags_out + row, flags)

@@ -34,8 +34,10 @@ from .common import (
     jsd_mixture,
     log_diff,
     nan_min,
+    row_centre,
     row_reference,
     softmax_grad_block,
+    token_logprob,
 )
 from .rlsd import _token_terms
 
@@ -99,89 +101,93 @@ def _pair_exact(s_row, t_row, V, scale2, c, DIV: tl.constexpr, ENTROPY: tl.const
 @triton.jit
 def _pair_sweep(s_row, t_row, V, read_end, active, scale2, DIV: tl.constexpr, ENTROPY: tl.constexpr,
                 HAS_T: tl.constexpr, KEEP_S: tl.constexpr, KEEP_T: tl.constexpr, BLOCK_V: tl.constexpr):
-    """The first sweep over a student row and its teacher row: ``(lse2_s, sum_s, m_s, lse2_t, sum_t,
-    m_t, c, x, sum_e)``, the base-2 logsumexps, the sums and references they come from, the KL cross
-    sum ``x`` centred by ``c`` (see ``_pair_exact``) and the entropy sum; the exact pass for a row
-    whose per-lane sums overflowed. Without ``HAS_T`` the teacher's values are the student's."""
+    """The first sweep over a student row and its teacher row: ``(r_s, c_s, lse2_s, sum_s, r_t, c_t,
+    lse2_t, kl2, sum_e)``: each row's ``row_centre`` pair and base-2 logsumexp, the student's sum,
+    the forward or reverse KL in base 2 and the entropy sum; the exact pass for a row whose per-lane
+    sums overflowed. Without ``HAS_T`` the teacher's values are the student's."""
     offs = tl.arange(0, BLOCK_V)
     n_blocks = tl.cdiv(V, BLOCK_V)
-    # Per-lane sums against each row's first-block max, the next blocks loaded before these are
-    # used. ``c`` centres the KL cross terms: zt - zs - c = (zt - ref_t) - (zs - ref_s).
+    # Per-lane sums against each row's first-block max (logits' units), the next blocks loaded
+    # before these are used. The KL cross terms take the difference of the two centred logits,
+    # (zt - ref_t) - (zs - ref_s), so their error does not grow with the logits' magnitude.
     zs_next = _load_block(s_row, offs, read_end, KEEP_S)
-    ref_s = row_reference(zs_next.to(tl.float32) * scale2)
+    ref_s = row_reference(zs_next.to(tl.float32))
     zt_next = zs_next
     ref_t = ref_s
     if HAS_T:
         zt_next = _load_block(t_row, offs, read_end, KEEP_T)
-        ref_t = row_reference(zt_next.to(tl.float32) * scale2)
-    c = ref_t - ref_s
+        ref_t = row_reference(zt_next.to(tl.float32))
     acc_s = tl.zeros([BLOCK_V], dtype=tl.float32)
     acc_t = tl.zeros([BLOCK_V], dtype=tl.float32)
     acc_x = tl.zeros([BLOCK_V], dtype=tl.float32)
     acc_e = tl.zeros([BLOCK_V], dtype=tl.float32)
     for i in tl.range(0, tl.where(active, n_blocks, 0)):
-        zs = zs_next.to(tl.float32) * scale2
-        zt = zt_next.to(tl.float32) * scale2
+        xs = zs_next.to(tl.float32)
+        ds = (xs - ref_s) * scale2
+        dt = (zt_next.to(tl.float32) - ref_t) * scale2
         cols = (i + 1) * BLOCK_V + offs
         zs_next = _load_block(s_row, cols, read_end, KEEP_S)
         if HAS_T:
             zt_next = _load_block(t_row, cols, read_end, KEEP_T)
         if ENTROPY:
-            es, ez = entropy_terms(zs - ref_s, zs)
+            es, ez = entropy_terms(ds)
             acc_e += ez
         else:
-            es = tl.exp2(zs - ref_s)
+            es = tl.exp2(ds)
         acc_s += es
         if HAS_T:
-            et = tl.exp2(zt - ref_t)
+            et = tl.exp2(dt)
             acc_t += et
             if DIV == DIV_FORWARD_KL:
-                acc_x += tl.where(zt > float("-inf"), et * (zt - zs - c), 0.0)
+                acc_x += tl.where(dt > float("-inf"), et * (dt - ds), 0.0)
             elif DIV == DIV_REVERSE_KL:
-                acc_x += tl.where(zs > float("-inf"), es * (zs - zt + c), 0.0)
-    m_s = ref_s
-    m_t = ref_t
-    lse2_s, sum_s, ok = finish_sum(ref_s, acc_s)
+                acc_x += tl.where(ds > float("-inf"), es * (ds - dt), 0.0)
+    m_s = ref_s * scale2
+    m_t = ref_t * scale2
+    lse2_s, sum_s, ok = finish_sum(m_s, acc_s)
     lse2_t = lse2_s
     sum_t = sum_s
     if HAS_T:
-        lse2_t, sum_t, ok_t = finish_sum(ref_t, acc_t)
+        lse2_t, sum_t, ok_t = finish_sum(m_t, acc_t)
         ok = ok & ok_t
     x = tl.sum(acc_x, axis=0)
     sum_e = tl.sum(acc_e, axis=0)
-    if active & ~ok:
+    exact = active & ~ok
+    # The fast path's sums are all centred: no correction between the two references.
+    shift = 0.0
+    if exact:
+        c = (ref_t - ref_s) * scale2
         m_s, sum_s, m_t, sum_t, x, sum_e = _pair_exact(s_row, t_row, V, scale2, c, DIV, ENTROPY, HAS_T, BLOCK_V)
         lse2_s = m_s + tl.log2(sum_s)
+        lse2_t = lse2_s
         if HAS_T:
             lse2_t = m_t + tl.log2(sum_t)
-    return lse2_s, sum_s, m_s, lse2_t, sum_t, m_t, c, x, sum_e
-
-
-@triton.jit
-def _kl_of_sums(x, sum_s, m_s, sum_t, m_t, c, DIV: tl.constexpr):
-    """The row's forward (``KL(T || S)``) or reverse KL in base 2 from ``_pair_sweep``'s sums."""
+        shift = c - (m_t - m_s)
+    r_s, c_s = row_centre(ref_s, sum_s, lse2_s, exact)
+    r_t, c_t = row_centre(ref_t, sum_t, lse2_t, exact)
+    kl2 = 0.0
     if DIV == DIV_FORWARD_KL:
-        d = x / sum_t + (c - (m_t - m_s)) - tl.log2(sum_t) + tl.log2(sum_s)
-    else:
-        d = x / sum_s + ((m_t - m_s) - c) - tl.log2(sum_s) + tl.log2(sum_t)
-    return d
+        kl2 = x / sum_t + shift - tl.log2(sum_t) + tl.log2(sum_s)
+    elif DIV == DIV_REVERSE_KL:
+        kl2 = x / sum_s - shift - tl.log2(sum_s) + tl.log2(sum_t)
+    return r_s, c_s, lse2_s, sum_s, r_t, c_t, lse2_t, kl2, sum_e
 
 
 @triton.jit
-def _jsd_sweep(s_row, t_row, V, read_end, active, scale2, lse2_s, lse2_t, beta, KEEP: tl.constexpr,
+def _jsd_sweep(s_row, t_row, V, read_end, active, scale2, r_s, c_s, r_t, c_t, beta, KEEP: tl.constexpr,
                BLOCK_V: tl.constexpr):
     """``(sum_v T_v (b_v - log2 M_v), sum_v S_v (a_v - log2 M_v))`` over a row in base 2, with ``a``,
-    ``b`` the log-probs under the logsumexps ``lse2_s``, ``lse2_t``: a sweep backwards (the blocks
-    read last first), each block loaded where it is used (the next blocks of both rows held as well
-    spill at 8 warps)."""
+    ``b`` the log-probs under the ``row_centre`` pairs ``(r_s, c_s)``, ``(r_t, c_t)``: a sweep backwards
+    (the blocks read last first), each block loaded where it is used (the next blocks of both rows
+    held as well spill at 8 warps)."""
     offs = tl.arange(0, BLOCK_V)
     n_blocks = tl.cdiv(V, BLOCK_V)
     acc_t = tl.zeros([BLOCK_V], dtype=tl.float32)
     acc_s = tl.zeros([BLOCK_V], dtype=tl.float32)
     for i in tl.range(0, tl.where(active, n_blocks, 0)):
         cols = (n_blocks - 1 - i) * BLOCK_V + offs
-        a2 = _load_block(s_row, cols, read_end, KEEP).to(tl.float32) * scale2 - lse2_s
-        b2 = _load_block(t_row, cols, read_end, KEEP).to(tl.float32) * scale2 - lse2_t
+        a2 = (_load_block(s_row, cols, read_end, KEEP).to(tl.float32) - r_s) * scale2 - c_s
+        b2 = (_load_block(t_row, cols, read_end, KEEP).to(tl.float32) - r_t) * scale2 - c_t
         p_s, p_t, log_m = jsd_mixture(a2, b2, beta)
         # Zero-probability entries add nothing; NaN (an invalid row) stays NaN.
         acc_t += tl.where(p_t == 0.0, 0.0, p_t * (b2 - log_m))
@@ -191,12 +197,13 @@ def _jsd_sweep(s_row, t_row, V, read_end, active, scale2, lse2_s, lse2_t, beta, 
 
 @triton.jit
 def _write_grad(
-    s_row, t_row, d_row, V, read_end, scale2, inv_temp, lse2_s, lse2_t, y, c_lp, c_h, entropy, c_d, k, beta,
+    s_row, t_row, d_row, V, read_end, scale2, inv_temp, r_s, c_s, r_t, c_t, y, c_lp, c_h, entropy, c_d, k, beta,
     NEED_LP: tl.constexpr, ENTROPY_GRAD: tl.constexpr, DIV: tl.constexpr, BACKWARD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     """Writes ``(c_lp * (1[v = y] - p) - c_h * p * (log p + H) + c_d * tau * dD/dz_S) / tau`` over a
-    row, one block ahead in flight, backwards or forwards."""
+    row, one block ahead in flight, backwards or forwards; the rows' log-probs from their
+    ``row_centre`` pairs (``(0, lse2)`` where only the logsumexp is known)."""
     offs = tl.arange(0, BLOCK_V)
     n_blocks = tl.cdiv(V, BLOCK_V)
     first = 0
@@ -213,16 +220,16 @@ def _write_grad(
         else:
             cols = i * BLOCK_V + offs
             following = cols + BLOCK_V
-        zs = zs_next.to(tl.float32) * scale2
+        zs = (zs_next.to(tl.float32) - r_s) * scale2
         zt = zt_next
         zs_next = _load_block(s_row, following, read_end, False)
         if DIV != DIV_SAMPLED:
             zt_next = _load_block(t_row, following, read_end, False)
         g = tl.zeros([BLOCK_V], dtype=tl.float32)
         if NEED_LP:
-            g = softmax_grad_block(zs, lse2_s, cols, y, c_lp, c_h, entropy, ENTROPY_GRAD)
+            g = softmax_grad_block(zs, c_s, cols, y, c_lp, c_h, entropy, ENTROPY_GRAD)
         if DIV != DIV_SAMPLED:
-            dd = divergence_grad_block(zs, zt.to(tl.float32) * scale2, lse2_s, lse2_t, k, beta, DIV)
+            dd = divergence_grad_block(zs, (zt.to(tl.float32) - r_t) * scale2, c_s, c_t, k, beta, DIV)
             # A clipped token's infinite divergence must not turn its zero coefficient into NaN.
             g += tl.where(c_d != 0.0, c_d * dd, 0.0)
         tl.store(d_row + cols, (g * inv_temp).to(d_row.dtype.element_ty), mask=cols < V,
@@ -262,35 +269,36 @@ def _opsd_fwd_kernel(
         y_safe = tl.where(y_ok, y, 0)
         read_end = tl.where(active, V, 0)
 
-        lse2_s, sum_s, m_s, lse2_t, sum_t, m_t, c, x, sum_e = _pair_sweep(
+        r_s, c_s, lse2_s, sum_s, r_t, c_t, lse2_t, kl2, sum_e = _pair_sweep(
             s_row, t_row, V, read_end, active, scale2, DIV, ENTROPY, HAS_T_LOGITS, KEEP_S, KEEP_T, BLOCK_V)
         flags = tl.where(active & ~is_finite(lse2_s), FLAG_NONFINITE_STUDENT, 0)
         if HAS_T_LOGITS:
             flags |= tl.where(active & ~is_finite(lse2_t), FLAG_NONFINITE_TEACHER, 0)
         entropy = 0.0
         if ENTROPY:
-            entropy = tl.where(active, entropy_finish(lse2_s, sum_s, sum_e), 0.0)
+            entropy = tl.where(active, entropy_finish(c_s, sum_s, sum_e), 0.0)
         lp_s = 0.0
         lp_t = 0.0
         if NEED_LP:
-            zy_s = tl.load(s_row + y_safe, mask=active & y_ok, other=float("-inf")).to(tl.float32) * scale2
-            lp_s = nan_min((zy_s - lse2_s) * LN2, 0.0)
+            # Log-probs from the logits centred on the row's reference: precise at any magnitude.
+            zy_s = tl.load(s_row + y_safe, mask=active & y_ok, other=float("-inf")).to(tl.float32)
+            lp_s = token_logprob(zy_s, r_s, c_s, scale2)
             if HAS_T_LOGITS:
-                zy_t = tl.load(t_row + y_safe, mask=active & y_ok, other=float("-inf")).to(tl.float32) * scale2
-                lp_t = nan_min((zy_t - lse2_t) * LN2, 0.0)
+                zy_t = tl.load(t_row + y_safe, mask=active & y_ok, other=float("-inf")).to(tl.float32)
+                lp_t = token_logprob(zy_t, r_t, c_t, scale2)
             else:
                 lp_t = tl.load(lp_t_in + row)
             flags |= tl.where(active & ~y_ok, FLAG_BAD_TOKEN, 0)
 
         k = 0.0
         if DIV == DIV_FORWARD_KL:
-            div = LN2 * _kl_of_sums(x, sum_s, m_s, sum_t, m_t, c, DIV)
+            div = LN2 * kl2
         elif DIV == DIV_REVERSE_KL:
-            div = LN2 * _kl_of_sums(x, sum_s, m_s, sum_t, m_t, c, DIV)
+            div = LN2 * kl2
             k = div
         elif DIV == DIV_JSD:
             # log M needs both logsumexps: a second sweep, backwards (the blocks read last first).
-            sum_tm, sum_sm = _jsd_sweep(s_row, t_row, V, read_end, active, scale2, lse2_s, lse2_t, beta, WRITE_GRAD,
+            sum_tm, sum_sm = _jsd_sweep(s_row, t_row, V, read_end, active, scale2, r_s, c_s, r_t, c_t, beta, WRITE_GRAD,
                                         BLOCK_V)
             k = LN2 * sum_sm
             div = beta * LN2 * sum_tm + (1.0 - beta) * k
@@ -339,7 +347,8 @@ def _opsd_fwd_kernel(
                 c_d = tl.where(active, wt * alpha * d_div, 0.0)
             _write_grad(
                 s_row, t_row, dS + b * stride_db + t * stride_dt, V, read_end, scale2, inv_temp,
-                tl.where(active, lse2_s, 0.0), tl.where(active, lse2_t, 0.0), y, tl.where(active, c_lp, 0.0),
+                tl.where(active, r_s, 0.0), tl.where(active, c_s, 0.0), tl.where(active, r_t, 0.0),
+                tl.where(active, c_t, 0.0), y, tl.where(active, c_lp, 0.0),
                 tl.where(active, -wt * entropy_coef, 0.0), entropy, c_d, tl.where(active, k, 0.0), beta,
                 NEED_LP, ENTROPY_GRAD, DIV, DIV != DIV_JSD, BLOCK_V,
             )
@@ -375,7 +384,7 @@ def _opsd_bwd_kernel(
             active |= c_h != 0.0
         _write_grad(
             S + b * stride_sb + t * stride_st, T + b * stride_tb + t * stride_tt, dS + b * stride_db + t * stride_dt,
-            V, tl.where(active, V, 0), scale2, inv_temp, tl.where(active, tl.load(lse_s + row) * LOG2E, 0.0),
-            tl.where(active, tl.load(lse_t + row) * LOG2E, 0.0), y, c_lp, c_h, h, c_d,
+            V, tl.where(active, V, 0), scale2, inv_temp, 0.0, tl.where(active, tl.load(lse_s + row) * LOG2E, 0.0),
+            0.0, tl.where(active, tl.load(lse_t + row) * LOG2E, 0.0), y, c_lp, c_h, h, c_d,
             tl.where(active, tl.load(k_in + row), 0.0), beta, NEED_LP, ENTROPY_GRAD, DIV, False, BLOCK_V,
         )

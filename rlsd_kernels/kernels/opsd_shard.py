@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from .common import IGNORE_INDEX, LOG2E
-from .opsd import DIV_JSD, _jsd_sweep, _kl_of_sums, _pair_sweep
+from .opsd import DIV_JSD, _jsd_sweep, _pair_sweep
 
 
 @triton.jit
@@ -30,7 +30,7 @@ def _opsd_stats_kernel(
         y = tl.load(tokens + row).to(tl.int64)
         active = y != IGNORE_INDEX
         read_end = tl.where(active, V, 0)
-        lse2_s, sum_s, m_s, lse2_t, sum_t, m_t, c, x, sum_e = _pair_sweep(
+        _, c_s, lse2_s, sum_s, _, _, lse2_t, kl2, sum_e = _pair_sweep(
             s_row, t_row, V, read_end, active, scale2, DIV, ENTROPY, True, False, False, BLOCK_V)
         tl.store(lse_s_out + row, tl.where(active, lse2_s, float("-inf")))
         tl.store(lse_t_out + row, tl.where(active, lse2_t, float("-inf")))
@@ -43,9 +43,9 @@ def _opsd_stats_kernel(
             tl.store(zy_s_out + row, zy_s)
             tl.store(zy_t_out + row, zy_t)
         if ENTROPY:
-            tl.store(h_s_out + row, tl.where(active & (sum_s > 0.0), lse2_s - sum_e / sum_s, 0.0))
+            tl.store(h_s_out + row, tl.where(active & (sum_s > 0.0), c_s - sum_e / sum_s, 0.0))
         if DIV < DIV_JSD:
-            tl.store(d_out + row, tl.where(active, _kl_of_sums(x, sum_s, m_s, sum_t, m_t, c, DIV), 0.0))
+            tl.store(d_out + row, tl.where(active, kl2, 0.0))
 
 
 @triton.jit
@@ -66,6 +66,7 @@ def _jsd_sums_kernel(
         lse2_s = tl.where(active, tl.load(lse_s + row) * LOG2E, 0.0)
         lse2_t = tl.where(active, tl.load(lse_t + row) * LOG2E, 0.0)
         sum_tm, sum_sm = _jsd_sweep(S + b * stride_sb + t * stride_st, T + b * stride_tb + t * stride_tt, V,
-                                    tl.where(active, V, 0), active, scale2, lse2_s, lse2_t, beta, False, BLOCK_V)
+                                    tl.where(active, V, 0), active, scale2, 0.0, lse2_s, 0.0, lse2_t, beta, False,
+                                    BLOCK_V)
         tl.store(sum_t_out + row, sum_tm)
         tl.store(sum_s_out + row, sum_sm)

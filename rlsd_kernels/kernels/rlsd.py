@@ -86,7 +86,7 @@ def _rlsd_fwd_kernel(
                 zt_next = tl.load(t_row + cols, mask=cols < read_end, other=float("-inf"),
                                   eviction_policy="evict_first")
             if ENTROPY:
-                e, ez = entropy_terms(zs, xs * scale2)
+                e, ez = entropy_terms(zs)
                 acc_s += e
                 acc_e += ez
             else:
@@ -103,7 +103,7 @@ def _rlsd_fwd_kernel(
         r_s, c_s = row_centre(ref_s, sum_s, lse2_s, exact)
         entropy = 0.0
         if ENTROPY:
-            entropy = tl.where(active, entropy_finish(lse2_s, sum_s, sum_e), 0.0)
+            entropy = tl.where(active, entropy_finish(c_s, sum_s, sum_e), 0.0)
         zy_s = tl.load(s_row + y_safe, mask=active & y_ok, other=float("-inf")).to(tl.float32)
         lp_s = token_logprob(zy_s, r_s, c_s, scale2)
         flags = tl.where(active & ~y_ok, FLAG_BAD_TOKEN, 0)

@@ -32,8 +32,10 @@ def _mixture(a, b, beta):
 
 
 def divergence(zs, lse_s, zt, lse_t, code, beta):
-    """``(D, k)`` per row of scaled logits ``[C, V]`` (see ``reference.opsd_token_divergence``): ``k`` is
-    the constant of the gradient, ``KL(S || T)`` (reverse) or ``KL(S || M)`` (JSD), else 0."""
+    """``(D, k)`` per row of scaled logits ``[C, V]`` and their logsumexps (or of centred logits and
+    the logs of their sums: ``zs - lse_s`` are the log-probs either way; see
+    ``reference.opsd_token_divergence``): ``k`` is the constant of the gradient, ``KL(S || T)``
+    (reverse) or ``KL(S || M)`` (JSD), else 0."""
     a, b = zs - lse_s[:, None], zt - lse_t[:, None]
     s, t = a.exp(), b.exp()
     if code == FORWARD_KL:
@@ -88,17 +90,19 @@ def opsd_fwd(s_rows, t_rows, inputs, params, opsd, grad):
     for sl, views in torch_rows._row_chunks(s_rows, *tensors):
         on = active[sl]
         y = inputs.tokens[sl] if need_lp else torch.zeros_like(on, dtype=torch.long)
-        zs, lse_s, lp_s, _, bad, nonfinite_s = torch_rows._stats(torch_rows._flat(views[0]), y, temperature, on)
+        (zs, cs), lse_s, lp_s, _, bad, nonfinite_s = torch_rows._stats(torch_rows._flat(views[0]), y, temperature, on)
         nonfinite_t = torch.zeros_like(on)
         lse_t = lse_s
         if t_rows is not None:
-            zt, lse_t, lp_t, _, _, nonfinite_t = torch_rows._stats(torch_rows._flat(views[1]), y, temperature, on)
+            (zt, ct), lse_t, lp_t, _, _, nonfinite_t = torch_rows._stats(torch_rows._flat(views[1]), y, temperature,
+                                                                         on)
         else:
             lp_t = torch.where(on, inputs.lp_t[sl], 0.0)
         if code == SAMPLED:
             div, k = reference._log_diff(lp_s, lp_t), torch.zeros_like(lp_s)
         else:
-            div, k = divergence(zs, lse_s, zt, lse_t, code, opsd.beta)
+            # From the centred logits: precise at any magnitude, as in the kernels.
+            div, k = divergence(zs, cs, zt, ct, code, opsd.beta)
         if not grpo:
             out["lse"][sl], out["lp_s"][sl], out["lp_t"][sl] = lse_s, lp_s, lp_t
             bad = bad if need_lp else torch.zeros_like(bad)

@@ -58,11 +58,13 @@ def _scaled(chunk, temperature):
 
 
 def _stats(chunk, y, temperature, active, want_entropy=False):
-    """Scaled logits, then flat ``[C]`` logsumexp, log-prob, entropy and error masks of a chunk of
-    rows (``[C, V]``, or a ``[b, T, V]`` view read in place); ``y`` and ``active`` are flat.
+    """``(shifted, log_s)``, the scaled logits centred on their rows' maxima ``m`` and the log of their
+    rows' sums (the log-probs are ``shifted - log_s``), then flat ``[C]`` logsumexp, log-prob,
+    entropy and error masks of a chunk of rows (``[C, V]``, or a ``[b, T, V]`` view read in place);
+    ``y`` and ``active`` are flat.
 
-    The log-prob is formed from ``z - m`` with the row's maximum ``m`` (as the kernels do), not as
-    ``z - lse``: its error does not grow with the logits' magnitude."""
+    Log-probs are formed from ``z - m`` (as the kernels do), not as ``z - lse``: their error does not
+    grow with the logits' magnitude."""
     z = _scaled(chunk, temperature)
     y, active = y.view(z.shape[:-1]), active.view(z.shape[:-1])
     m = z.amax(-1)
@@ -85,7 +87,7 @@ def _stats(chunk, y, temperature, active, want_entropy=False):
         entropy = torch.where(active, -plogp.sum(-1), 0.0).reshape(-1)
     flat = (torch.where(active, lse, 0.0), lp, active & ~ok, active & ~torch.isfinite(lse))
     lse, lp, bad, nonfinite = (x.reshape(-1) for x in flat)
-    return z, lse, lp, entropy, bad, nonfinite
+    return (shifted, log_s), lse, lp, entropy, bad, nonfinite
 
 
 def _softmax_grad(z, lse, y, coef, coef_h=None, entropy=None):
