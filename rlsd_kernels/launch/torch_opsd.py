@@ -31,12 +31,10 @@ def _mixture(a, b, beta):
     return torch.logaddexp(b + math.log(beta), a + math.log1p(-beta))
 
 
-def divergence(zs, lse_s, zt, lse_t, code, beta):
-    """``(D, k)`` per row of scaled logits ``[C, V]`` and their logsumexps (or of centred logits and
-    the logs of their sums: ``zs - lse_s`` are the log-probs either way; see
+def divergence(a, b, code, beta):
+    """``(D, k)`` per row of the student's and teacher's log-probs ``[C, V]`` (see
     ``reference.opsd_token_divergence``): ``k`` is the constant of the gradient, ``KL(S || T)``
     (reverse) or ``KL(S || M)`` (JSD), else 0."""
-    a, b = zs - lse_s[:, None], zt - lse_t[:, None]
     s, t = a.exp(), b.exp()
     if code == FORWARD_KL:
         d = torch.where(t == 0, 0.0, t * (b - a)).sum(-1)
@@ -49,9 +47,8 @@ def divergence(zs, lse_s, zt, lse_t, code, beta):
     return beta * torch.where(t == 0, 0.0, t * (b - log_m)).sum(-1) + (1 - beta) * k, k
 
 
-def divergence_grad(zs, lse_s, zt, lse_t, k, code, beta):
-    """``tau * dD/dz_S`` for a chunk (mirrors ``kernels/common.py: divergence_grad_block``)."""
-    a, b = zs - lse_s[:, None], zt - lse_t[:, None]
+def divergence_grad(a, b, k, code, beta):
+    """``tau * dD/dz_S`` for a chunk of log-probs (mirrors ``kernels/common.py: divergence_grad_block``)."""
     s = a.exp()
     if code == FORWARD_KL:
         return s - b.exp()
@@ -87,22 +84,23 @@ def opsd_fwd(s_rows, t_rows, inputs, params, opsd, grad):
     active = inputs.weight != 0
     need_lp = code == SAMPLED or grpo
     tensors = [s_rows.tensor] + ([t_rows.tensor] if t_rows is not None else [])
-    for sl, views in torch_rows._row_chunks(s_rows, *tensors):
+    chunks = list(torch_rows._row_chunks(s_rows, *tensors))
+    kept = None
+    for sl, views in chunks:
         on = active[sl]
         y = inputs.tokens[sl] if need_lp else torch.zeros_like(on, dtype=torch.long)
-        (zs, cs), lse_s, lp_s, _, bad, nonfinite_s = torch_rows._stats(torch_rows._flat(views[0]), y, temperature, on)
+        b = None
+        a, lse_s, lp_s, _, bad, nonfinite_s = torch_rows._stats(torch_rows._flat(views[0]), y, temperature, on)
         nonfinite_t = torch.zeros_like(on)
         lse_t = lse_s
         if t_rows is not None:
-            (zt, ct), lse_t, lp_t, _, _, nonfinite_t = torch_rows._stats(torch_rows._flat(views[1]), y, temperature,
-                                                                         on)
+            b, lse_t, lp_t, _, _, nonfinite_t = torch_rows._stats(torch_rows._flat(views[1]), y, temperature, on)
         else:
             lp_t = torch.where(on, inputs.lp_t[sl], 0.0)
         if code == SAMPLED:
             div, k = reference._log_diff(lp_s, lp_t), torch.zeros_like(lp_s)
         else:
-            # From the centred logits: precise at any magnitude, as in the kernels.
-            div, k = divergence(zs, cs, zt, ct, code, opsd.beta)
+            div, k = divergence(a, b, code, opsd.beta)
         if not grpo:
             out["lse"][sl], out["lp_s"][sl], out["lp_t"][sl] = lse_s, lp_s, lp_t
             bad = bad if need_lp else torch.zeros_like(bad)
@@ -111,12 +109,13 @@ def opsd_fwd(s_rows, t_rows, inputs, params, opsd, grad):
         out["lse_t"][sl] = torch.where(on, lse_t, 0.0)
         out["div"][sl] = torch.where(on, div, 0.0)
         out["k"][sl] = torch.where(on, k, 0.0)
+        kept = (a, b) if len(chunks) == 1 else None
     opsd_value, d_div, _ = token_terms(out["div"], out["lp_s"], code, opsd.token_clip)
     out["opsd"] = torch.where(active, opsd_value, 0.0)
     out["d_div"] = torch.where(active, d_div, 0.0)
     if grad is not None:
         c_lp, c_h, c_d = grad_coefficients(out, inputs.weight, params.entropy_coef, opsd)
-        opsd_grad(s_rows, t_rows, inputs.tokens, out, c_lp, c_h, c_d, params.temperature, opsd, grad)
+        opsd_grad(s_rows, t_rows, inputs.tokens, out, c_lp, c_h, c_d, params.temperature, opsd, grad, kept)
     return out, flags
 
 
@@ -131,8 +130,12 @@ def grad_coefficients(out, scale, entropy_coef, opsd):
     return c_lp.contiguous(), None if c_h is None else c_h.contiguous(), c_d.contiguous()
 
 
-def opsd_grad(s_rows, t_rows, tokens, out, c_lp, c_h, c_d, temperature, opsd, grad):
-    """Writes ``(c_lp * (1[v = y] - p) - c_h * p * (log p + H) + c_d * tau * dD/dz_S) / tau`` into ``grad``."""
+def opsd_grad(s_rows, t_rows, tokens, out, c_lp, c_h, c_d, temperature, opsd, grad, kept=None):
+    """Writes ``(c_lp * (1[v = y] - p) - c_h * p * (log p + H) + c_d * tau * dD/dz_S) / tau`` into ``grad``.
+
+    ``kept``: the student's and teacher's log-probs of all rows when they are one chunk, from the
+    forward (formed from centred logits); otherwise each row's are its logits less its stored
+    logsumexp (a relative error of about ``|lse| * 2**-24`` in ``p``)."""
     code = opsd.div
     tensors = [s_rows.tensor, grad] + ([t_rows.tensor] if code != SAMPLED else [])
     for sl, views in torch_rows._row_chunks(s_rows, *tensors):
@@ -140,15 +143,18 @@ def opsd_grad(s_rows, t_rows, tokens, out, c_lp, c_h, c_d, temperature, opsd, gr
         active = (c_lp[sl] != 0) | (c_d[sl] != 0)
         if c_h is not None:
             active |= c_h[sl] != 0
-        zs = torch_rows._flat(views[0]).float() / temperature
-        lse_s = out["lse"][sl]
-        g = torch.zeros_like(zs)
+        if kept is not None:
+            a, b = kept
+        else:
+            a = torch_rows._flat(views[0]).float() / temperature - out["lse"][sl][:, None]
+            if code != SAMPLED:
+                b = torch_rows._flat(views[2]).float() / temperature - out["lse_t"][sl][:, None]
+        g = torch.zeros_like(a)
         if code == SAMPLED or opsd.grpo:
-            g = torch_rows._softmax_grad(zs, lse_s, y, c_lp[sl], None if c_h is None else c_h[sl],
-                                   None if c_h is None else out["entropy"][sl])
+            g = torch_rows._softmax_grad(a, y, c_lp[sl], None if c_h is None else c_h[sl],
+                                         None if c_h is None else out["entropy"][sl])
         if code != SAMPLED:
-            zt = torch_rows._flat(views[2]).float() / temperature
-            dd = divergence_grad(zs, lse_s, zt, out["lse_t"][sl], out["k"][sl], code, opsd.beta)
+            dd = divergence_grad(a, b, out["k"][sl], code, opsd.beta)
             g = g + torch.where(c_d[sl][:, None] != 0, c_d[sl][:, None] * dd, 0.0)
         torch_rows._write(views[1], torch.where(active[:, None], g / temperature, 0.0))
     return grad
@@ -174,8 +180,8 @@ def partial_stats(s_rows, t_rows, tokens, vocab_start, temperature, code, need_l
         for sl, (zs, zt) in torch_rows._row_chunks(s_rows, s_rows.tensor, t_rows.tensor):
             on = tokens[sl] != reference.IGNORE_INDEX
             lse_s, lse_t = (torch.where(on, x[sl], 0.0) * _LN2 for x in (s_stats[0], t_stats[0]))
-            zs2, zt2 = (torch_rows._flat(z).float() / temperature for z in (zs, zt))
-            d, _ = divergence(zs2, lse_s, zt2, lse_t, code, 0.5)
+            a, b = (torch_rows._flat(z).float() / temperature - lse[:, None] for z, lse in ((zs, lse_s), (zt, lse_t)))
+            d, _ = divergence(a, b, code, 0.5)
             found["d"][sl] = torch.where(on, d * _LOG2E, 0.0)
     return torch.stack([found[k] for k in stats_rows(code, need_lp, entropy)])
 
