@@ -10,6 +10,7 @@ winner is cached per key. Under the Triton interpreter, on CPU tensors, or with
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import NamedTuple
 
@@ -60,6 +61,7 @@ def force_choice(name: str):
         _forced_choice = previous
 
 
+@functools.cache
 def _heuristic(vocab: int) -> RowConfig:
     block = min(triton.next_power_of_2(vocab), 8192 if not INTERPRET else 1024)
     return RowConfig(block_v=max(block, 16), num_warps=8 if block >= 4096 else 4)
@@ -109,7 +111,9 @@ def pick_row_config(key: tuple, vocab: int, device: torch.device, trial, itemsiz
     """The configuration for a row kernel; ``trial(config)`` runs one candidate on scratch outputs."""
     if _forced is not None:
         return _forced
-    cached = _cache.get((device.index, vocab) + tuple(key)) if device.type == "cuda" else None
+    if device.type != "cuda" or not autotune_enabled():
+        return _heuristic(vocab)
+    cached = _cache.get((device.index, vocab) + tuple(key))
     if cached is not None:
         return cached
     options = {config: (lambda c=config: trial(c)) for config in _candidates(vocab, itemsize)}
