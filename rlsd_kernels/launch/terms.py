@@ -107,6 +107,7 @@ def sequence_terms(lp_s, inputs: TokenInputs, options) -> TokenInputs:
         sums = sequence_sums(torch.where(valid, _log_diff(lp_s, lp_old), 0.0), inputs.seq_ids, options.num_seqs)
         counts = sequence_sums(valid.float(), inputs.seq_ids, options.num_seqs)
         changes["seq_ratio"] = sums / torch.where(counts != 0, counts, 1.0)
-    if inputs.log_is is None and inputs.seq_ids is not None and inputs.rollout is not None:
+    if (inputs.log_is is None and inputs.seq_ids is not None and inputs.rollout is not None
+            and options.tis_level == "sequence"):
         changes["log_is"] = sequence_log_is(lp_old, inputs, options.num_seqs)
     return inputs.replace(**changes)
