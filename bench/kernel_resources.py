@@ -33,6 +33,7 @@ from rlsd_kernels.kernels.rlsd import _rlsd_fwd_kernel, _rlsd_token_kernel, _sca
 from rlsd_kernels.launch.tuning import _candidates  # noqa: E402
 
 FLOAT_ARGS = {"scale2", "inv_temp", "log_w_lo", "log_w_hi", "lam", "clip_lo", "clip_hi", "dual_clip", "log_tis_cap",
+              "sapo_tau_pos", "sapo_tau_neg",
               "kl_coef", "entropy_coef", "alpha", "beta", "token_clip"}
 OTHER_POINTERS = {"tokens": "*i64", "flags_out": "*i32"}
 LOGIT_POINTERS = {"S", "T", "dS", "X", "dX"}
@@ -74,8 +75,8 @@ def resources(compiled):
     return usage
 
 
-RLSD_OFF = dict(HAS_T_LOGITS=True, HAS_OLD=True, HAS_DUAL=True, CISPO=False, CREDIT_OLD=False, HAS_CREDIT=False,
-                SEQ_RATIO=False, IS_MODE=0, KL=0, ENTROPY=False, ENTROPY_GRAD=False, WRITE_GRAD=True)
+RLSD_OFF = dict(HAS_T_LOGITS=True, HAS_OLD=True, HAS_DUAL=True, CISPO=False, SAPO=False, CREDIT_OLD=False,
+                HAS_CREDIT=False, SEQ_RATIO=False, IS_MODE=0, KL=0, ENTROPY=False, ENTROPY_GRAD=False, WRITE_GRAD=True)
 RLSD_ALL = dict(RLSD_OFF, HAS_CREDIT=True, IS_MODE=1, KL=3, ENTROPY=True, ENTROPY_GRAD=True)
 TOKEN_FLAGS = {k: v for k, v in RLSD_ALL.items() if k not in ("HAS_T_LOGITS", "ENTROPY", "WRITE_GRAD")}
 
@@ -85,6 +86,8 @@ def variants():
     for t, o, g, cispo in itertools.product((True, False), repeat=4):
         flags = dict(RLSD_OFF, HAS_T_LOGITS=t, HAS_OLD=o, WRITE_GRAD=g, CISPO=cispo, BLOCK_V=8192)
         yield _rlsd_fwd_kernel, flags, "bf16", 16
+    for t, g in itertools.product((True, False), repeat=2):
+        yield _rlsd_fwd_kernel, dict(RLSD_OFF, HAS_T_LOGITS=t, WRITE_GRAD=g, SAPO=True, BLOCK_V=8192), "bf16", 16
     for flags in (RLSD_ALL, dict(RLSD_ALL, SEQ_RATIO=True, IS_MODE=2, KL=1, CREDIT_OLD=True)):
         yield _rlsd_fwd_kernel, dict(flags, BLOCK_V=8192), "bf16", 16
     for logits, itemsize in (("bf16", 2), ("fp32", 4)):
@@ -97,6 +100,7 @@ def variants():
             for entropy in (False, True):
                 yield _logprobs_bwd_kernel, dict(HAS_ENTROPY=entropy, BLOCK_V=block), logits, warps
     yield _rlsd_token_kernel, dict(TOKEN_FLAGS, BLOCK=1024), "bf16", 4
+    yield _rlsd_token_kernel, dict(TOKEN_FLAGS, SAPO=True, BLOCK=1024), "bf16", 4
     yield _scale_kernel, dict(BLOCK_V=4096), "bf16", 4
     yield from opsd_variants()
 
@@ -108,6 +112,7 @@ OPSD_MODES = {
     "grpo": dict(OPSD_OFF, HAS_OLD=True, HAS_DUAL=True),
     "all": dict(OPSD_OFF, HAS_OLD=True, HAS_DUAL=True, HAS_CREDIT=True, IS_MODE=1, KL=3, ENTROPY_GRAD=True),
     "other": dict(OPSD_OFF, HAS_OLD=True, CISPO=True, CREDIT_OLD=True, SEQ_RATIO=True, IS_MODE=2, KL=1),
+    "sapo": dict(OPSD_OFF, HAS_OLD=True, SAPO=True),
 }
 
 

@@ -36,7 +36,7 @@ LOSS_AGG_MODES = (
     "none",
 )
 RATIO_LOG_CLAMP = 20.0
-SURROGATES = ("ppo", "cispo")
+SURROGATES = ("ppo", "cispo", "sapo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 RATIO_LEVELS = ("token", "sequence")
 CREDIT_BASES = ("current", "old")
@@ -92,6 +92,8 @@ def rlsd_token_terms(
     clip_high=0.28,
     dual_clip=3.0,
     surrogate="ppo",
+    sapo_tau_pos=1.0,
+    sapo_tau_neg=1.05,
     credit_base="current",
     credit_on=None,
     log_seq_ratio=None,
@@ -120,6 +122,8 @@ def rlsd_token_terms(
         l_pg  = -min(rho * A_hat, clip(rho, 1 - clip_low, 1 + clip_high) * A_hat)   (ppo), then
                 min(l_pg, -dual_clip * A_hat) where A_hat < 0 (dual clip, ppo only)
               = -sg(clip(rho, 1 - clip_low, 1 + clip_high)) * A_hat * lp_S          (cispo)
+              = -(4 / k) * sigmoid(k * (rho - 1)) * A_hat, k = sapo_tau_pos where A > 0,
+                sapo_tau_neg elsewhere                   (sapo: a soft gate instead of the clip)
         is    = min(exp(sg(lp_old) - lp_rollout), tis_cap), or min(exp(log_seq_is), tis_cap)
                 with the sequence's sum of those log-ratios (truncated importance sampling)
         d     = clamp(lp_ref - lp_S, -20, 20);  k1 = -d,  k2 = d^2 / 2,  k3 = exp(d) - d - 1
@@ -135,6 +139,7 @@ def rlsd_token_terms(
 
         d l_pg = -A_hat * rho            (ppo, unclipped branch taken, in_range, dual clip not bound)
                = -clip(rho) * A_hat      (cispo)
+               = -4 * s * (1 - s) * rho * A_hat, s = sigmoid(k * (rho - 1))   (sapo, in_range)
                = 0                       elsewhere
         d k    = 1, -d, 1 - exp(d)       (k1, k2, k3; 0 where lp_ref - lp_S is outside [-20, 20])
         d_loss = is * d l_pg + kl_coef * d k
@@ -177,6 +182,13 @@ def rlsd_token_terms(
             dual = (a_hat < 0) & (loss_pg > bound)
             loss_pg = torch.where(dual, bound, loss_pg)
             d_pg = torch.where(dual, torch.zeros_like(d_pg), d_pg)
+    elif surrogate == "sapo":
+        k = torch.where(advantages > 0, torch.full_like(ratio, sapo_tau_pos), torch.full_like(ratio, sapo_tau_neg))
+        gate = torch.sigmoid(k * (ratio - 1.0))
+        loss_pg = -(4.0 / k) * gate * a_hat
+        d_pg = torch.where(in_range, -4.0 * gate * (1.0 - gate) * ratio * a_hat, torch.zeros_like(a_hat)).detach()
+        # A soft gate: no clip binds.
+        clip_low_hit = clip_high_hit = torch.zeros_like(on)
     else:
         factor = clipped_ratio.detach() * a_hat
         loss_pg = -factor * torch.where(lp_s > float("-inf"), lp_student, torch.zeros_like(lp_s))
@@ -343,6 +355,8 @@ def rlsd_loss(
     clip_high=0.28,
     dual_clip=3.0,
     surrogate="ppo",
+    sapo_tau_pos=1.0,
+    sapo_tau_neg=1.05,
     ratio_level="token",
     credit_base="current",
     credit_mask=None,
@@ -429,8 +443,9 @@ def rlsd_loss(
         credit_on = credit_on & (adv < 0)
     terms = rlsd_token_terms(
         lp_s, lp_t, adv, lp_old=old, eps_w=eps_w, eps_w_low=eps_w_low, eps_w_high=eps_w_high, lam=lam,
-        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, surrogate=surrogate, credit_base=credit_base,
-        credit_on=credit_on, log_seq_ratio=log_seq_ratio, lp_rollout=rollout, log_seq_is=log_seq_is,
+        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, surrogate=surrogate,
+        sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, credit_base=credit_base, credit_on=credit_on,
+        log_seq_ratio=log_seq_ratio, lp_rollout=rollout, log_seq_is=log_seq_is,
         tis_cap=tis_cap, lp_ref=ref, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy=entropy,
         entropy_coef=entropy_coef,
     )

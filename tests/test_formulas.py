@@ -24,6 +24,7 @@ ROWS = [[0.3, -1.2, 2.0, 0.5], [1.0, 0.0, -0.5, 0.7], [-0.4, 0.9, 0.1, -2.0]]
 TEACHER_ROWS = [[0.1, -1.0, 2.4, 0.2], [0.2, 0.3, -0.5, 1.1], [-0.4, 1.5, 0.0, -2.0]]
 TOKENS = [2, 0, 1]
 E = math.exp
+SIG = lambda x: 1.0 / (1.0 + math.exp(-x))  # noqa: E731
 
 
 def log_softmax(row, tau=1.0):
@@ -75,6 +76,13 @@ CASES = {
     "cispo": dict(
         adv=[1.0, -1.0, 1.0], rho=[1.5, 0.5, 1.1], delta=[0.0, 0.0, 0.1], options=dict(surrogate="cispo"),
         expected=lambda lp: ([-1.28 * lp[0], 0.8 * lp[1], -1.1 * E(0.1) * lp[2]], [-1.28, 0.8, -1.1 * E(0.1)])),
+    # SAPO: -(4 / k) * sigmoid(k * (rho - 1)) * A_hat with k = 2 where A > 0 and 1.05 elsewhere; its
+    # derivative -4 * s * (1 - s) * rho * A_hat. Token 3: rho = 1, s = 1/2, A_hat = 0.5 * e^0.1.
+    "sapo": dict(
+        adv=[1.0, -1.0, 0.5], rho=[1.5, 0.5, 1.0], delta=[0.0, 0.0, 0.1],
+        options=dict(surrogate="sapo", sapo_tau_pos=2.0, sapo_tau_neg=1.05),
+        expected=lambda lp: ([-2 * SIG(1.0), 4 / 1.05 * SIG(-0.525), -0.5 * E(0.1)],
+                             [-4 * SIG(1.0) * SIG(-1.0) * 1.5, 2 * SIG(-0.525) * SIG(0.525), -0.5 * E(0.1)])),
     # Asymmetric credit clips [0.9, 1.4]: e^0.3 passes the high side, e^-0.3 is clipped to 0.9,
     # A < 0 with delta = -0.5 gives x = 0.5, clipped to 1.4.
     "asymmetric_credit_clips": dict(

@@ -32,10 +32,10 @@ VERL_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-s
 SHARED_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
 
 
-def actor_config(**policy):
+def actor_config(actor=None, **policy):
     return FSDPActorConfig(strategy="fsdp", ppo_micro_batch_size_per_gpu=2, ppo_mini_batch_size=4, rollout_n=1,
                            clip_ratio_low=0.2, clip_ratio_high=0.28,
-                           policy_loss=rlsd_verl.RLSDPolicyLossConfig(**policy))
+                           policy_loss=rlsd_verl.RLSDPolicyLossConfig(**policy), **(actor or {}))
 
 
 def inputs(b=6, r=9, v=11, seed=0):
@@ -79,6 +79,33 @@ def test_lam_zero_is_vanilla(mode, with_is):
     for key in ("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"):
         assert our_metrics[key] == pytest.approx(their_metrics[key], abs=1e-12), key
     assert their_metrics["actor/pg_clipfrac"] > 0 and their_metrics["actor/pg_clipfrac_lower"] > 0
+
+
+@pytest.mark.parametrize("with_is", [False, True])
+def test_sapo_at_lam_zero_is_verls_sapo(with_is):
+    """``surrogate="sapo"`` at ``lam = 0`` is verl's ``"sapo"`` loss (which always aggregates
+    ``seq-mean-token-mean``), with the actor's gate temperatures."""
+    logits, tokens, old, teacher, adv, mask, is_weights = inputs(seed=2)
+    config = actor_config(dict(tau_pos=1.3, tau_neg=2.0), lam=0.0, surrogate="sapo")
+    results = []
+    for name in ("rlsd", "sapo"):
+        lp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0].detach().requires_grad_()
+        extra = {"teacher_log_prob": teacher} if name == "rlsd" else {}
+        loss, _ = get_policy_loss_fn(name)(old, lp, adv, mask, "seq-mean-token-mean", config,
+                                           is_weights if with_is else None, **extra)
+        loss.backward()
+        results.append((loss.detach(), lp.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], **FLOAT64_SAME)
+    torch.testing.assert_close(results[0][1], results[1][1], **FLOAT64_SAME)
+    other = actor_config(dict(tau_pos=1.3, tau_neg=1.05), lam=0.0, surrogate="sapo")
+    loss, _ = get_policy_loss_fn("rlsd")(old, lp.detach(), adv, mask, "seq-mean-token-mean", other,
+                                         teacher_log_prob=teacher)
+    assert not torch.allclose(loss, results[0][0]), "the gate temperatures reach the loss"
+
+
+def test_config_rejects_an_unknown_surrogate():
+    with pytest.raises(ValueError, match="surrogate"):
+        rlsd_verl.RLSDPolicyLossConfig(surrogate="cispo")
 
 
 @pytest.mark.parametrize("mode", SHARED_MODES)

@@ -50,9 +50,11 @@ OPTIONS = [
     dict(entropy_coef=0.05),
     dict(is_weights=True),
     dict(is_weights=True, ref=True, kl_coef=0.1, entropy_coef=0.05, ratio_level="sequence"),
+    dict(surrogate="sapo", ratio="spread"),
     # Sequence-level ratios with token-level importance weights: the PyTorch path once took them at
     # the sequence level.
     dict(ratio_level="sequence", rollout=True),
+    dict(surrogate="sapo", sapo_tau_pos=2.0, sapo_tau_neg=0.5, ratio_level="sequence", rollout=True),
     dict(surrogate="cispo", ratio_level="sequence", rollout=True, tis_level="sequence", ref=True, kl_coef=0.05,
          entropy_coef=0.02, credit_mask=True, credit_base="old", dtype=torch.bfloat16),
 ]

@@ -17,7 +17,7 @@ CASES = 48
 OPTIONS = [
     {}, {"surrogate": "cispo"}, {"ratio_level": "sequence"}, {"eps_w_low": 0.1, "eps_w_high": 0.5},
     {"credit_base": "old"}, {"credit_negative_only": True}, {"dual_clip": None}, {"kl_coef": 0.1},
-    {"entropy_coef": 0.03}, {"lam": 0.0}, {"temperature": 0.7},
+    {"entropy_coef": 0.03}, {"lam": 0.0}, {"temperature": 0.7}, {"surrogate": "sapo", "sapo_tau_neg": 2.0},
 ]
 AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "sum", "none"]
 

@@ -40,6 +40,8 @@ def rlsd_loss(
     inplace_backward=False,
     return_metrics=False,
     surrogate="ppo",
+    sapo_tau_pos=1.0,
+    sapo_tau_neg=1.05,
     ratio_level="token",
     eps_w_low=None,
     eps_w_high=None,
@@ -88,8 +90,12 @@ def rlsd_loss(
         inplace_backward: write the student-logit gradient into the logits' storage (saves
             ``N * V`` elements; the logits must not be used after the backward).
         return_metrics: also return a dict of detached metrics (masked means and ``num_tokens``).
-        surrogate: ``"ppo"`` (clipped, with the dual clip) or ``"cispo"`` (``-sg(clip(rho)) * A_hat *
-            lp_S``: clipped tokens keep their gradient; the dual clip does not apply).
+        surrogate: ``"ppo"`` (clipped, with the dual clip), ``"cispo"`` (``-sg(clip(rho)) * A_hat *
+            lp_S``: clipped tokens keep their gradient; the dual clip does not apply) or ``"sapo"``
+            (``-(4 / k) * sigmoid(k * (rho - 1)) * A_hat``: a soft gate instead of the clip; no clip
+            and no dual clip apply).
+        sapo_tau_pos, sapo_tau_neg: SAPO's gate temperature ``k`` for tokens with ``A > 0`` and
+            ``A <= 0`` (TRL's ``sapo_temperature_pos`` / ``_neg``); used only by ``"sapo"``.
         ratio_level: ``"token"`` or ``"sequence"`` (GSPO-token: each token's ratio has the value
             ``exp(mean over its sequence of lp_S - lp_old)`` and the gradient of its own log-prob;
             GSPO's own clip range is tiny, e.g. ``clip_low=3e-4, clip_high=4e-4``).
@@ -239,6 +245,8 @@ def grpo_opsd_loss(
     inplace_backward=False,
     return_metrics=False,
     surrogate="ppo",
+    sapo_tau_pos=1.0,
+    sapo_tau_neg=1.05,
     ratio_level="token",
     eps_w_low=None,
     eps_w_high=None,

@@ -104,7 +104,9 @@ class PolicyOptions(_Checked):
     dual_clip: float | None = _field(3.0, "dual clip constant for A_hat < 0 (None disables it)",
                                      lambda v: 1 < v < math.inf, "None or a finite number > 1", nullable=True)
     temperature: float = _field(1.0, "logits are divided by it", _positive, "a positive finite number")
-    surrogate: str = _field("ppo", "'ppo' clipped surrogate or 'cispo'", choices=SURROGATES)
+    surrogate: str = _field("ppo", "'ppo' clipped surrogate, 'cispo' or 'sapo' (soft gate)", choices=SURROGATES)
+    sapo_tau_pos: float = _field(1.0, "SAPO gate temperature where A > 0", _positive, "a positive finite number")
+    sapo_tau_neg: float = _field(1.05, "SAPO gate temperature where A <= 0", _positive, "a positive finite number")
     ratio_level: str = _field("token", "'token' ratios or 'sequence' (GSPO-token)", choices=RATIO_LEVELS)
     eps_w_low: float | None = _field(None, "credit clip below (default eps_w)", _unit, "None or in [0, 1)")
     eps_w_high: float | None = _field(None, "credit clip above (default eps_w)", _non_negative,

@@ -42,7 +42,7 @@ from .teacher import (
     teacher_logprobs,
 )
 
-SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "luspo")
+SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "luspo", "sapo")
 LOSS_AGG = {
     "grpo": "seq-mean-token-mean",
     "bnpo": "token-mean",
@@ -50,6 +50,7 @@ LOSS_AGG = {
     "dapo": "token-mean",
     "cispo": "token-mean",
     "luspo": "seq-mean-token-sum",
+    "sapo": "seq-mean-token-mean",
 }
 TIS_LEVEL = {"token_truncate": "token", "sequence_truncate": "sequence"}
 # CISPO keeps no lower bound on the ratio: 1 - CISPO_CLIP_LOW lies below exp(-20), the smallest ratio.
@@ -212,7 +213,7 @@ class RLSDTrainer(GRPOTrainer):
         train = self.model.training
         accumulation = self.current_gradient_accumulation_steps if train else 1.0
         rows = inputs["completion_ids"].shape[0]
-        if lt in ("grpo", "luspo"):
+        if lt in ("grpo", "luspo", "sapo"):
             normalizer = rows * accumulation
         elif lt == "bnpo":
             normalizer = mask.sum().clamp(min=1.0) * accumulation
@@ -229,6 +230,8 @@ class RLSDTrainer(GRPOTrainer):
         )
         if lt == "cispo":
             options.update(surrogate="cispo", clip_low=CISPO_CLIP_LOW, clip_high=self.epsilon_high - 1.0)
+        elif lt == "sapo":
+            options.update(surrogate="sapo", sapo_tau_pos=a.sapo_temperature_pos, sapo_tau_neg=a.sapo_temperature_neg)
         else:
             options.update(clip_low=self.epsilon_low, clip_high=self.epsilon_high, dual_clip=a.dual_clip)
         if self.use_vllm and self.vllm_importance_sampling_correction:

@@ -57,9 +57,12 @@ _STEP = contextvars.ContextVar("rlsd_global_step", default=None)
 @dataclass
 class RLSDPolicyLossConfig(PolicyLossConfig):
     """``actor.policy_loss`` for RLSD. ``lam=None`` follows ``lam_schedule(global_steps, ...)``
-    (verl counts steps from 1, so this is the official schedule); a number fixes it."""
+    (verl counts steps from 1, so this is the official schedule); a number fixes it. ``surrogate``
+    ``"sapo"`` takes SAPO's soft gate (with the actor's ``tau_pos`` / ``tau_neg``, as verl's
+    ``"sapo"`` loss) instead of the clip."""
 
     loss_mode: str = "rlsd"
+    surrogate: str = "ppo"
     lam: Optional[float] = None  # noqa: UP045 (omegaconf reads Optional, not X | None, on Python 3.10)
     lam_start: float = 0.5
     lam_end: float = 0.0
@@ -76,6 +79,8 @@ class RLSDPolicyLossConfig(PolicyLossConfig):
             raise ValueError(f"policy_loss.lam must be None or in [0, 1], got {self.lam}")
         if not 0.0 <= self.eps_w < 1.0:
             raise ValueError(f"policy_loss.eps_w must be in [0, 1), got {self.eps_w}")
+        if self.surrogate not in ("ppo", "sapo"):
+            raise ValueError(f"policy_loss.surrogate must be 'ppo' or 'sapo', got {self.surrogate!r}")
         if self.teacher_policy not in ("live", "frozen"):
             raise ValueError(f"policy_loss.teacher_policy must be 'live' or 'frozen' in verl, got "
                              f"{self.teacher_policy!r}")
@@ -124,9 +129,12 @@ def compute_policy_loss_rlsd(
     low, high, dual = _clip_ranges(config)
     if not dual > 1.0:
         raise ValueError(f"clip_ratio_c must be > 1, got {dual}")
+    sapo = {}
+    if policy.get("surrogate", "ppo") == "sapo":
+        sapo = dict(surrogate="sapo", sapo_tau_pos=config.tau_pos, sapo_tau_neg=config.tau_neg)
     terms = reference.rlsd_token_terms(
         log_prob, teacher.to(log_prob.dtype), advantages, lp_old=old_log_prob, eps_w=policy.get("eps_w", 0.2),
-        lam=lam, clip_low=low, clip_high=high, dual_clip=dual,
+        lam=lam, clip_low=low, clip_high=high, dual_clip=dual, **sapo,
     )
     pg_losses = terms["loss"]
     if rollout_is_weights is not None:

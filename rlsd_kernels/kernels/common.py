@@ -153,7 +153,8 @@ def log_diff(a, b):
 def rlsd_epilogue(
     lp_s, lp_t, lp_old, adv, credit_on, log_seq_ratio, log_is, lp_ref, entropy,
     log_w_lo, log_w_hi, lam, clip_lo, clip_hi, dual_clip, log_tis_cap, kl_coef, entropy_coef,
-    HAS_DUAL: tl.constexpr, CISPO: tl.constexpr, CREDIT_OLD: tl.constexpr, SEQ_RATIO: tl.constexpr,
+    sapo_tau_pos, sapo_tau_neg,
+    HAS_DUAL: tl.constexpr, CISPO: tl.constexpr, SAPO: tl.constexpr, CREDIT_OLD: tl.constexpr, SEQ_RATIO: tl.constexpr,
     HAS_IS: tl.constexpr, KL: tl.constexpr, HAS_ENTROPY: tl.constexpr,
 ):
     """Per-token RLSD loss, its derivative by ``lp_s``, the credit weight, the ratio, the importance
@@ -187,6 +188,12 @@ def rlsd_epilogue(
         d_loss = tl.where(possible, -factor, 0.0)
         flags |= tl.where(ratio < 1.0 - clip_lo, FLAG_PPO_CLIP_LOW, 0)
         flags |= tl.where(ratio > 1.0 + clip_hi, FLAG_PPO_CLIP_HIGH, 0)
+    elif SAPO:
+        # A soft gate instead of the clip: no clip flag.
+        k = tl.where(adv > 0, sapo_tau_pos, sapo_tau_neg)
+        gate = tl.sigmoid(k * (ratio - 1.0))
+        loss = -(4.0 / k) * gate * a_hat
+        d_loss = tl.where(in_range, -4.0 * gate * (1.0 - gate) * ratio * a_hat, 0.0)
     else:
         surrogate = ratio * a_hat
         clipped_surrogate = clipped_ratio * a_hat

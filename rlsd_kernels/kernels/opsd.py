@@ -246,8 +246,9 @@ def _opsd_fwd_kernel(
     lse_t_out, div_out, opsd_out, k_out, d_div_out, flags_out,
     n_rows, seqlen, V, scale2, inv_temp, alpha, beta, token_clip,
     log_w_lo, log_w_hi, lam, clip_lo, clip_hi, dual_clip, log_tis_cap, kl_coef, entropy_coef,
+    sapo_tau_pos, sapo_tau_neg,
     DIV: tl.constexpr, HAS_T_LOGITS: tl.constexpr, NEED_LP: tl.constexpr, GRPO: tl.constexpr,
-    HAS_OLD: tl.constexpr, HAS_DUAL: tl.constexpr, CISPO: tl.constexpr, CREDIT_OLD: tl.constexpr,
+    HAS_OLD: tl.constexpr, HAS_DUAL: tl.constexpr, CISPO: tl.constexpr, SAPO: tl.constexpr, CREDIT_OLD: tl.constexpr,
     HAS_CREDIT: tl.constexpr, SEQ_RATIO: tl.constexpr, IS_MODE: tl.constexpr, KL: tl.constexpr,
     ENTROPY: tl.constexpr, ENTROPY_GRAD: tl.constexpr, WRITE_GRAD: tl.constexpr, KEEP_S: tl.constexpr,
     KEEP_T: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -318,7 +319,8 @@ def _opsd_fwd_kernel(
             loss, d_lp, w, ratio, is_w, kl, clip_flags = _token_terms(
                 row, lp_s, lp_t, entropy, adv, lp_old_in, credit_in, seq_ratio_in, rollout_in, log_is_in, ref_in,
                 log_w_lo, log_w_hi, lam, clip_lo, clip_hi, dual_clip, log_tis_cap, kl_coef, entropy_coef,
-                HAS_OLD, HAS_DUAL, CISPO, CREDIT_OLD, HAS_CREDIT, SEQ_RATIO, IS_MODE, KL, ENTROPY_GRAD, row < n_rows,
+                sapo_tau_pos, sapo_tau_neg, HAS_OLD, HAS_DUAL, CISPO, SAPO, CREDIT_OLD, HAS_CREDIT, SEQ_RATIO, IS_MODE,
+                KL, ENTROPY_GRAD, row < n_rows,
             )
             tl.store(loss_out + row, tl.where(active, loss, 0.0))
             tl.store(d_lp_out + row, tl.where(active, d_lp, 0.0))

@@ -42,7 +42,8 @@ def _rlsd_fwd_kernel(
     loss_out, lp_s_out, lp_t_out, lse_out, d_lp_out, w_out, ratio_out, is_out, kl_out, entropy_out, flags_out,
     n_rows, seqlen, V, scale2, inv_temp,
     log_w_lo, log_w_hi, lam, clip_lo, clip_hi, dual_clip, log_tis_cap, kl_coef, entropy_coef,
-    HAS_T_LOGITS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_DUAL: tl.constexpr, CISPO: tl.constexpr,
+    sapo_tau_pos, sapo_tau_neg,
+    HAS_T_LOGITS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_DUAL: tl.constexpr, CISPO: tl.constexpr, SAPO: tl.constexpr,
     CREDIT_OLD: tl.constexpr, HAS_CREDIT: tl.constexpr, SEQ_RATIO: tl.constexpr, IS_MODE: tl.constexpr,
     KL: tl.constexpr, ENTROPY: tl.constexpr, ENTROPY_GRAD: tl.constexpr, WRITE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -123,7 +124,8 @@ def _rlsd_fwd_kernel(
         loss, d_lp, w, ratio, is_w, kl, clip_flags = _token_terms(
             row, lp_s, lp_t, entropy, adv, lp_old_in, credit_in, seq_ratio_in, rollout_in, log_is_in, ref_in,
             log_w_lo, log_w_hi, lam, clip_lo, clip_hi, dual_clip, log_tis_cap, kl_coef, entropy_coef,
-            HAS_OLD, HAS_DUAL, CISPO, CREDIT_OLD, HAS_CREDIT, SEQ_RATIO, IS_MODE, KL, ENTROPY_GRAD, row < n_rows,
+            sapo_tau_pos, sapo_tau_neg,
+            HAS_OLD, HAS_DUAL, CISPO, SAPO, CREDIT_OLD, HAS_CREDIT, SEQ_RATIO, IS_MODE, KL, ENTROPY_GRAD, row < n_rows,
         )
         tl.store(loss_out + row, tl.where(active, loss, 0.0))
         tl.store(lp_s_out + row, tl.where(active, lp_s, 0.0))
@@ -162,7 +164,8 @@ def _rlsd_fwd_kernel(
 def _token_terms(
     idx, lp_s, lp_t, entropy, adv, lp_old_in, credit_in, seq_ratio_in, rollout_in, log_is_in, ref_in,
     log_w_lo, log_w_hi, lam, clip_lo, clip_hi, dual_clip, log_tis_cap, kl_coef, entropy_coef,
-    HAS_OLD: tl.constexpr, HAS_DUAL: tl.constexpr, CISPO: tl.constexpr, CREDIT_OLD: tl.constexpr,
+    sapo_tau_pos, sapo_tau_neg,
+    HAS_OLD: tl.constexpr, HAS_DUAL: tl.constexpr, CISPO: tl.constexpr, SAPO: tl.constexpr, CREDIT_OLD: tl.constexpr,
     HAS_CREDIT: tl.constexpr, SEQ_RATIO: tl.constexpr, IS_MODE: tl.constexpr, KL: tl.constexpr,
     ENTROPY_GRAD: tl.constexpr, mask,
 ):
@@ -190,7 +193,7 @@ def _token_terms(
     return rlsd_epilogue(
         lp_s, lp_t, lp_old, a, credit, log_seq_ratio, log_is, lp_ref, entropy,
         log_w_lo, log_w_hi, lam, clip_lo, clip_hi, dual_clip, log_tis_cap, kl_coef, entropy_coef,
-        HAS_DUAL, CISPO, CREDIT_OLD, SEQ_RATIO, IS_MODE != 0, KL, ENTROPY_GRAD,
+        sapo_tau_pos, sapo_tau_neg, HAS_DUAL, CISPO, SAPO, CREDIT_OLD, SEQ_RATIO, IS_MODE != 0, KL, ENTROPY_GRAD,
     )
 
 
@@ -200,7 +203,8 @@ def _rlsd_token_kernel(
     loss_out, d_lp_out, w_out, ratio_out, is_out, kl_out, flags_out,
     n,
     log_w_lo, log_w_hi, lam, clip_lo, clip_hi, dual_clip, log_tis_cap, kl_coef, entropy_coef,
-    HAS_OLD: tl.constexpr, HAS_DUAL: tl.constexpr, CISPO: tl.constexpr, CREDIT_OLD: tl.constexpr,
+    sapo_tau_pos, sapo_tau_neg,
+    HAS_OLD: tl.constexpr, HAS_DUAL: tl.constexpr, CISPO: tl.constexpr, SAPO: tl.constexpr, CREDIT_OLD: tl.constexpr,
     HAS_CREDIT: tl.constexpr, SEQ_RATIO: tl.constexpr, IS_MODE: tl.constexpr, KL: tl.constexpr,
     ENTROPY_GRAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -217,7 +221,8 @@ def _rlsd_token_kernel(
     loss, d_lp, w, ratio, is_w, kl, clip_flags = _token_terms(
         idx, lp_s, lp_t, entropy, adv, lp_old_in, credit_in, seq_ratio_in, rollout_in, log_is_in, ref_in,
         log_w_lo, log_w_hi, lam, clip_lo, clip_hi, dual_clip, log_tis_cap, kl_coef, entropy_coef,
-        HAS_OLD, HAS_DUAL, CISPO, CREDIT_OLD, HAS_CREDIT, SEQ_RATIO, IS_MODE, KL, ENTROPY_GRAD, in_range,
+        sapo_tau_pos, sapo_tau_neg,
+        HAS_OLD, HAS_DUAL, CISPO, SAPO, CREDIT_OLD, HAS_CREDIT, SEQ_RATIO, IS_MODE, KL, ENTROPY_GRAD, in_range,
     )
     tl.store(loss_out + idx, tl.where(active, loss, 0.0), mask=in_range)
     tl.store(d_lp_out + idx, tl.where(active, d_lp, 0.0), mask=in_range)

@@ -58,7 +58,7 @@ def kernel_scalars(options):
     return (
         math.log1p(-options.eps_w_low), math.log1p(options.eps_w_high), options.lam, options.clip_low,
         options.clip_high, options.dual_clip or 0.0, math.log(options.tis_cap), options.kl_coef,
-        options.entropy_coef,
+        options.entropy_coef, options.sapo_tau_pos, options.sapo_tau_neg,
     )
 
 
@@ -74,7 +74,7 @@ def kernel_flags(inputs: TokenInputs, options):
         is_mode = 0 if inputs.log_is is None else 2
     return dict(
         HAS_OLD=inputs.lp_old is not None, HAS_DUAL=options.dual_clip is not None,
-        CISPO=options.surrogate == "cispo", CREDIT_OLD=options.credit_base == "old",
+        CISPO=options.surrogate == "cispo", SAPO=options.surrogate == "sapo", CREDIT_OLD=options.credit_base == "old",
         HAS_CREDIT=inputs.credit is not None, SEQ_RATIO=inputs.seq_ratio is not None, IS_MODE=is_mode,
         KL=0 if inputs.ref is None else 1 + KL_ESTIMATORS.index(options.kl_estimator),
         ENTROPY_GRAD=options.entropy_coef != 0,

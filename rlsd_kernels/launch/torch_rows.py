@@ -221,6 +221,7 @@ def rlsd_token_epilogue(out, flags, inputs, params):
         out["lp_s"], out["lp_t"], inputs.adv, lp_old=inputs.lp_old, eps_w_low=params.eps_w_low,
         eps_w_high=params.eps_w_high, lam=params.lam, clip_low=params.clip_low,
         clip_high=params.clip_high, dual_clip=params.dual_clip, surrogate=params.surrogate,
+        sapo_tau_pos=params.sapo_tau_pos, sapo_tau_neg=params.sapo_tau_neg,
         credit_base=params.credit_base, credit_on=inputs.credit, log_seq_ratio=inputs.seq_ratio,
         lp_rollout=inputs.rollout if inputs.log_is is None else None, log_seq_is=inputs.log_is,
         tis_cap=params.tis_cap, lp_ref=inputs.ref, kl_coef=params.kl_coef,
