@@ -90,11 +90,14 @@ def opsd_fwd(s_rows, t_rows, inputs, params, opsd, grad):
         on = active[sl]
         y = inputs.tokens[sl] if need_lp else torch.zeros_like(on, dtype=torch.long)
         b = None
-        a, lse_s, lp_s, _, bad, nonfinite_s = torch_rows._stats(torch_rows._flat(views[0]), y, temperature, on)
+        rows_s, lse_s, lp_s, _, bad, nonfinite_s = torch_rows._stats(torch_rows._flat(views[0]), y, temperature, on)
+        a = rows_s.log_probs()
         nonfinite_t = torch.zeros_like(on)
         lse_t = lse_s
         if t_rows is not None:
-            b, lse_t, lp_t, _, _, nonfinite_t = torch_rows._stats(torch_rows._flat(views[1]), y, temperature, on)
+            rows_t, lse_t, lp_t, _, _, nonfinite_t = torch_rows._stats(torch_rows._flat(views[1]), y, temperature,
+                                                                        on)
+            b = rows_t.log_probs()
         else:
             lp_t = torch.where(on, inputs.lp_t[sl], 0.0)
         if code == SAMPLED:
@@ -151,8 +154,8 @@ def opsd_grad(s_rows, t_rows, tokens, out, c_lp, c_h, c_d, temperature, opsd, gr
                 b = torch_rows._flat(views[2]).float() / temperature - out["lse_t"][sl][:, None]
         g = torch.zeros_like(a)
         if code == SAMPLED or opsd.grpo:
-            g = torch_rows._softmax_grad(a, y, c_lp[sl], None if c_h is None else c_h[sl],
-                                         None if c_h is None else out["entropy"][sl])
+            g = torch_rows._softmax_grad(a.exp(), y, c_lp[sl], None if c_h is None else c_h[sl],
+                                         None if c_h is None else out["entropy"][sl], a)
         if code != SAMPLED:
             dd = divergence_grad(a, b, out["k"][sl], code, opsd.beta)
             g = g + torch.where(c_d[sl][:, None] != 0, c_d[sl][:, None] * dd, 0.0)

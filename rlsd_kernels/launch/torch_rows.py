@@ -8,6 +8,8 @@ itself.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .. import reference
@@ -57,42 +59,65 @@ def _scaled(chunk, temperature):
     return z if temperature == 1 else z / temperature
 
 
-def _stats(chunk, y, temperature, active, want_entropy=False):
-    """``log_p``, the log-softmax of the scaled logits, then flat ``[C]`` logsumexp, log-prob,
-    entropy and error masks of a chunk of rows (``[C, V]``, or a ``[b, T, V]`` view read in place);
-    ``y`` and ``active`` are flat.
+class RowSoftmax(NamedTuple):
+    """A chunk's softmax rows: the scaled logits centred on their rows' maxima (``shifted``), their
+    exponentials and the rows' sums and log-sums; or, from a stored logsumexp, the log-probs alone
+    (``shifted``, the rest None)."""
 
-    ``torch.log_softmax`` forms ``(z - m) - log(sum exp(z - m))`` with the row's maximum ``m`` (as the
-    kernels do), never ``z - lse``: the error does not grow with the logits' magnitude. A row without
-    a finite logit, or with NaN or ``+inf``, has a non-finite logsumexp."""
+    shifted: torch.Tensor
+    e: torch.Tensor | None = None
+    total: torch.Tensor | None = None
+    log_total: torch.Tensor | None = None
+
+    def log_probs(self):
+        return self.shifted if self.log_total is None else self.shifted - self.log_total[..., None]
+
+    def probs_(self, out=None):
+        """The probabilities, into ``out`` when given, else over ``e`` (spent) or a new tensor."""
+        if self.e is None:
+            return torch.exp(self.shifted, out=out)
+        return torch.div(self.e, self.total[..., None], out=self.e if out is None else out)
+
+
+def _stats(chunk, y, temperature, active, want_entropy=False):
+    """``RowSoftmax`` of a chunk of rows (``[C, V]``, or a ``[b, T, V]`` view read in place), then flat
+    ``[C]`` logsumexp, log-prob, entropy and error masks; ``y`` and ``active`` are flat.
+
+    Log-probs come from ``z - m`` with the row's maximum ``m`` (as the kernels do), not from
+    ``z - lse``: their error does not grow with the logits' magnitude."""
     z = _scaled(chunk, temperature)
     y, active = y.view(z.shape[:-1]), active.view(z.shape[:-1])
-    log_p = torch.log_softmax(z, -1)
-    # The logsumexp from the row's maximum and the largest log-prob, -log(sum exp(z - m)), both
-    # precise (two max reductions are much cheaper than one that also returns the index).
-    lse = z.amax(-1) - log_p.amax(-1)
+    m = z.amax(-1)
+    # A row without a finite logit takes 0 as its reference; a +inf logit makes its sums NaN, as in
+    # the kernels' online logsumexp.
+    m = torch.where(m == float("-inf"), 0.0, m)
+    shifted = z - m[..., None]
+    e = shifted.exp()
+    total = e.sum(-1)
+    log_s = total.log()
+    lse = m + log_s
     ok = (y >= 0) & (y < z.shape[-1])
-    gathered = log_p.gather(-1, torch.where(ok, y, 0).long()[..., None]).squeeze(-1)
-    lp = torch.where(active, torch.where(ok, gathered, float("-inf")).clamp(max=0.0), 0.0)
+    gathered = shifted.gather(-1, torch.where(ok, y, 0).long()[..., None]).squeeze(-1)
+    zy = torch.where(active & ok, gathered, float("-inf"))
+    lp = torch.where(active, (zy - log_s).clamp(max=0.0), 0.0)
     entropy = None
     if want_entropy:
         # p * log p is 0 where p is 0 (a -inf logit), never 0 * -inf.
-        plogp = torch.where(log_p > float("-inf"), log_p.exp() * log_p, 0.0)
-        entropy = torch.where(active, -plogp.sum(-1), 0.0).reshape(-1)
+        plogp = torch.where(e > 0, e * (shifted - log_s[..., None]), 0.0)
+        entropy = torch.where(active, -plogp.sum(-1) / total, 0.0).reshape(-1)
     flat = (torch.where(active, lse, 0.0), lp, active & ~ok, active & ~torch.isfinite(lse))
     lse, lp, bad, nonfinite = (x.reshape(-1) for x in flat)
-    return log_p, lse, lp, entropy, bad, nonfinite
+    return RowSoftmax(shifted, e, total, log_s), lse, lp, entropy, bad, nonfinite
 
 
-def _softmax_grad(log_p, y, coef, coef_h=None, entropy=None, out=None):
-    """``coef * (1[v = y] - p) - coef_h * p * (log p + H)`` from rows of log-probs (mirrors the kernel),
-    into ``out`` (float32, shaped like ``log_p``) when given; ``y``, ``coef`` (and ``coef_h``,
-    ``entropy``) are shaped like ``log_p`` without its last dimension."""
-    p = torch.exp(log_p, out=out)
+def _softmax_grad(p, y, coef, coef_h=None, entropy=None, log_p=None):
+    """``coef * (1[v = y] - p) - coef_h * p * (log p + H)`` over the probabilities ``p`` (overwritten)
+    of rows (mirrors the kernel); ``y``, ``coef`` (and ``coef_h``, ``entropy``) are shaped like ``p``
+    without its last dimension, and ``log_p`` is needed only with ``coef_h``."""
     if coef_h is not None:
         h_term = coef_h[..., None] * torch.where(p > 0, p * (log_p + entropy[..., None]), 0.0)
     # Like the kernels, an id outside [0, V) (only with validate=False) matches no column.
-    ok = (y >= 0) & (y < log_p.shape[-1])
+    ok = (y >= 0) & (y < p.shape[-1])
     g = p.neg_().scatter_add_(-1, torch.where(ok, y, 0).long()[..., None], ok.to(p.dtype)[..., None])
     g.mul_(coef[..., None])
     return g.sub_(h_term) if coef_h is not None else g
@@ -143,15 +168,15 @@ def logprobs_bwd(rows: Rows, tokens, lse, coef, coef_h, entropy, temperature, gr
     for sl, (chunk, g_chunk) in _row_chunks(rows, rows.tensor, grad):
         # The chunk is read in place (a [b, T, V] view of strided rows too) and written once.
         log_p = _scaled(chunk, temperature) - lse[sl].view(chunk.shape[:-1])[..., None]
-        _grad_chunk(log_p, g_chunk, sl, tokens, coef, coef_h, entropy, temperature)
+        _grad_chunk(RowSoftmax(log_p), g_chunk, sl, tokens, coef, coef_h, entropy, temperature)
     return grad
 
 
-def _grad_chunk(log_p, g_chunk, sl, tokens, coef, coef_h, entropy, temperature):
+def _grad_chunk(rows, g_chunk, sl, tokens, coef, coef_h, entropy, temperature):
     """Writes ``(coef * (1[v = y] - p) - coef_h * p * (log p + H)) / tau`` for the rows ``sl`` from their
-    log-probs ``log_p`` into ``g_chunk``; rows whose coefficients are zero, or that are masked, get 0."""
+    ``RowSoftmax`` into ``g_chunk``; rows whose coefficients are zero, or that are masked, get 0."""
     inv = 1.0 / temperature
-    shape = log_p.shape[:-1]
+    shape = rows.shifted.shape[:-1]
     y, c = tokens[sl].view(shape), coef[sl].view(shape)
     active = (y != reference.IGNORE_INDEX) & (c != 0)
     c_h = h = None
@@ -160,7 +185,8 @@ def _grad_chunk(log_p, g_chunk, sl, tokens, coef, coef_h, entropy, temperature):
         active |= (y != reference.IGNORE_INDEX) & (c_h != 0)
     # A float32 gradient is formed in place (a view of strided rows too); others are rounded once.
     in_place = g_chunk.dtype == torch.float32
-    g = _softmax_grad(log_p, y, c * inv, c_h, h, out=g_chunk if in_place else None)
+    log_p = rows.log_probs() if c_h is not None else None
+    g = _softmax_grad(rows.probs_(g_chunk if in_place else None), y, c * inv, c_h, h, log_p)
     if not bool(active.all()):
         g.masked_fill_(~active[..., None], 0.0)
     if not in_place:
@@ -172,7 +198,7 @@ def rlsd_fwd(s_rows: Rows, t_rows, inputs, params, grad):
 
     Three phases, like the kernels' split strategy: row statistics chunk by chunk, the per-token
     terms of every token (after the sequence-level ones), then the gradient chunk by chunk. When
-    every row fits in one chunk, its log-probs stay alive from the first phase to the last."""
+    every row fits in one chunk, its softmax rows stay alive from the first phase to the last."""
     n, device = s_rows.n, s_rows.tensor.device
     out = {k: common.empty((n,), dtype=torch.float32, device=device) for k in OUTPUTS}
     flags = common.empty((n,), dtype=torch.int32, device=device)
@@ -183,9 +209,9 @@ def rlsd_fwd(s_rows: Rows, t_rows, inputs, params, grad):
     kept = None
     for sl, views in chunks:
         y, on = inputs.tokens[sl], active[sl]
-        log_p, out["lse"][sl], out["lp_s"][sl], entropy, bad, nonfinite_s = _stats(
+        rows, out["lse"][sl], out["lp_s"][sl], entropy, bad, nonfinite_s = _stats(
             views[0], y, temperature, on, want_entropy=bool(params.want_entropy))
-        kept = log_p if len(chunks) == 1 else None
+        kept = rows if len(chunks) == 1 else None
         out["entropy"][sl] = entropy if entropy is not None else 0.0
         nonfinite_t = torch.zeros_like(on)
         if t_rows is not None:
