@@ -175,3 +175,11 @@ def test_lam_schedule():
     assert lam_schedule(3, start=1.0, end=0.4, decay_steps=6) == pytest.approx(0.7)
     with pytest.raises(ValueError, match="step"):
         lam_schedule(-1)
+
+
+@pytest.mark.parametrize("name", ["sapo_tau_pos", "sapo_tau_neg"])
+@pytest.mark.parametrize("value", [0.0, -1.0, float("inf")])
+def test_sapo_gate_temperatures_must_be_positive_and_finite(name, value):
+    with pytest.raises(ValueError, match=name):
+        rlsd_kernels.rlsd_loss(torch.randn(1, 2, 5), None, torch.tensor([[1, 2]]), torch.tensor([1.0]), lam=0.0,
+                               surrogate="sapo", **{name: value})
