@@ -110,6 +110,19 @@ def _stats(chunk, y, temperature, active, want_entropy=False):
     return RowSoftmax(shifted, e, total, log_s), lse, lp, entropy, bad, nonfinite
 
 
+def _token_logprobs(chunk, y, temperature, active):
+    """``(lp, nonfinite)``, flat: the tokens' log-probs alone (the teacher's), by ``torch.log_softmax``
+    (centred on the row's maximum), and where an active row holds no finite logit, NaN or ``+inf``."""
+    z = _scaled(chunk, temperature)
+    y, active = y.view(z.shape[:-1]), active.view(z.shape[:-1])
+    log_p = torch.log_softmax(z, -1)
+    ok = (y >= 0) & (y < z.shape[-1])
+    gathered = log_p.gather(-1, torch.where(ok, y, 0).long()[..., None]).squeeze(-1)
+    lp = torch.where(active, torch.where(ok, gathered, float("-inf")).clamp(max=0.0), 0.0)
+    # The largest log-prob, -log(sum exp(z - m)), is finite exactly where the row's logsumexp is.
+    return lp.reshape(-1), (active & ~torch.isfinite(log_p.amax(-1))).reshape(-1)
+
+
 def _softmax_grad(p, y, coef, coef_h=None, entropy=None, log_p=None):
     """``coef * (1[v = y] - p) - coef_h * p * (log p + H)`` over the probabilities ``p`` (overwritten)
     of rows (mirrors the kernel); ``y``, ``coef`` (and ``coef_h``, ``entropy``) are shaped like ``p``
@@ -215,7 +228,7 @@ def rlsd_fwd(s_rows: Rows, t_rows, inputs, params, grad):
         out["entropy"][sl] = entropy if entropy is not None else 0.0
         nonfinite_t = torch.zeros_like(on)
         if t_rows is not None:
-            _, _, out["lp_t"][sl], _, _, nonfinite_t = _stats(views[1], y, temperature, on)
+            out["lp_t"][sl], nonfinite_t = _token_logprobs(views[1], y, temperature, on)
         else:
             out["lp_t"][sl] = torch.where(on, inputs.lp_t[sl], 0.0)
         flags[sl] = (bad.int() * int(Flag.BAD_TOKEN) + nonfinite_s.int() * int(Flag.NONFINITE_STUDENT)
@@ -257,5 +270,7 @@ def rlsd_token_epilogue(out, flags, inputs, params):
                       ("is_weight", "is_weight"), ("kl", "kl")):
         out[key] = torch.where(active, terms[name], 0.0)
     flags &= int(ERRORS)
-    for name, bit in FLAG_TERMS:
-        flags |= (active & terms[name]).int() * int(bit)
+    # The bits are distinct powers of two: their sum over the terms is their OR.
+    hits = torch.stack([terms[name] for name, _ in FLAG_TERMS]) & active
+    bits = torch.tensor([int(bit) for _, bit in FLAG_TERMS], dtype=torch.int32, device=flags.device)
+    flags |= (hits.int() * bits[:, None]).sum(0, dtype=torch.int32)
