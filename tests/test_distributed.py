@@ -51,6 +51,7 @@ def _worker(rank, world, init):
                 run.linear_losses(aggs)
                 run.opsd_linear_losses(aggs)
                 run.logprobs()
+                run.large_logits()
                 run.bad_input()
         if world == 2:
             run.change_of_shard_sizes()
@@ -248,6 +249,42 @@ class Run:
         dh = s_h.grad.clone()
         dist.all_reduce(dh, group=self.group)
         assert_close(dh, h.grad, what=f"{what} dH (summed over ranks)", **tol)
+
+    def large_logits(self):
+        """Log-probs, entropy and every divergence at a logit offset of 10^4, within twice the error of
+        the same formulas over float32 ``log_softmax`` (plus a few ulps): the shards exchange their
+        references and log-sums, never a logsumexp of the logits' magnitude."""
+        import math
+
+        import rlsd_kernels
+
+        tokens = self.tokens[1:]
+        student, teacher = ((x[1:, :-1].double() + 1e4).float() for x in (self.student, self.teacher))
+        a32, b32 = (torch.log_softmax(x, -1) for x in (student, teacher))
+        a64, b64 = (torch.log_softmax(x.double(), -1) for x in (student, teacher))
+
+        def check(got, exact, f32, what):
+            bound = 2 * (f32.double() - exact).abs().max().item() + 4e-7 * exact.abs().max().item() + 1e-6
+            error = (got.double() - exact).abs().max().item()
+            assert error <= bound, f"{what} at offset 1e4: error {error:.1e} > {bound:.1e}"
+
+        lp, ent = rlsd_kernels.token_logprobs(self.shard(student), tokens, return_entropy=True,
+                                              process_group=self.group)
+        gather = lambda a: a.gather(-1, tokens[..., None]).squeeze(-1)  # noqa: E731
+        check(lp, gather(a64), gather(a32), "token_logprobs")
+        check(ent, -(a64.exp() * a64).sum(-1), -(a32.exp() * a32).sum(-1), "entropy")
+        for divergence in ("forward_kl", "reverse_kl", "jsd"):
+            def value(a, b, divergence=divergence):
+                if divergence == "forward_kl":
+                    return (b.exp() * (b - a)).sum(-1)
+                if divergence == "reverse_kl":
+                    return (a.exp() * (a - b)).sum(-1)
+                m = torch.logaddexp(a, b) - math.log(2.0)
+                return 0.5 * (b.exp() * (b - m)).sum(-1) + 0.5 * (a.exp() * (a - m)).sum(-1)
+
+            got = rlsd_kernels.opsd_loss(self.shard(student), self.shard(teacher), tokens, divergence=divergence,
+                                         loss_agg="none", process_group=self.group)
+            check(got, value(a64, b64), value(a32, b32), divergence)
 
     def logprobs(self):
         import rlsd_kernels

@@ -84,8 +84,10 @@ class _null:
 
 
 def test_partial_statistics_of_vocabulary_shards_combine(device, backend):
-    """Shards' base-2 statistics (logsumexp, the token's logit where it lives, the shard's entropy)
-    combine into the full row's log-prob and entropy; a shard of padding alone is no error."""
+    """Shards' statistics (reference, log-sum, the token's log-prob where it lives, the shard's
+    entropy) combine into the full row's log-prob, logsumexp and entropy; a shard of padding alone is
+    no error."""
+    from rlsd_kernels.forms.collectives import combine
     from rlsd_kernels.launch.logprobs import partial_stats
 
     vocab = 41
@@ -99,13 +101,10 @@ def test_partial_statistics_of_vocabulary_shards_combine(device, backend):
             stats, flags = partial_stats(logits[..., start:stop], tokens, start, 0.7, True)
             assert not flags.any()
             shards.append(stats)
-    stats = torch.stack(shards)  # [shards, 3, N]
-    lse2 = torch.logsumexp(stats[:, 0] * 0.6931471805599453, dim=0) * 1.4426950408889634
-    share = torch.exp2(stats[:, 0] - lse2)
-    lp = (stats[:, 1].max(0).values - lse2) * 0.6931471805599453
-    mixture = torch.where(share > 0, share * (stats[:, 2] - torch.log2(share)), 0.0).sum(0)
-    entropy = mixture * 0.6931471805599453
-    ref_lp, ref_entropy = reference.token_logprobs(logits.double(), tokens, temperature=0.7, return_entropy=True)
     on = tokens.reshape(-1) != -100
+    lp, lse, _, entropy, _ = combine(torch.stack(shards), on, 0.7)  # [shards, 4, N]
+    ref_lp, ref_entropy = reference.token_logprobs(logits.double(), tokens, temperature=0.7, return_entropy=True)
+    ref_lse = torch.logsumexp(logits.double() / 0.7, -1).reshape(-1)
     assert_close(lp[on], ref_lp.reshape(-1)[on], what="lp", **FP32)
+    assert_close(lse[on], ref_lse[on], what="lse", **FP32)
     assert_close(entropy[on], ref_entropy.reshape(-1)[on], what="entropy", **FP32)

@@ -6,6 +6,7 @@ rows' statistics, the same on every rank. Design notes and communication volumes
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -14,6 +15,7 @@ from ..flags import Flag
 from ..reference import IGNORE_INDEX
 
 LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634
 # A local id for tokens outside this rank's columns: matches none, and is not IGNORE_INDEX (which
 # would skip the row, whose columns still get -coef * p).
 ELSEWHERE = -1
@@ -85,52 +87,73 @@ def gather_stats(local_stats, local_vocab, device, group, validate):
     raise RuntimeError("the vocabulary shard sizes changed between two all-gathers of one call")
 
 
-def combine_lse(lse_r):
-    """The base-2 logsumexp of the whole rows from every shard's ``lse_r`` ``[W, N]``: -inf where
-    every shard's is, NaN where any is."""
-    top = lse_r.amax(0)
-    # All -inf: a reference of 0 keeps -inf - ref from being NaN; a NaN top stays NaN through the sum.
-    ref = torch.where(torch.isfinite(top), top, 0.0)
-    return ref + torch.log2(torch.exp2(lse_r - ref).sum(0))
+class Frame(NamedTuple):
+    """The whole rows' softmax in the frame of the largest shard reference ``ref`` (logits' units):
+    ``c`` the base-2 log-sum there, and ``shard`` every shard's log-sum moved into it (``[W, N]``),
+    so that ``shard - c`` is the base-2 log of each shard's share of the mass."""
+
+    ref: torch.Tensor
+    c: torch.Tensor
+    shard: torch.Tensor
+
+    def lse(self, temperature):
+        """The natural logsumexp of the scaled logits: one rounding of ``ref / tau`` (exact at 1)."""
+        return self.ref / temperature + self.c * LN2
 
 
-def combine(stats, active):
-    """``(lp, lse, lse2, entropy)`` of the whole vocabulary from every rank's base-2 statistics
-    ``stats`` ``[W, 1 to 3, N]`` (logsumexp, the token's logit, the shard's entropy): ``lp``,
-    ``lse`` and ``entropy`` in natural units and 0 at inactive tokens, as the unsharded launchers
-    give them; ``lse2`` unmasked, for the error checks; ``lp`` 0 without the second row, ``entropy``
-    None without the third."""
-    lse_r = stats[:, 0]
-    lse2 = combine_lse(lse_r)
-    lp = torch.zeros_like(lse2)
-    if stats.shape[1] > 1:
-        lp = torch.where(active, ((stats[:, 1].amax(0) - lse2) * LN2).clamp(max=0.0), 0.0)
-    entropy = None
+def combine_frame(ref_r, c_r, scale2):
+    """``Frame`` of the whole rows from every shard's ``[W, N]`` references (logits' units) and base-2
+    log-sums in their own frames. Only differences of references and log-sums are formed, never a
+    logsumexp of the logits' magnitude, so the log-probs that follow stay precise at any offset. The
+    log-sum is -inf where no shard has mass, NaN where any is NaN."""
+    has_mass = c_r > float("-inf")
+    ref = torch.where(has_mass, ref_r, float("-inf")).amax(0)
+    ref = torch.where(ref == float("-inf"), 0.0, ref)
+    shard = (ref_r - ref) * scale2 + c_r
+    top = shard.amax(0)
+    # All -inf: a reference of 0 keeps -inf - top from being NaN; a NaN top stays NaN through the sum.
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    return Frame(ref, top + torch.log2(torch.exp2(shard - top).sum(0)), shard)
+
+
+def combine(stats, active, temperature):
+    """``(lp, lse, lse_all, entropy, frame)`` of the whole vocabulary from every rank's statistics
+    ``stats`` ``[W, 2 to 4, N]`` (reference, base-2 log-sum, the token's base-2 log-prob, the shard's
+    entropy, each under the shard's own softmax): ``lp``, ``lse`` and ``entropy`` in natural units and
+    0 at inactive tokens, as the unsharded launchers give them; ``lse_all`` unmasked, for the error
+    checks; ``lp`` 0 without the third row, ``entropy`` None without the fourth."""
+    frame = combine_frame(stats[:, 0], stats[:, 1], LOG2E / temperature)
+    lse_all = frame.lse(temperature)
+    lp = torch.zeros_like(lse_all)
     if stats.shape[1] > 2:
-        share = torch.exp2(lse_r - lse2)
-        mixture = torch.where(share > 0, share * (stats[:, 2] - torch.log2(share)), 0.0).sum(0)
+        # The token's shard gives its log-prob; every other shard's is -inf.
+        lp = torch.where(active, (((stats[:, 2] + frame.shard).amax(0) - frame.c) * LN2).clamp(max=0.0), 0.0)
+    entropy = None
+    if stats.shape[1] > 3:
+        log_share = frame.shard - frame.c
+        share = torch.exp2(log_share)
+        mixture = torch.where(share > 0, share * (stats[:, 3] - log_share), 0.0).sum(0)
         entropy = torch.where(active, mixture * LN2, 0.0)
-    return lp, torch.where(active, lse2 * LN2, 0.0), lse2, entropy
+    return lp, torch.where(active, lse_all, 0.0), lse_all, entropy, frame
 
 
-def combine_kl(lse_p_r, lse_q_r, kl_r, lse_p, lse_q):
-    """``KL(P || Q)`` of the whole rows in nats, from every shard's base-2 logsumexps of P and Q
-    (``[W, N]``), its own ``KL(P_r || Q_r)`` between the shard's softmaxes (base 2) and the whole
-    rows' logsumexps ``lse_p``, ``lse_q``, by the chain rule over the shards: with the shares
-    ``p_r = exp2(lse_p_r - lse_p)`` and ``q_r`` alike, ``KL = sum_r p_r * (KL_r + log2 p_r - log2
+def combine_kl(p, q, kl_r):
+    """``KL(P || Q)`` of the whole rows in nats, from the ``Frame`` of each and every shard's own
+    ``KL(P_r || Q_r)`` between the shard's softmaxes (base 2), by the chain rule over the shards: with
+    the shares ``p_r`` and ``q_r`` of each shard's mass, ``KL = sum_r p_r * (KL_r + log2 p_r - log2
     q_r)``. A shard without P mass adds nothing; one with P mass and no Q mass makes the KL +inf;
     NaN stays NaN."""
-    log_p, log_q = lse_p_r - lse_p, lse_q_r - lse_q
+    log_p, log_q = p.shard - p.c, q.shard - q.c
     share = torch.exp2(log_p)
-    kl_r = torch.where(lse_q_r == float("-inf"), 0.0, kl_r)
+    kl_r = torch.where(q.shard == float("-inf"), 0.0, kl_r)
     return LN2 * torch.where(share == 0, 0.0, share * (kl_r + log_p - log_q)).sum(0)
 
 
-def error_flags(tokens, active, vocab, lse2_s, lse2_t=None):
+def error_flags(tokens, active, vocab, lse_s, lse_t=None):
     flags = (active & ((tokens < 0) | (tokens >= vocab))).int() * int(Flag.BAD_TOKEN)
-    flags |= (active & ~torch.isfinite(lse2_s)).int() * int(Flag.NONFINITE_STUDENT)
-    if lse2_t is not None:
-        flags |= (active & ~torch.isfinite(lse2_t)).int() * int(Flag.NONFINITE_TEACHER)
+    flags |= (active & ~torch.isfinite(lse_s)).int() * int(Flag.NONFINITE_STUDENT)
+    if lse_t is not None:
+        flags |= (active & ~torch.isfinite(lse_t)).int() * int(Flag.NONFINITE_TEACHER)
     return flags
 
 

@@ -50,7 +50,7 @@ class ShardedForm:
         # Only the tokens that count are scored: masked rows (with any id) cost nothing.
         scored = tokens.masked_fill(~live, IGNORE_INDEX)
         entropy = bool(options.want_entropy)
-        k = 3 if entropy else 2
+        k = 4 if entropy else 3
         teacher = getattr(self.inner, "teacher", None)
 
         def local(start):
@@ -60,19 +60,19 @@ class ShardedForm:
             parts = [self._stats(tensors, stats)]
             if teacher is not None:
                 parts.append(self._stats(tensors, lambda z, _, sl: partial_stats(
-                    z, scored[sl], start, options.temperature, False)[0][:2], "teacher"))
+                    z, scored[sl], start, options.temperature, False)[0][:3], "teacher"))
             return torch.cat(parts)
 
         stats, layout = gather_stats(local, self.vocab(tensors), tokens.device, self.group, validate)
         out = {key: common.empty(tokens.shape, dtype=torch.float32, device=tokens.device) for key in EPILOGUE_OUTPUTS}
-        out["lp_s"], out["lse"], lse2_s, ent = combine(stats[:, :k], live)
+        out["lp_s"], out["lse"], lse_s_all, ent, _ = combine(stats[:, :k], live, options.temperature)
         out["entropy"] = ent if entropy else torch.zeros_like(out["lse"])
-        lse2_t = None
+        lse_t_all = None
         if teacher is not None:
-            out["lp_t"], _, lse2_t, _ = combine(stats[:, k:], live)
+            out["lp_t"], _, lse_t_all, _, _ = combine(stats[:, k:], live, options.temperature)
         else:
             out["lp_t"] = torch.where(live, inputs.lp_t, 0.0)
-        flags = error_flags(tokens, live, layout.total, lse2_s, lse2_t)
+        flags = error_flags(tokens, live, layout.total, lse_s_all, lse_t_all)
         return out, flags, scored, layout
 
     def _distill_forward(self, loss, tensors, inputs, validate):
@@ -83,7 +83,7 @@ class ShardedForm:
         entropy = grpo and bool(options.want_entropy)
         teacher = getattr(self.inner, "teacher", None)
         names = stats_rows(code, need_lp, entropy, teacher is not None)
-        k_s = 1 + need_lp + entropy
+        k_s = 2 + need_lp + entropy
         # The rows of each model in ``stats`` ([W, k, N]), in combine's order.
         of_s, of_t = ([i for i, name in enumerate(names) if name.endswith(m)] for m in ("_s", "_t"))
 
@@ -96,35 +96,36 @@ class ShardedForm:
                 z, scored[sl], start, temperature, entropy)[0][:k_s])]
             if teacher is not None:
                 parts.append(self._stats(tensors, lambda z, _, sl: partial_stats(
-                    z, scored[sl], start, temperature, False)[0][:2], "teacher"))
+                    z, scored[sl], start, temperature, False)[0][:3], "teacher"))
             return torch.cat(parts)
 
         stats, layout = gather_stats(local, self.vocab(tensors), tokens.device, self.group, validate)
         zeros = torch.zeros_like(inputs.weight)
         out = {"entropy": zeros, "lse_t": zeros, "k": zeros}
-        out["lp_s"], out["lse"], lse2_s, ent = combine(stats[:, of_s], live)
+        out["lp_s"], out["lse"], lse_s_all, ent, frame_s = combine(stats[:, of_s], live, temperature)
         if entropy:
             out["entropy"] = ent
-        lse2_t = None
+        lse_t_all = None
         if teacher is not None:
-            out["lp_t"], out["lse_t"], lse2_t, _ = combine(stats[:, of_t], live)
+            out["lp_t"], out["lse_t"], lse_t_all, _, frame_t = combine(stats[:, of_t], live, temperature)
         else:
             out["lp_t"] = torch.where(live, inputs.lp_t, 0.0)
-        flags = error_flags(tokens, live, layout.total, lse2_s, lse2_t)
+        flags = error_flags(tokens, live, layout.total, lse_s_all, lse_t_all)
         if not need_lp:
             # The full-vocabulary divergences use the ids only as a mask, as the unsharded loss does.
             flags &= ~int(Flag.BAD_TOKEN)
         if code in (FORWARD_KL, REVERSE_KL):
-            lse_s_r, lse_t_r, kl_r = (stats[:, names.index(name)] for name in ("lse_s", "lse_t", "d"))
+            kl_r = stats[:, names.index("d")]
             if code == FORWARD_KL:
-                div = combine_kl(lse_t_r, lse_s_r, kl_r, lse2_t, lse2_s)
+                div = combine_kl(frame_t, frame_s, kl_r)
             else:
-                div = out["k"] = combine_kl(lse_s_r, lse_t_r, kl_r, lse2_s, lse2_t)
+                div = out["k"] = combine_kl(frame_s, frame_t, kl_r)
         elif code == JSD:
-            # log M needs both logsumexps of the whole rows: the second collective, a sum of every
-            # shard's two sums per token.
+            # log M needs both whole rows' softmaxes (their frames): the second collective, a sum of
+            # every shard's two sums per token.
             sums = self._stats(tensors, lambda zs, zt, sl: jsd_sums(
-                zs, zt, scored[sl], out["lse"][sl], out["lse_t"][sl], temperature, distill.beta), "pair")
+                zs, zt, scored[sl], (frame_s.ref[sl], frame_s.c[sl]), (frame_t.ref[sl], frame_t.c[sl]), temperature,
+                distill.beta), "pair")
             dist.all_reduce(sums, group=self.group)
             out["k"] = LN2 * sums[1]
             div = distill.beta * LN2 * sums[0] + (1.0 - distill.beta) * out["k"]
@@ -160,14 +161,14 @@ class ShardedForm:
 
     def logprobs_forward(self, tensors, tokens, temperature, entropy, validate):
         active = tokens != IGNORE_INDEX
-        k = 3 if entropy else 2
+        k = 4 if entropy else 3
         stats, layout = gather_stats(
             lambda start: self._stats(tensors, lambda z, _, sl: partial_stats(
                 z, tokens[sl], start, temperature, entropy)[0][:k]),
             self.vocab(tensors), tokens.device, self.group, validate)
-        lp, lse, lse2, ent = combine(stats, active)
+        lp, lse, lse_all, ent, _ = combine(stats, active, temperature)
         if validate:
-            common.raise_on_error_flags(error_flags(tokens, active, layout.total, lse2), tokens, layout.total,
+            common.raise_on_error_flags(error_flags(tokens, active, layout.total, lse_all), tokens, layout.total,
                                         self.names)
         self.tokens = local_tokens(tokens, layout)
         return lp, lse, ent if entropy else lp.new_empty(0)

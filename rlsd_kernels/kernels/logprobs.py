@@ -27,14 +27,15 @@ from .common import (
 @triton.jit
 def _logprobs_fwd_kernel(
     X, stride_xb, stride_xt,
-    tokens, lp_out, lse_out, entropy_out, flags_out,
+    tokens, lp_out, lse_out, entropy_out, ref_out, flags_out,
     n_rows, seqlen, V, vocab_start, scale2,
     ENTROPY: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Per row: the log-prob of the token (and the entropy). With ``PARTIAL`` the row is one shard of
-    the vocabulary, starting at id ``vocab_start``, and the outputs are the shard's statistics in
-    base 2: ``lse_out`` its logsumexp, ``lp_out`` the token's scaled logit (-inf outside the shard),
-    ``entropy_out`` the entropy of the shard's own softmax."""
+    the vocabulary, starting at id ``vocab_start``, and the outputs are the shard's statistics under
+    its own softmax, in its ``row_centre`` frame: ``ref_out`` the reference (logits' units),
+    ``lse_out`` the base-2 log of the sum there, ``lp_out`` the token's base-2 log-prob (-inf outside
+    the shard), ``entropy_out`` the entropy (base 2). ``ref_out`` is not written otherwise."""
     offs = tl.arange(0, BLOCK_V)
     n_blocks = tl.cdiv(V, BLOCK_V)
     # int64 rows: offsets into [N, V] pass 2**31 at real sizes.
@@ -70,8 +71,11 @@ def _logprobs_fwd_kernel(
         r, c = row_centre(ref, s, lse2, exact)
         zy = tl.load(x_row + tl.where(y_ok, y, 0), mask=active & y_ok, other=float("-inf")).to(tl.float32)
         if PARTIAL:
-            tl.store(lp_out + row, tl.where(active, zy * scale2, float("-inf")))
-            tl.store(lse_out + row, tl.where(active, lse2, float("-inf")))
+            # A logit of -inf (or a token in another shard) is a log-prob of -inf, never -inf - -inf.
+            lp2 = tl.where(zy == float("-inf"), float("-inf"), (zy - r) * scale2 - c)
+            tl.store(lp_out + row, tl.where(active, lp2, float("-inf")))
+            tl.store(lse_out + row, tl.where(active, c, float("-inf")))
+            tl.store(ref_out + row, tl.where(active, r, 0.0))
             if ENTROPY:
                 tl.store(entropy_out + row, tl.where(active & (s > 0.0), c - t / s, 0.0))
             # A shard may hold no finite logit (padding): only NaN and +inf are errors here.

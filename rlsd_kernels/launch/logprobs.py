@@ -22,26 +22,29 @@ def logprobs_fwd(logits, tokens, temperature, entropy):
     lp, lse = (common.empty((n,), dtype=torch.float32, device=device) for _ in range(2))
     ent = common.empty((n if entropy else 0,), dtype=torch.float32, device=device)
     flags = common.empty((n,), dtype=torch.int32, device=device)
-    _launch_fwd(rows, tokens, (lp, lse, ent), flags, 0, temperature, entropy, partial=False)
+    # The kernel writes its fourth output (a shard's reference) only for a shard.
+    _launch_fwd(rows, tokens, (lp, lse, ent, lse), flags, 0, temperature, entropy, partial=False)
     return lp, lse, ent, flags
 
 
 def partial_stats(logits, tokens, vocab_start, temperature, entropy):
     """Launcher for one vocabulary shard (ids ``vocab_start ..``): ``(stats, flags)`` with ``stats``
-    ``[3, N]`` float32 in base 2: the shard's logsumexp, the token's scaled logit (-inf when the
-    token is in another shard) and the entropy of the shard's own softmax (0 unless ``entropy``).
-    With ``share_r = exp2(lse_r - lse)`` the row's entropy is ``sum share_r * H_r - sum share_r *
-    log2(share_r)``: two non-negative sums, no cancellation (see ``forms/sharded.py``)."""
+    ``[4, N]`` float32 under the shard's own softmax: its reference (logits' units) and the base-2
+    log of its sum there (``kernels/common.py: row_centre``), the token's base-2 log-prob (-inf when
+    the token is in another shard) and the shard's entropy in base 2 (0 unless ``entropy``).
+    ``forms/collectives.py: combine`` puts every shard's together, in the frame of the largest
+    reference: no logsumexp of the logits' magnitude is ever subtracted."""
     rows = as_rows(logits, "logits")
     tokens = tokens.reshape(-1)
     if not use_triton(logits):
         return torch_rows.partial_stats(rows, tokens, vocab_start, temperature, entropy)
     n, device = rows.n, logits.device
-    stats = common.empty((3, n), dtype=torch.float32, device=device)
+    stats = common.empty((4, n), dtype=torch.float32, device=device)
     if not entropy:
-        stats[2].zero_()
+        stats[3].zero_()
     flags = common.empty((n,), dtype=torch.int32, device=device)
-    _launch_fwd(rows, tokens, (stats[1], stats[0], stats[2]), flags, vocab_start, temperature, entropy, partial=True)
+    _launch_fwd(rows, tokens, (stats[2], stats[1], stats[3], stats[0]), flags, vocab_start, temperature, entropy,
+                partial=True)
     return stats, flags
 
 

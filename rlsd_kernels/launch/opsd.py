@@ -164,16 +164,18 @@ def opsd_bwd(student, teacher, tokens, stats, coefs, temperature, opsd, out=None
 
 def partial_stats(student, teacher, tokens, vocab_start, temperature, code, need_lp, entropy):
     """Launcher for one vocabulary shard (ids ``vocab_start ..``) of the full-vocabulary divergences:
-    ``[k, N]`` float32 statistics in base 2 under the shard's own softmaxes, rows ``stats_rows(code,
-    need_lp, entropy)``: logsumexps, token logits (-inf outside the shard), the student's entropy,
-    and for the KLs the shard's own KL. Rows whose token is ``IGNORE_INDEX`` are not read."""
+    ``[k, N]`` float32 statistics under the shard's own softmaxes, rows ``stats_rows(code, need_lp,
+    entropy)``: each model's reference and base-2 log-sum, its token's base-2 log-prob (-inf outside
+    the shard), the student's entropy, and for the KLs the shard's own KL. Rows whose token is
+    ``IGNORE_INDEX`` are not read."""
     s_rows, t_rows = as_rows(student, "student_logits"), as_rows(teacher, "teacher_logits")
     tokens = tokens.reshape(-1)
     if not use_triton(student):
         return torch_opsd.partial_stats(s_rows, t_rows, tokens, vocab_start, temperature, code, need_lp, entropy)
     names = stats_rows(code, need_lp, entropy)
     stats = common.empty((len(names), s_rows.n), dtype=torch.float32, device=student.device)
-    rows = [stats[names.index(k)] if k in names else stats[0] for k in ("lse_s", "zy_s", "h_s", "lse_t", "zy_t", "d")]
+    rows = [stats[names.index(k)] if k in names else stats[0]
+            for k in ("r_s", "c_s", "lp_s", "h_s", "r_t", "c_t", "lp_t", "d")]
 
     def run(config, n_rows=s_rows.n):
         _opsd_stats_kernel[config.grid(n_rows, student.device)](
@@ -187,21 +189,21 @@ def partial_stats(student, teacher, tokens, vocab_start, temperature, code, need
     return stats
 
 
-def jsd_sums(student, teacher, tokens, lse, lse_t, temperature, beta):
+def jsd_sums(student, teacher, tokens, frame_s, frame_t, temperature, beta):
     """Launcher of the JSD's second sweep over one vocabulary shard: ``[2, N]`` float32, per row
     ``sum_v T_v (log2 T_v - log2 M_v)`` and ``sum_v S_v (log2 S_v - log2 M_v)`` over the shard's
-    columns, with ``log S``, ``log T`` under the whole rows' logsumexps ``lse``, ``lse_t`` (natural
-    units); 0 where the token is ``IGNORE_INDEX``."""
+    columns, with ``S`` and ``T`` the whole rows' softmaxes, each given by its frame ``(reference,
+    base-2 log-sum)`` (``collectives.combine``); 0 where the token is ``IGNORE_INDEX``."""
     s_rows, t_rows = as_rows(student, "student_logits"), as_rows(teacher, "teacher_logits")
     tokens = tokens.reshape(-1)
     if not use_triton(student):
-        return torch_opsd.jsd_sums(s_rows, t_rows, tokens, lse, lse_t, temperature, beta)
+        return torch_opsd.jsd_sums(s_rows, t_rows, tokens, frame_s, frame_t, temperature, beta)
     sums = common.empty((2, s_rows.n), dtype=torch.float32, device=student.device)
 
     def run(config, n_rows=s_rows.n):
         _jsd_sums_kernel[config.grid(n_rows, student.device)](
-            student, s_rows.stride_b, s_rows.stride_t, teacher, t_rows.stride_b, t_rows.stride_t, tokens, lse, lse_t,
-            sums[0], sums[1], n_rows, s_rows.seqlen, s_rows.vocab, LOG2E / temperature, beta,
+            student, s_rows.stride_b, s_rows.stride_t, teacher, t_rows.stride_b, t_rows.stride_t, tokens, *frame_s,
+            *frame_t, sums[0], sums[1], n_rows, s_rows.seqlen, s_rows.vocab, LOG2E / temperature, beta,
             BLOCK_V=config.block_v, num_warps=config.num_warps,
         )
 

@@ -164,38 +164,46 @@ def opsd_grad(s_rows, t_rows, tokens, out, c_lp, c_h, c_d, temperature, opsd, gr
 
 
 def stats_rows(code, need_lp, entropy, has_teacher=True):
-    """The rows of one vocabulary shard's base-2 statistics (``opsd.partial_stats``), in order: the
-    student's logsumexp, token logit and entropy, the teacher's logsumexp and token logit, and the
-    shard's own KL (forward or reverse); each only where it is needed."""
-    names = ("lse_s",) + (("zy_s",) if need_lp else ()) + (("h_s",) if entropy else ())
+    """The rows of one vocabulary shard's statistics (``opsd.partial_stats``), in order: the student's
+    reference and base-2 log-sum, token log-prob and entropy, the teacher's reference, log-sum and
+    token log-prob, and the shard's own KL (forward or reverse); each only where it is needed."""
+    names = ("r_s", "c_s") + (("lp_s",) if need_lp else ()) + (("h_s",) if entropy else ())
     if has_teacher:
-        names += ("lse_t",) + (("zy_t",) if need_lp else ())
+        names += ("r_t", "c_t") + (("lp_t",) if need_lp else ())
     return names + (("d",) if code in (FORWARD_KL, REVERSE_KL) else ())
+
+
+def _frame_log_probs(z, frame, on, temperature):
+    """Natural log-probs of rows of logits ``z`` under a softmax given by its frame ``(reference,
+    base-2 log-sum)``; inactive rows read as if both were 0."""
+    r, c = (torch.where(on, x, 0.0) for x in frame)
+    return (torch_rows._flat(z).float() - r[:, None]) / temperature - (c * _LN2)[:, None]
 
 
 def partial_stats(s_rows, t_rows, tokens, vocab_start, temperature, code, need_lp, entropy):
     """One vocabulary shard's statistics as ``opsd.partial_stats`` returns them: ``[k, N]`` float32."""
     s_stats, _ = torch_rows.partial_stats(s_rows, tokens, vocab_start, temperature, entropy)
     t_stats, _ = torch_rows.partial_stats(t_rows, tokens, vocab_start, temperature, False)
-    found = {"lse_s": s_stats[0], "zy_s": s_stats[1], "h_s": s_stats[2], "lse_t": t_stats[0], "zy_t": t_stats[1]}
+    found = {"r_s": s_stats[0], "c_s": s_stats[1], "lp_s": s_stats[2], "h_s": s_stats[3],
+             "r_t": t_stats[0], "c_t": t_stats[1], "lp_t": t_stats[2]}
     if code in (FORWARD_KL, REVERSE_KL):
         found["d"] = common.empty((s_rows.n,), dtype=torch.float32, device=s_rows.tensor.device)
         for sl, (zs, zt) in torch_rows._row_chunks(s_rows, s_rows.tensor, t_rows.tensor):
             on = tokens[sl] != reference.IGNORE_INDEX
-            lse_s, lse_t = (torch.where(on, x[sl], 0.0) * _LN2 for x in (s_stats[0], t_stats[0]))
-            a, b = (torch_rows._flat(z).float() / temperature - lse[:, None] for z, lse in ((zs, lse_s), (zt, lse_t)))
+            a = _frame_log_probs(zs, (s_stats[0, sl], s_stats[1, sl]), on, temperature)
+            b = _frame_log_probs(zt, (t_stats[0, sl], t_stats[1, sl]), on, temperature)
             d, _ = divergence(a, b, code, 0.5)
             found["d"][sl] = torch.where(on, d * _LOG2E, 0.0)
     return torch.stack([found[k] for k in stats_rows(code, need_lp, entropy)])
 
 
-def jsd_sums(s_rows, t_rows, tokens, lse_s, lse_t, temperature, beta):
+def jsd_sums(s_rows, t_rows, tokens, frame_s, frame_t, temperature, beta):
     """The JSD's two sums of one shard in base 2, as ``opsd.jsd_sums`` returns them: ``[2, N]``."""
     sums = common.empty((2, s_rows.n), dtype=torch.float32, device=s_rows.tensor.device)
     for sl, (zs, zt) in torch_rows._row_chunks(s_rows, s_rows.tensor, t_rows.tensor):
         on = tokens[sl] != reference.IGNORE_INDEX
-        a = torch_rows._flat(zs).float() / temperature - torch.where(on, lse_s[sl], 0.0)[:, None]
-        b = torch_rows._flat(zt).float() / temperature - torch.where(on, lse_t[sl], 0.0)[:, None]
+        a = _frame_log_probs(zs, (frame_s[0][sl], frame_s[1][sl]), on, temperature)
+        b = _frame_log_probs(zt, (frame_t[0][sl], frame_t[1][sl]), on, temperature)
         log_m = _mixture(a, b, beta)
         s, t = a.exp(), b.exp()
         sums[0, sl] = torch.where(on, torch.where(t == 0, 0.0, t * (b - log_m)).sum(-1) * _LOG2E, 0.0)

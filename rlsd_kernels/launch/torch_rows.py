@@ -153,27 +153,36 @@ def logprobs_fwd(rows: Rows, tokens, temperature, want_entropy):
 
 
 def partial_stats(rows: Rows, tokens, vocab_start, temperature, want_entropy):
-    """``(stats, flags)`` of one vocabulary shard, as ``logprobs.partial_stats`` returns them."""
+    """``(stats, flags)`` of one vocabulary shard, as ``logprobs.partial_stats`` returns them (the
+    reference is the row's maximum here, its first block's there: the frames differ, not the values
+    they give)."""
     n, device = rows.n, rows.tensor.device
-    stats = common.empty((3, n), dtype=torch.float32, device=device)
+    stats = common.empty((4, n), dtype=torch.float32, device=device)
     flags = common.empty((n,), dtype=torch.int32, device=device)
-    log2e = 1.4426950408889634
+    scale2 = 1.4426950408889634 / temperature
     for sl, (chunk,) in _row_chunks(rows, rows.tensor):
         y = tokens[sl]
         active = y != reference.IGNORE_INDEX
         local = y - vocab_start
         in_shard = active & (local >= 0) & (local < rows.vocab)
-        z2 = _flat(chunk).float() * (log2e / temperature)
-        lse2 = torch.logsumexp(z2 / log2e, dim=-1) * log2e
-        # As in the kernels, a +inf logit makes the shard's logsumexp NaN.
-        lse2 = torch.where(lse2 == float("inf"), float("nan"), lse2)
-        target = z2.gather(1, torch.where(in_shard, local, 0).long()[:, None]).squeeze(1)
-        stats[1, sl] = torch.where(in_shard, target, float("-inf"))
-        stats[0, sl] = torch.where(active, lse2, float("-inf"))
-        p = torch.exp2(z2 - lse2[:, None])
-        shard_entropy = torch.where(p > 0, p * (lse2[:, None] - z2), 0.0).sum(-1)
-        stats[2, sl] = torch.where(active & (lse2 > float("-inf")), shard_entropy, 0.0) if want_entropy else 0.0
-        flags[sl] = (active & torch.isnan(lse2)).int() * int(Flag.NONFINITE_STUDENT)
+        x = _flat(chunk).float()
+        r = x.amax(-1)
+        # A shard without a finite logit takes 0 as its reference (its log-sum is -inf); a +inf logit
+        # makes the sum NaN, as in the kernels.
+        r = torch.where(r == float("-inf"), 0.0, r)
+        d = (x - r[:, None]) * scale2
+        e = torch.exp2(d)
+        total = e.sum(-1)
+        c = torch.log2(total)
+        lse2 = r * scale2 + c
+        xy = x.gather(1, torch.where(in_shard, local, 0).long()[:, None]).squeeze(1)
+        lp = torch.where(xy == float("-inf"), float("-inf"), (xy - r) * scale2 - c)
+        stats[0, sl] = torch.where(active, r, 0.0)
+        stats[1, sl] = torch.where(active, c, float("-inf"))
+        stats[2, sl] = torch.where(in_shard, lp, float("-inf"))
+        shard_entropy = c - torch.where(e > 0, e * d, 0.0).sum(-1) / total
+        stats[3, sl] = torch.where(active & (total > 0), shard_entropy, 0.0) if want_entropy else 0.0
+        flags[sl] = (active & (torch.isnan(lse2) | (lse2 == float("inf")))).int() * int(Flag.NONFINITE_STUDENT)
     return stats, flags
 
 
