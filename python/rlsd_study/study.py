@@ -127,13 +127,14 @@ def rl_job(cfg: StudyConfig, task: str, method_spec: str, seed: int, progress=No
 
         rollout = VLLMRollout(model, seed=seed, workdir=os.path.join(cfg.out, "vllm_model"))
     bar = _QueueBar(progress) if progress is not None else None
+    log = (lambda s: _put(progress, ("log", f"{task}: {s}"))) if progress is not None else None
     t0 = time.perf_counter()
     if cfg.trainer == "trl":
         from .trl_trainer import train_trl
 
-        rows = train_trl(model, tok, split, method, cfg.rl, seed=seed, progress=bar)
+        rows = train_trl(model, tok, split, method, cfg.rl, seed=seed, progress=bar, log=log)
     else:
-        rows = train(model, tok, split, method, cfg.rl, seed=seed, rollout=rollout, progress=bar)
+        rows = train(model, tok, split, method, cfg.rl, seed=seed, rollout=rollout, progress=bar, log=log)
     wall = time.perf_counter() - t0
     path = _run_path(cfg, task, method_spec, seed)
     method_spec = "trl-" + method_spec if cfg.trainer == "trl" else method_spec
