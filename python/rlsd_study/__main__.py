@@ -36,7 +36,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m python.rlsd_study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    p.add_argument("--tasks", help="comma-separated task families: add3, chain")
+    p.add_argument("--tasks", help="comma-separated task families: add3, chain, fib")
     p.add_argument("--methods", help=f"comma-separated methods ({', '.join(BASES)}; options as rlsd:lam=1:eps_w=0.8)")
     p.add_argument("--seeds", type=int, help="number of seeds per method")
     p.add_argument("--first-seed", type=int, help="the first seed (seeds are consecutive)")
@@ -48,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--teacher-every", type=int, help="steps between teacher snapshot refreshes (official 20)")
     p.add_argument("--eval-every", type=int, help="steps between held-out evaluations")
     p.add_argument("--num-eval", type=int, help="held-out problems per evaluation (greedy)")
-    p.add_argument("--chain-steps", type=int, help="applications of the map in the chain task")
+    p.add_argument("--chain-steps", type=int, help="worked steps of the chain and fib tasks")
     p.add_argument("--num-train", type=int, help="training problems (add3)")
     p.add_argument("--num-test", type=int, help="held-out problems")
     p.add_argument("--warm-target", type=float, help="sampled held-out accuracy at which the warm start stops")

@@ -212,7 +212,7 @@ def _drain(q, bar, count_steps):
 
 
 def run_study(cfg: StudyConfig, warm_only: bool = False):
-    """Warm starts, then the RL runs (longest task first); returns the CSV paths and warm-start summaries."""
+    """Warm starts, then the RL runs (long tasks first); returns the CSV paths and warm-start summaries."""
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, f"config-{'-'.join(cfg.tasks)}.json"), "w") as f:
         json.dump(asdict(cfg), f, indent=1, default=str)
@@ -224,7 +224,7 @@ def run_study(cfg: StudyConfig, warm_only: bool = False):
         return [], warm
     # Method by method in the order given, every seed of one before the next: a study cut short keeps
     # whole methods. Runs whose CSV exists are kept, so a study resumes where it stopped.
-    jobs = [(t, m, s) for t in sorted(cfg.tasks, key=lambda t: t != "chain") for m in cfg.methods for s in cfg.seeds
+    jobs = [(t, m, s) for t in sorted(cfg.tasks, key=lambda t: t == "add3") for m in cfg.methods for s in cfg.seeds
             if not os.path.exists(_run_path(cfg, t, m, s))]
     paths = _pool_run(cfg, rl_job, jobs, "RL", len(jobs) * cfg.rl.steps)
     return paths, warm
