@@ -80,7 +80,25 @@ def test_chain_solution_and_verifier():
         tasks.make_task("sudoku")
 
 
-@pytest.mark.parametrize("name", ["add3", "chain"])
+def test_fib_solution_and_verifier():
+    task = tasks.make_task("fib", steps=13)
+    everything = task.all_problems()
+    assert len(everything) == len({p.question for p in everything}) == 1000
+    for p in everything[::37]:
+        assert len(p.solution) + 1 == 13 * 8 + 3 >= 100
+        ab, c = p.question.rstrip("=").split("+")
+        a, b, c = int(ab[0]), int(ab[1]), int(c)
+        for _ in range(13):
+            a, b = b, (a + b + c) % 10
+        assert p.answer == str(b)
+        assert p.solution.startswith(f"{ab[0]}+{ab[1]}+{c}=")
+        assert tasks.verify(p, p.solution)
+        assert not tasks.verify(p, p.solution[:-1] + str((b + 1) % 10))
+    with pytest.raises(ValueError, match="steps"):
+        tasks.make_task("fib", steps=0)
+
+
+@pytest.mark.parametrize("name", ["add3", "chain", "fib"])
 def test_split_is_disjoint_and_fixed(name):
     task = tasks.make_task(name)
     a = tasks.make_split(task, 300, 50)

@@ -32,8 +32,12 @@ def sft_loss(model, tok, problems) -> torch.Tensor:
 
 
 def warm_start(model, tok, split, *, target: float, max_steps: int, batch: int = 64, lr: float = 3e-3,
-               check_every: int = 50, num_check: int = 128, temperature: float = 1.0, seed: int = 0, log=print):
+               lr_end: float | None = None, check_every: int = 50, num_check: int = 128, temperature: float = 1.0,
+               seed: int = 0, log=print):
     """Trains until the sampled accuracy on ``num_check`` held-out problems reaches ``target``.
+
+    The learning rate is ``lr`` throughout, or with ``lr_end`` goes linearly from ``lr`` to ``lr_end``
+    over ``max_steps`` (a constant rate can stall a long task on a plateau of loss spikes).
 
     Returns a dict: steps, seconds, sampled and greedy held-out accuracy, and the teacher
     context's greedy accuracy (how well the model reads the reference).
@@ -46,6 +50,9 @@ def warm_start(model, tok, split, *, target: float, max_steps: int, batch: int =
     step, sampled = 0, 0.0
     model.train()
     while step < max_steps:
+        if lr_end is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr + (lr_end - lr) * step / max_steps
         loss = sft_loss(model, tok, rng.sample(split.train, batch))
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -30,6 +30,7 @@ class StudyConfig:
     warm_target: float = 0.3
     warm_max_steps: int = 1500
     warm_lr: float = 1e-3
+    warm_lr_end: float | None = None
     warm_per_seed: bool = False
     hidden: int = 128
     layers: int = 2
@@ -84,6 +85,7 @@ def warm_job(cfg: StudyConfig, task: str, seed: int, progress=None) -> dict:
     split, tok, config = _setup(cfg, task)
     model = make_model(config, seed=seed if cfg.warm_per_seed else 0)
     info = warm_start(model, tok, split, target=cfg.warm_target, max_steps=cfg.warm_max_steps, lr=cfg.warm_lr,
+                      lr_end=cfg.warm_lr_end,
                       temperature=cfg.rl.temperature, seed=seed if cfg.warm_per_seed else 0,
                       log=lambda s: _put(progress, ("log", f"{task}: {s}")))
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -127,13 +129,14 @@ def rl_job(cfg: StudyConfig, task: str, method_spec: str, seed: int, progress=No
 
         rollout = VLLMRollout(model, seed=seed, workdir=os.path.join(cfg.out, "vllm_model"))
     bar = _QueueBar(progress) if progress is not None else None
+    log = (lambda s: _put(progress, ("log", f"{task}: {s}"))) if progress is not None else None
     t0 = time.perf_counter()
     if cfg.trainer == "trl":
         from .trl_trainer import train_trl
 
-        rows = train_trl(model, tok, split, method, cfg.rl, seed=seed, progress=bar)
+        rows = train_trl(model, tok, split, method, cfg.rl, seed=seed, progress=bar, log=log)
     else:
-        rows = train(model, tok, split, method, cfg.rl, seed=seed, rollout=rollout, progress=bar)
+        rows = train(model, tok, split, method, cfg.rl, seed=seed, rollout=rollout, progress=bar, log=log)
     wall = time.perf_counter() - t0
     path = _run_path(cfg, task, method_spec, seed)
     method_spec = "trl-" + method_spec if cfg.trainer == "trl" else method_spec
@@ -211,7 +214,7 @@ def _drain(q, bar, count_steps):
 
 
 def run_study(cfg: StudyConfig, warm_only: bool = False):
-    """Warm starts, then the RL runs (longest task first); returns the CSV paths and warm-start summaries."""
+    """Warm starts, then the RL runs (long tasks first); returns the CSV paths and warm-start summaries."""
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, f"config-{'-'.join(cfg.tasks)}.json"), "w") as f:
         json.dump(asdict(cfg), f, indent=1, default=str)
@@ -223,7 +226,7 @@ def run_study(cfg: StudyConfig, warm_only: bool = False):
         return [], warm
     # Method by method in the order given, every seed of one before the next: a study cut short keeps
     # whole methods. Runs whose CSV exists are kept, so a study resumes where it stopped.
-    jobs = [(t, m, s) for t in sorted(cfg.tasks, key=lambda t: t != "chain") for m in cfg.methods for s in cfg.seeds
+    jobs = [(t, m, s) for t in sorted(cfg.tasks, key=lambda t: t == "add3") for m in cfg.methods for s in cfg.seeds
             if not os.path.exists(_run_path(cfg, t, m, s))]
     paths = _pool_run(cfg, rl_job, jobs, "RL", len(jobs) * cfg.rl.steps)
     return paths, warm

@@ -8,6 +8,9 @@ rewards: the worked steps are how the model gets there, not what is graded.
 - ``chain``: a start digit and an affine map modulo 10 applied ``steps`` times, solved step by step
   (``steps * 8 + 3`` response tokens, 107 by default): one slip early in the chain dooms the final
   answer, so credit assignment over a long response matters.
+- ``fib``: two start digits and a constant, ``x[k+1] = (x[k-1] + x[k] + c) mod 10`` solved term by
+  term (``steps * 8 + 3`` response tokens, 107 by default): as long as ``chain``, but every step is
+  a new computation.
 """
 
 from __future__ import annotations
@@ -94,7 +97,41 @@ class Chain:
         return Problem(f"{start}:*{m}+{c}=", "".join(worked) + ">" + str(x), str(x))
 
 
-FAMILIES = {"add3": Add3, "chain": Chain}
+class Fib:
+    """``37+5=`` -> ``3+7+5=5;7+5+5=7;...>d``: the recurrence ``x[k+1] = (x[k-1] + x[k] + c) mod 10`` from
+    the two start digits, ``steps`` times, one worked step per term (8 tokens each).
+
+    Unlike ``chain`` (whose affine maps fall into cycles of a few digits within two or three steps,
+    so most of a response repeats what it already wrote), every step is a new sum of three digits,
+    and every one of the 1000 sums occurs in many training problems: a held-out problem is a new
+    start of facts seen in training, and a slip at any step dooms the final answer.
+    """
+
+    name = "fib"
+
+    def __init__(self, steps: int = 13, **_):
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        self.steps = steps
+
+    def sample(self, rng: random.Random) -> Problem:
+        return self.make(rng.randrange(10), rng.randrange(10), rng.randrange(10), self.steps)
+
+    def all_problems(self) -> list[Problem]:
+        """The whole space: 10 x 10 start pairs x 10 constants."""
+        return [self.make(a, b, c, self.steps) for a in range(10) for b in range(10) for c in range(10)]
+
+    @staticmethod
+    def make(a: int, b: int, c: int, steps: int) -> Problem:
+        worked = []
+        for _ in range(steps):
+            y = (a + b + c) % 10
+            worked.append(f"{a}+{b}+{c}={y};")
+            a, b = b, y
+        return Problem(f"{worked[0][0]}{worked[0][2]}+{c}=", "".join(worked) + ">" + str(b), str(b))
+
+
+FAMILIES = {"add3": Add3, "chain": Chain, "fib": Fib}
 
 
 def make_task(name: str, **options):

@@ -81,7 +81,10 @@ def train(policy, tok, split, method: Method, cfg: RLConfig, *, seed: int, rollo
         rows.append({**scores, **means, **{k: v / done for k, v in totals.items()}})
         window.clear()
         if log:
-            log(f"{method.label} seed {seed} step {step}: accuracy {acc:.3f}")
+            row = rows[-1]
+            log(f"{method.label} seed {seed} step {step}: accuracy {acc:.3f}, sampled "
+                f"{row.get('sampled_accuracy', float('nan')):.3f}, reward {row.get('reward', float('nan')):.3f}, "
+                f"all-equal groups {row.get('zero_adv_groups', float('nan')):.2f}")
 
     evaluate(0)
     for step in range(cfg.steps):
