@@ -130,6 +130,24 @@ def _loss_and_grads(t, inputs, fn):
     return loss.detach(), [p.grad.clone() for p in t.model.parameters()]
 
 
+@pytest.mark.parametrize("lam_options, passes", [(dict(lam=0.0), 0), (dict(lam_decay_steps=2), 1)])
+def test_no_teacher_pass_once_lam_is_zero(tmp_path, monkeypatch, lam_options, passes):
+    """The teacher scores a generation batch only if a step it serves has lam > 0: never at a fixed
+    lam = 0, and only for the first step when the schedule reaches 0 at step 2. Those steps train
+    as GRPO and log no credit metrics."""
+    import rlsd_kernels.integrations.trl as rlsd_trl
+
+    calls = []
+    score = rlsd_trl.teacher_logprobs
+    monkeypatch.setattr(rlsd_trl, "teacher_logprobs", lambda *a, **k: calls.append(1) or score(*a, **k))
+    t = trainer(tmp_path, **lam_options)
+    t.train()
+    assert len(calls) == passes
+    logged = [h for h in t.state.log_history if "loss" in h]
+    assert len(logged) == 3 and all(math.isfinite(h["loss"]) for h in logged)
+    assert [("rlsd/credit_weight_mean" in h) for h in logged] == [True] * passes + [False] * (3 - passes)
+
+
 @pytest.mark.parametrize("loss_type", SUPPORTED_LOSS_TYPES)
 def test_lam_zero_equals_trl_loss(tmp_path, loss_type):
     extra = {"importance_sampling_level": "sequence"} if loss_type == "luspo" else {}

@@ -169,6 +169,19 @@ class RLSDTrainer(GRPOTrainer):
         return rlsd_kernels.lam_schedule(self.state.global_step + 1, start=a.lam_start, end=a.lam_end,
                                          decay_steps=a.lam_decay_steps, warmup_steps=a.lam_warmup_steps)
 
+    def teacher_needed(self) -> bool:
+        """Whether any optimizer step this generation batch can serve has ``lam > 0``. Otherwise the
+        loss is GRPO's and the teacher pass is skipped: the official schedule reaches 0 at its decay
+        step (60) and stays there. The same on every process (it depends on the step alone)."""
+        a = self.args
+        if a.lam is not None:
+            return float(a.lam) != 0.0
+        first = self.state.global_step + 1
+        span = max(1, a.steps_per_generation * self.num_iterations)
+        return any(rlsd_kernels.lam_schedule(step, start=a.lam_start, end=a.lam_end, decay_steps=a.lam_decay_steps,
+                                             warmup_steps=a.lam_warmup_steps) != 0.0
+                   for step in range(first, first + span))
+
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
         column = self.args.context_column
@@ -178,6 +191,9 @@ class RLSDTrainer(GRPOTrainer):
         completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
         if len(inputs) != completion_ids.shape[0]:
             raise ValueError(f"{len(inputs)} examples for {completion_ids.shape[0]} completions")
+        if not self.teacher_needed():
+            output["teacher_per_token_logps"] = None
+            return output
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         template_kwargs = dict(self.chat_template_kwargs)
         if self.chat_template is not None:
@@ -273,9 +289,11 @@ class RLSDTrainer(GRPOTrainer):
 
         logged = self._metrics[mode]
         logged["rlsd/lam"].append(lam)
+        # The credit metrics are left out of steps without a teacher (lam = 0 throughout).
         for name in ("credit_weight_mean", "credit_clip_low_frac", "credit_clip_high_frac", "delta_mean",
                      "dual_clip_frac"):
-            logged[f"rlsd/{name}"].append(mean(metrics[name]))
+            if name in metrics:
+                logged[f"rlsd/{name}"].append(mean(metrics[name]))
         low, high = mean(metrics["ppo_clip_low_frac"]), mean(metrics["ppo_clip_high_frac"])
         logged["clip_ratio/low_mean"].append(low)
         logged["clip_ratio/high_mean"].append(high)
