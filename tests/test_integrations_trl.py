@@ -166,6 +166,9 @@ def test_lam_zero_equals_trl_loss(tmp_path, loss_type):
         torch.testing.assert_close(a, b, **TRAINER_GRAD)
     if loss_type not in ("cispo", "sapo"):  # no clip binds there
         assert t._metrics["train"]["clip_ratio/region_mean"][-1] > 0
+    # At lam = 0 no teacher scored the batch; with one, lam = 1 changes the loss.
+    assert inputs["teacher_per_token_logps"] is None
+    inputs["teacher_per_token_logps"] = inputs["old_per_token_logps"] - 0.3
     t.args.lam = 1.0
     assert not torch.allclose(t.compute_loss(t.model, inputs), theirs, rtol=1e-3)
 
