@@ -60,14 +60,15 @@ def _scaled(chunk, temperature):
 
 
 class RowSoftmax(NamedTuple):
-    """A chunk's softmax rows: the scaled logits centred on their rows' maxima (``shifted``), their
-    exponentials and the rows' sums and log-sums; or, from a stored logsumexp, the log-probs alone
-    (``shifted``, the rest None)."""
+    """A chunk's softmax rows: the logits centred on their rows' maxima ``ref`` (logits' units) and
+    divided by the temperature (``shifted``), their exponentials and the rows' sums and log-sums; or,
+    from a stored logsumexp, the log-probs alone (``shifted``, the rest None)."""
 
     shifted: torch.Tensor
     e: torch.Tensor | None = None
     total: torch.Tensor | None = None
     log_total: torch.Tensor | None = None
+    ref: torch.Tensor | None = None
 
     def log_probs(self):
         return self.shifted if self.log_total is None else self.shifted - self.log_total[..., None]
@@ -83,20 +84,22 @@ def _stats(chunk, y, temperature, active, want_entropy=False):
     """``RowSoftmax`` of a chunk of rows (``[C, V]``, or a ``[b, T, V]`` view read in place), then flat
     ``[C]`` logsumexp, log-prob, entropy and error masks; ``y`` and ``active`` are flat.
 
-    Log-probs come from ``z - m`` with the row's maximum ``m`` (as the kernels do), not from
-    ``z - lse``: their error does not grow with the logits' magnitude."""
-    z = _scaled(chunk, temperature)
-    y, active = y.view(z.shape[:-1]), active.view(z.shape[:-1])
-    m = z.amax(-1)
+    Log-probs come from ``(x - m) / tau`` with the row's maximum ``m`` (as the kernels centre), not
+    from ``x / tau - lse``: their error does not grow with the logits' magnitude."""
+    x = chunk.float()
+    y, active = y.view(x.shape[:-1]), active.view(x.shape[:-1])
+    m = x.amax(-1)
     # A row without a finite logit takes 0 as its reference; a +inf logit makes its sums NaN, as in
     # the kernels' online logsumexp.
     m = torch.where(m == float("-inf"), 0.0, m)
-    shifted = z - m[..., None]
+    shifted = x - m[..., None]
+    if temperature != 1:
+        shifted /= temperature
     e = shifted.exp()
     total = e.sum(-1)
     log_s = total.log()
-    lse = m + log_s
-    ok = (y >= 0) & (y < z.shape[-1])
+    lse = (m if temperature == 1 else m / temperature) + log_s
+    ok = (y >= 0) & (y < x.shape[-1])
     gathered = shifted.gather(-1, torch.where(ok, y, 0).long()[..., None]).squeeze(-1)
     zy = torch.where(active & ok, gathered, float("-inf"))
     lp = torch.where(active, (zy - log_s).clamp(max=0.0), 0.0)
@@ -107,7 +110,7 @@ def _stats(chunk, y, temperature, active, want_entropy=False):
         entropy = torch.where(active, -plogp.sum(-1) / total, 0.0).reshape(-1)
     flat = (torch.where(active, lse, 0.0), lp, active & ~ok, active & ~torch.isfinite(lse))
     lse, lp, bad, nonfinite = (x.reshape(-1) for x in flat)
-    return RowSoftmax(shifted, e, total, log_s), lse, lp, entropy, bad, nonfinite
+    return RowSoftmax(shifted, e, total, log_s, m.reshape(-1)), lse, lp, entropy, bad, nonfinite
 
 
 def _token_logprobs(chunk, y, temperature, active):
@@ -153,36 +156,28 @@ def logprobs_fwd(rows: Rows, tokens, temperature, want_entropy):
 
 
 def partial_stats(rows: Rows, tokens, vocab_start, temperature, want_entropy):
-    """``(stats, flags)`` of one vocabulary shard, as ``logprobs.partial_stats`` returns them (the
-    reference is the row's maximum here, its first block's there: the frames differ, not the values
-    they give)."""
+    """``(stats, flags)`` of one vocabulary shard, as ``logprobs.partial_stats`` returns them, from
+    ``_stats`` (the reference is the row's maximum here, its first block's there: the frames differ,
+    not the values they give)."""
     n, device = rows.n, rows.tensor.device
     stats = common.empty((4, n), dtype=torch.float32, device=device)
     flags = common.empty((n,), dtype=torch.int32, device=device)
-    scale2 = 1.4426950408889634 / temperature
+    log2e = 1.4426950408889634
     for sl, (chunk,) in _row_chunks(rows, rows.tensor):
         y = tokens[sl]
         active = y != reference.IGNORE_INDEX
         local = y - vocab_start
         in_shard = active & (local >= 0) & (local < rows.vocab)
-        x = _flat(chunk).float()
-        r = x.amax(-1)
-        # A shard without a finite logit takes 0 as its reference (its log-sum is -inf); a +inf logit
-        # makes the sum NaN, as in the kernels.
-        r = torch.where(r == float("-inf"), 0.0, r)
-        d = (x - r[:, None]) * scale2
-        e = torch.exp2(d)
-        total = e.sum(-1)
-        c = torch.log2(total)
-        lse2 = r * scale2 + c
-        xy = x.gather(1, torch.where(in_shard, local, 0).long()[:, None]).squeeze(1)
-        lp = torch.where(xy == float("-inf"), float("-inf"), (xy - r) * scale2 - c)
-        stats[0, sl] = torch.where(active, r, 0.0)
-        stats[1, sl] = torch.where(active, c, float("-inf"))
-        stats[2, sl] = torch.where(in_shard, lp, float("-inf"))
-        shard_entropy = c - torch.where(e > 0, e * d, 0.0).sum(-1) / total
-        stats[3, sl] = torch.where(active & (total > 0), shard_entropy, 0.0) if want_entropy else 0.0
-        flags[sl] = (active & (torch.isnan(lse2) | (lse2 == float("inf")))).int() * int(Flag.NONFINITE_STUDENT)
+        soft, lse, lp, entropy, _, _ = _stats(_flat(chunk), torch.where(in_shard, local, -1), temperature, active,
+                                              want_entropy)
+        total = soft.total.reshape(-1)
+        stats[0, sl] = torch.where(active, soft.ref, 0.0)
+        stats[1, sl] = torch.where(active, soft.log_total.reshape(-1) * log2e, float("-inf"))
+        # A shard without a finite logit gives its tokens a log-prob of -inf, never -inf - -inf.
+        stats[2, sl] = torch.where(in_shard & (total != 0), lp * log2e, float("-inf"))
+        stats[3, sl] = torch.where(active & (total > 0), entropy * log2e, 0.0) if want_entropy else 0.0
+        # A shard may hold no finite logit (padding): only NaN and +inf are errors here.
+        flags[sl] = (active & (torch.isnan(lse) | (lse == float("inf")))).int() * int(Flag.NONFINITE_STUDENT)
     return stats, flags
 
 
