@@ -252,39 +252,28 @@ class Run:
 
     def large_logits(self):
         """Log-probs, entropy and every divergence at a logit offset of 10^4, within twice the error of
-        the same formulas over float32 ``log_softmax`` (plus a few ulps): the shards exchange their
-        references and log-sums, never a logsumexp of the logits' magnitude."""
-        import math
-
+        the float32 reference (``log_softmax``; plus a few ulps): the shards exchange their references
+        and log-sums, never a logsumexp of the logits' magnitude."""
         import rlsd_kernels
+        from rlsd_kernels import reference
 
         tokens = self.tokens[1:]
         student, teacher = ((x[1:, :-1].double() + 1e4).float() for x in (self.student, self.teacher))
-        a32, b32 = (torch.log_softmax(x, -1) for x in (student, teacher))
-        a64, b64 = (torch.log_softmax(x.double(), -1) for x in (student, teacher))
 
-        def check(got, exact, f32, what):
+        def check(got, of, what):
+            exact, f32 = of(student.double(), teacher.double()), of(student, teacher)
             bound = 2 * (f32.double() - exact).abs().max().item() + 4e-7 * exact.abs().max().item() + 1e-6
             error = (got.double() - exact).abs().max().item()
             assert error <= bound, f"{what} at offset 1e4: error {error:.1e} > {bound:.1e}"
 
         lp, ent = rlsd_kernels.token_logprobs(self.shard(student), tokens, return_entropy=True,
                                               process_group=self.group)
-        gather = lambda a: a.gather(-1, tokens[..., None]).squeeze(-1)  # noqa: E731
-        check(lp, gather(a64), gather(a32), "token_logprobs")
-        check(ent, -(a64.exp() * a64).sum(-1), -(a32.exp() * a32).sum(-1), "entropy")
+        check(lp, lambda s, _: reference.token_logprobs(s, tokens), "token_logprobs")
+        check(ent, lambda s, _: reference.token_logprobs(s, tokens, return_entropy=True)[1], "entropy")
         for divergence in ("forward_kl", "reverse_kl", "jsd"):
-            def value(a, b, divergence=divergence):
-                if divergence == "forward_kl":
-                    return (b.exp() * (b - a)).sum(-1)
-                if divergence == "reverse_kl":
-                    return (a.exp() * (a - b)).sum(-1)
-                m = torch.logaddexp(a, b) - math.log(2.0)
-                return 0.5 * (b.exp() * (b - m)).sum(-1) + 0.5 * (a.exp() * (a - m)).sum(-1)
-
             got = rlsd_kernels.opsd_loss(self.shard(student), self.shard(teacher), tokens, divergence=divergence,
                                          loss_agg="none", process_group=self.group)
-            check(got, value(a64, b64), value(a32, b32), divergence)
+            check(got, lambda s, t, d=divergence: reference.opsd_token_divergence(s, t, divergence=d), divergence)
 
     def logprobs(self):
         import rlsd_kernels

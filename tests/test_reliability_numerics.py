@@ -346,43 +346,25 @@ def test_logprobs_precise_at_large_logits(offset, temperature, backend):
 
     # The entropy, from sums of the centred logits (exp2(d) * d), not as lse - E[z].
     _, entropy = rlsd_kernels.token_logprobs(logits, tokens, temperature=temperature, return_entropy=True)
-    exact_h, f32_h = (_entropy(x / temperature) for x in (logits.double(), logits))
+    # The reference in float64 and in float32: the exact value and float32 log_softmax's error.
+    exact_h, f32_h = (reference.token_logprobs(x, tokens, temperature=temperature, return_entropy=True)[1]
+                      for x in (logits.double(), logits))
     bound_h = 2 * (f32_h.double() - exact_h).abs().max().item() + 1e-6
     assert (entropy.double() - exact_h).abs().max().item() <= bound_h, "entropy"
-
-
-def _entropy(z):
-    a = torch.log_softmax(z, -1)
-    return -(a.exp() * a).sum(-1)
-
-
-def _divergence(zs, zt, tokens, divergence):
-    """The per-token OPSD divergence (sampled: its loss ``D * lp_S``) from ``log_softmax`` in the
-    inputs' dtype: the float32 error an exact formula has."""
-    a, b = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
-    if divergence == "forward_kl":
-        return (b.exp() * (b - a)).sum(-1)
-    if divergence == "reverse_kl":
-        return (a.exp() * (a - b)).sum(-1)
-    if divergence == "jsd":
-        m = torch.logaddexp(a, b) - math.log(2.0)
-        return 0.5 * (b.exp() * (b - m)).sum(-1) + 0.5 * (a.exp() * (a - m)).sum(-1)
-    lp_s, lp_t = (x.gather(1, tokens[:, None]).squeeze(1) for x in (a, b))
-    return (lp_s - lp_t) * lp_s
 
 
 @pytest.mark.parametrize("offset", [0.0, 100.0, 1e4])
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "sampled_token"])
 def test_divergences_precise_at_large_logits(divergence, offset, backend):
     """Every OPSD divergence per token (and the sampled token's log-probs behind the last) within 2x
-    the error of the same formula over float32 ``log_softmax`` (plus a few float32 ulps) when every
-    logit is shifted by a large offset: the sums take the difference of the two rows' centred logits."""
+    the error of the float32 reference (``log_softmax``; plus a few float32 ulps) when every logit is
+    shifted by a large offset: the sums take the difference of the two rows' centred logits."""
     n, vocab = 32, 3 * BLOCK + 5
     tokens = torch.randint(0, vocab, (n,))
     student = (torch.randn(n, vocab).double() * 3 + offset).float()
     teacher = (torch.randn(n, vocab).double() * 3 + offset).float()
-    exact = _divergence(student.double(), teacher.double(), tokens, divergence)
-    f32 = _divergence(student, teacher, tokens, divergence)
+    exact, f32 = (reference.opsd_loss(s, t, tokens, divergence=divergence, loss_agg="none")
+                  for s, t in ((student.double(), teacher.double()), (student, teacher)))
     bound = 2 * (f32.double() - exact).abs().max().item() + 4e-7 * exact.abs().max().item() + 1e-6
     got = rlsd_kernels.opsd_loss(student, teacher, tokens, divergence=divergence, loss_agg="none")
     assert (got.double() - exact).abs().max().item() <= bound
