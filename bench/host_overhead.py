@@ -67,7 +67,13 @@ class _StubLaunch:
 
     @staticmethod
     def _launch(*args, **meta):
-        paused = _counter is not None and not _counter.paused
+        if _counter is None:
+            # Timing: zero the flags and nothing else, so that the stub itself costs little.
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.dtype == torch.int32:
+                    a.zero_()
+            return
+        paused = not _counter.paused
         if paused:
             _counter.paused = True
         try:

@@ -13,7 +13,7 @@ from ..flags import ERRORS
 from ..forms.linear import LinearForm, default_chunk_size
 from ..forms.logits import LogitsForm, slice_of_base
 from ..forms.sharded import ShardedForm
-from ..launch.common import as_rows, check_tensor, raise_on_error_flags, same_rows
+from ..launch.common import as_rows, check_tensor, raise_on_error_flags, same_rows, unpack_outputs
 
 PER_TOKEN_KEYWORDS = ("teacher_logprobs", "old_logprobs", "mask", "credit_mask", "rollout_logprobs", "ref_logprobs",
                       "is_weights", "normalizer", "cu_seqlens")
@@ -224,14 +224,15 @@ def run_loss(form, tensors, loss, call, *, return_metrics, validate):
             return value
         return value, loss.metrics(empty_outputs(loss, mask), mask.int(), mask, inputs)
     function = TokenLossFunction if loss_agg == "none" else ScalarLossFunction
-    value, flags, *per_token = function.apply(form, loss, inputs, torch.is_grad_enabled(), validate, *tensors)
+    value, packed = function.apply(form, loss, inputs, torch.is_grad_enabled(), validate, *tensors)
     if deferred:
-        defer_check(flags, inputs.tokens, form.vocab(tensors), form.names)
+        # The flags are the last row of the packed outputs, as int32 bits.
+        defer_check(packed[-1].view(torch.int32), inputs.tokens, form.vocab(tensors), form.names)
     if loss_agg == "none":
         value = value.view(token_shape)
     if not return_metrics:
         return value
-    return value, loss.metrics(dict(zip(loss.outputs, per_token, strict=True)), flags, mask, inputs)
+    return value, loss.metrics(*unpack_outputs(packed, loss.outputs), mask, inputs)
 
 
 def run_logprobs(form, tensors, tokens, token_shape, *, temperature, return_entropy, validate):

@@ -9,15 +9,17 @@ from __future__ import annotations
 import torch
 
 from ..forms import ops
+from ..launch.common import pack_outputs
 
 # The arguments before the form's tensors: (form, loss, inputs, track, validate).
 HEAD = 5
 
 
 def _outputs(ctx, loss, out, flags):
-    per_token = tuple(out[k] for k in loss.outputs)
-    ctx.mark_non_differentiable(flags, *per_token)
-    return (flags,) + per_token
+    """The per-token outputs and flags, packed into one tensor (``launch.common.pack_outputs``)."""
+    packed = pack_outputs(out, flags, loss.outputs)
+    ctx.mark_non_differentiable(packed)
+    return packed
 
 
 def _scale(grad, scale):
@@ -38,7 +40,7 @@ class ScalarLossFunction(torch.autograd.Function):
         # Detached references only: autograd then takes a gradient as .grad without a copy.
         ctx.grads = tuple(None if g is None else g.detach() for g in grads)
         value = (inputs.weight * loss.token_loss(out)).sum()
-        return (value,) + _outputs(ctx, loss, out, flags)
+        return value, _outputs(ctx, loss, out, flags)
 
     @staticmethod
     def backward(ctx, grad_value, *unused):
@@ -68,7 +70,7 @@ class TokenLossFunction(torch.autograd.Function):
         ctx.form, ctx.loss, ctx.count = form, loss, len(tensors)
         ctx.save_for_backward(*tensors, form.grad_tokens(inputs.tokens), inputs.weight,
                               *(out[k] for k in loss.saved))
-        return (inputs.weight * loss.token_loss(out),) + _outputs(ctx, loss, out, flags)
+        return inputs.weight * loss.token_loss(out), _outputs(ctx, loss, out, flags)
 
     @staticmethod
     def backward(ctx, grad_value, *unused):

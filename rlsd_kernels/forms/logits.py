@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+from ..launch.common import unpack_outputs
 from . import ops
 
 
@@ -76,16 +77,13 @@ class LogitsForm:
         """``(outputs, flags, grads)``: the per-token outputs of ``loss`` and, where ``needs`` asks,
         the gradient of ``sum(weight * loss)`` for ``tensors``."""
         student, base = self.student(tensors), tensors[0]
-        packed = ops.pack(loss, inputs)
         write = bool(needs[0])
+        pads = (0, 0) if self.start is None else (self.start, base.shape[1] - self.start - self.length)
+        packed, grad = ops.loss_forward(loss, inputs, student, self.teacher, write, validate, pads, self.inplace)
         if write and self.inplace:
-            outs = ops.call_op(ops.loss_fwd_inplace_op, student, self.teacher, *packed, validate)
             grad = base
-        else:
-            pads = (0, 0) if self.start is None else (self.start, base.shape[1] - self.start - self.length)
-            *outs, grad = ops.call_op(ops.loss_fwd_op, student, self.teacher, *packed, write, validate, *pads)
-        out = dict(zip(loss.outputs, outs[:-1], strict=True))
-        return out, outs[-1], (grad if write else None,)
+        out, flags = unpack_outputs(packed, loss.outputs)
+        return out, flags, (grad,)
 
     def clear_outside(self, grad):
         """In place, the base's rows outside the slice still hold logits: zero them."""
@@ -97,14 +95,8 @@ class LogitsForm:
         """The gradient of ``sum(scale * loss)`` for ``tensors`` from the forward's ``stats``."""
         if not needs[0]:
             return (None,)
-        student = self.student(tensors)
-        _, floats, ints = ops.pack(loss, _NO_INPUTS)
-        args = (student, self.teacher, tokens, scale.contiguous(), [stats.get(k) for k in ops.STAT_NAMES], floats,
-                ints)
-        if self.inplace:
-            ops.call_op(ops.loss_bwd_inplace_op, *args)
-            return (student,)
-        return (ops.call_op(ops.loss_bwd_op, *args),)
+        return (ops.loss_backward(loss, self.student(tensors), self.teacher, tokens, scale.contiguous(), stats,
+                                  self.inplace),)
 
     def logprobs_forward(self, tensors, tokens, temperature, entropy, validate):
         return ops.call_op(ops.logprobs_fwd_op, tensors[0], tokens, temperature, entropy, validate)
@@ -124,13 +116,3 @@ class LogitsForm:
         if which == "teacher":
             return fn(self.teacher, None, slice(None))
         return fn(student, self.teacher if which == "pair" else None, slice(None))
-
-
-class _NoInputs:
-    """Stands for the per-token inputs where only the options are packed."""
-
-    def __getattr__(self, name):
-        return None
-
-
-_NO_INPUTS = _NoInputs()

@@ -118,12 +118,11 @@ def unpack(tensors, floats, ints):
 NAMES = {"tokens": "tokens", "student": "student_logits", "teacher": "teacher_logits"}
 
 
-def _forward(student, teacher, tensors, floats, ints, grad, validate):
-    loss, inputs = unpack(tensors, floats, ints)
+def _forward(loss, inputs, student, teacher, grad, validate):
     out, flags = loss.forward(student, teacher, inputs, grad)
     if validate:
         common.raise_on_error_flags(flags, inputs.tokens, student.shape[-1], NAMES)
-    return [out[k] for k in loss.outputs] + [flags]
+    return common.pack_outputs(out, flags, loss.outputs)
 
 
 def grad_shape(student, pad_before, pad_after):
@@ -133,22 +132,8 @@ def grad_shape(student, pad_before, pad_after):
     return (b, pad_before + t + pad_after, v)
 
 
-def _fake_outputs(student, tensors, floats, ints):
-    loss, _ = unpack(tensors, floats, ints)
-    n = tensors[0].numel()
-    return [student.new_empty((n,), dtype=torch.float32) for _ in loss.outputs] + [
-        student.new_empty((n,), dtype=torch.int32)
-    ]
-
-
-@custom_op("rlsd_kernels::loss_fwd", mutates_args=())
-def loss_fwd_op(
-    student: torch.Tensor, teacher: torch.Tensor | None, tensors: list[torch.Tensor | None], floats: list[float],
-    ints: list[int], write_grad: bool, validate: bool, pad_before: int, pad_after: int,
-) -> list[torch.Tensor]:
-    """Per-token outputs, flags, and the gradient (empty unless ``write_grad``). With ``pad_before``
-    / ``pad_after`` the gradient is for ``base``, of which the logits are ``base[:, pad_before:-pad_after]``,
-    with zero rows there (see ``logits.slice_of_base``)."""
+def _forward_grad(loss, inputs, student, teacher, write_grad, validate, pad_before, pad_after):
+    """``(packed outputs, gradient or None)``; with pads, the gradient of the logits' base."""
     grad = dest = None
     if write_grad:
         grad = common.empty(grad_shape(student, pad_before, pad_after), dtype=student.dtype, device=student.device)
@@ -157,27 +142,72 @@ def loss_fwd_op(
             dest = grad[:, pad_before:pad_before + student.shape[1]]
             grad[:, :pad_before].zero_()
             grad[:, pad_before + student.shape[1]:].zero_()
-    outs = _forward(student, teacher, tensors, floats, ints, dest, validate)
-    return outs + [grad if grad is not None else student.new_empty(0)]
+    return _forward(loss, inputs, student, teacher, dest, validate), grad
+
+
+def loss_forward(loss, inputs, student, teacher, write_grad, validate, pads=(0, 0), inplace=False):
+    """``(packed outputs, gradient or None)`` of ``loss`` on the logits (``common.pack_outputs``), the
+    gradient written in place when ``inplace``. Under torch.compile through the custom ops below;
+    in eager mode their code runs directly, without packing the options."""
+    if torch.compiler.is_compiling():
+        args = (student, teacher, *pack(loss, inputs))
+        if write_grad and inplace:
+            return loss_fwd_inplace_op(*args, validate), student
+        packed, grad = loss_fwd_op(*args, write_grad, validate, *pads)
+        return packed, grad if write_grad else None
+    if write_grad and inplace:
+        return _forward(loss, inputs, student, teacher, student, validate), student
+    return _forward_grad(loss, inputs, student, teacher, write_grad, validate, *pads)
+
+
+def _fake_outputs(student, tensors, floats, ints):
+    loss, _ = unpack(tensors, floats, ints)
+    return student.new_empty((len(loss.outputs) + 1, tensors[0].numel()), dtype=torch.float32)
+
+
+@custom_op("rlsd_kernels::loss_fwd", mutates_args=())
+def loss_fwd_op(
+    student: torch.Tensor, teacher: torch.Tensor | None, tensors: list[torch.Tensor | None], floats: list[float],
+    ints: list[int], write_grad: bool, validate: bool, pad_before: int, pad_after: int,
+) -> list[torch.Tensor]:
+    """The per-token outputs and flags packed (``common.pack_outputs``), and the gradient (empty
+    unless ``write_grad``). With ``pad_before`` / ``pad_after`` the gradient is for ``base``, of which
+    the logits are ``base[:, pad_before:-pad_after]``, with zero rows there (see ``logits.slice_of_base``)."""
+    loss, inputs = unpack(tensors, floats, ints)
+    packed, grad = _forward_grad(loss, inputs, student, teacher, write_grad, validate, pad_before, pad_after)
+    return [packed, grad if grad is not None else student.new_empty(0)]
 
 
 @loss_fwd_op.register_fake
 def _(student, teacher, tensors, floats, ints, write_grad, validate, pad_before, pad_after):
     shape = grad_shape(student, pad_before, pad_after) if write_grad else (0,)
-    return _fake_outputs(student, tensors, floats, ints) + [student.new_empty(shape)]
+    return [_fake_outputs(student, tensors, floats, ints), student.new_empty(shape)]
 
 
 @custom_op("rlsd_kernels::loss_fwd_", mutates_args=("student",))
 def loss_fwd_inplace_op(
     student: torch.Tensor, teacher: torch.Tensor | None, tensors: list[torch.Tensor | None], floats: list[float],
     ints: list[int], validate: bool,
-) -> list[torch.Tensor]:
-    return _forward(student, teacher, tensors, floats, ints, student, validate)
+) -> torch.Tensor:
+    return _forward(*unpack(tensors, floats, ints), student, teacher, student, validate)
 
 
 @loss_fwd_inplace_op.register_fake
 def _(student, teacher, tensors, floats, ints, validate):
     return _fake_outputs(student, tensors, floats, ints)
+
+
+def loss_backward(loss, student, teacher, tokens, scale, stats, inplace=False):
+    """The row gradient of ``sum(scale * loss)`` from the forward's ``stats`` (by name), written into
+    ``student`` when ``inplace``; through the custom ops under torch.compile."""
+    if not torch.compiler.is_compiling():
+        return loss.backward(student, teacher, tokens, stats, scale, out=student if inplace else None)
+    _, floats, ints = pack(loss, _NO_INPUTS)
+    args = (student, teacher, tokens, scale, [stats.get(k) for k in STAT_NAMES], floats, ints)
+    if inplace:
+        loss_bwd_inplace_op(*args)
+        return student
+    return loss_bwd_op(*args)
 
 
 def _backward(student, teacher, tokens, scale, stats, floats, ints, out):
@@ -251,3 +281,13 @@ def scale_op(grad: torch.Tensor, scale: torch.Tensor) -> None:
 @scale_op.register_fake
 def _(grad, scale):
     return None
+
+
+class _NoInputs:
+    """Stands for the per-token inputs where only the options are packed."""
+
+    def __getattr__(self, name):
+        return None
+
+
+_NO_INPUTS = _NoInputs()

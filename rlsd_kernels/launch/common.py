@@ -7,6 +7,7 @@ import contextlib
 import functools
 import os
 import warnings
+from collections.abc import MutableMapping
 from typing import NamedTuple
 
 import torch
@@ -52,6 +53,66 @@ def use_triton(x: torch.Tensor) -> bool:
 def empty(shape, *, dtype, device) -> torch.Tensor:
     """Every output the ops allocate comes from here, so tests can fill them with NaN."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+class Outputs(MutableMapping):
+    """Per-token float32 outputs by name, the rows of one allocation ``packed`` (``[k + 1, N]``, its
+    last row the int32 flags' bits), made into tensors only when read. Storing an entry detaches the
+    mapping from ``packed`` (None): ``pack_outputs`` then stacks the entries."""
+
+    __slots__ = ("packed", "_base", "_index", "_rows")
+
+    def __init__(self, packed, names, rows=None):
+        self.packed = self._base = packed
+        self._index = _row_index(tuple(names))
+        self._rows = dict(zip(names, rows, strict=False)) if rows is not None else {}
+
+    def __getitem__(self, key):
+        row = self._rows.get(key)
+        if row is None:
+            row = self._rows[key] = self._base[self._index[key]]
+        return row
+
+    def __setitem__(self, key, value):
+        self.packed = None
+        if key not in self._index:
+            self._index = {**self._index, key: None}
+        self._rows[key] = value
+
+    def __delitem__(self, key):
+        raise TypeError("per-token outputs are not removed")
+
+    def __iter__(self):
+        return iter(self._index)
+
+    def __len__(self):
+        return len(self._index)
+
+
+@functools.cache
+def _row_index(names):
+    return {k: i for i, k in enumerate(names)}
+
+
+def outputs(names, n, device) -> tuple[Outputs, torch.Tensor]:
+    """``(out, flags)``: the per-token outputs ``names`` and the flags of ``n`` tokens, in one allocation."""
+    packed = empty((len(names) + 1, n), dtype=torch.float32, device=device)
+    rows = packed.unbind(0)
+    return Outputs(packed, names, rows[:-1]), rows[-1].view(torch.int32)
+
+
+def unpack_outputs(packed, names) -> tuple[Outputs, torch.Tensor]:
+    """The outputs ``names`` and the int32 flags held in the rows of ``packed`` (made when read)."""
+    return Outputs(packed, names), packed[-1].view(torch.int32)
+
+
+def pack_outputs(out, flags, names) -> torch.Tensor:
+    """One ``[len(names) + 1, N]`` float32 tensor of the outputs ``names`` and the flags' bits: the
+    allocation they are rows of (``outputs``), or a copy of them stacked."""
+    packed = getattr(out, "packed", None)
+    if packed is not None and packed.shape[0] == len(names) + 1 and tuple(out) == tuple(names):
+        return packed
+    return torch.stack([*(out[k] for k in names), flags.view(torch.float32)])
 
 
 @functools.cache
@@ -115,6 +176,18 @@ def as_rows(logits: torch.Tensor, name: str) -> Rows:
         return Rows(logits, b, t, v, logits.stride(0), logits.stride(1))
     n, v = logits.shape
     return Rows(logits, 1, n, v, 0, logits.stride(0))
+
+
+def rows_of(x: torch.Tensor) -> Rows:
+    """``as_rows`` without its checks, for the launchers: their tensors come checked from an entry
+    point (a vocabulary stride other than 1 still goes through ``as_rows``, which copies)."""
+    if x.stride(-1) != 1:
+        return as_rows(x, "logits")
+    if x.dim() == 3:
+        b, t, v = x.shape
+        return Rows(x, b, t, v, x.stride(0), x.stride(1))
+    n, v = x.shape
+    return Rows(x, 1, n, v, 0, x.stride(0))
 
 
 def same_rows(rows: Rows, other: torch.Tensor, name: str, student_name: str) -> Rows:

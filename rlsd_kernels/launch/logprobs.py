@@ -8,13 +8,13 @@ import torch
 
 from ..kernels.logprobs import _logprobs_bwd_kernel, _logprobs_fwd_kernel
 from . import common, torch_rows
-from .common import as_rows, use_triton
+from .common import rows_of, use_triton
 from .tuning import TRIAL_ROWS, pick_choice, pick_row_config
 
 
 def logprobs_fwd(logits, tokens, temperature, entropy):
     """Launcher: ``(lp, lse, entropy, flags)`` per token, flat ``[N]``; ``entropy`` is empty unless asked."""
-    rows = as_rows(logits, "logits")
+    rows = rows_of(logits)
     tokens = tokens.reshape(-1)
     if not use_triton(logits):
         return torch_rows.logprobs_fwd(rows, tokens, temperature, entropy)
@@ -34,7 +34,7 @@ def partial_stats(logits, tokens, vocab_start, temperature, entropy):
     the token is in another shard) and the shard's entropy in base 2 (0 unless ``entropy``).
     ``forms/collectives.py: combine`` puts every shard's together, in the frame of the largest
     reference: no logsumexp of the logits' magnitude is ever subtracted."""
-    rows = as_rows(logits, "logits")
+    rows = rows_of(logits)
     tokens = tokens.reshape(-1)
     if not use_triton(logits):
         return torch_rows.partial_stats(rows, tokens, vocab_start, temperature, entropy)
@@ -87,7 +87,7 @@ def trial_destination(dest, rows):
     def get():
         if not found:
             if dest.data_ptr() != rows.tensor.data_ptr():
-                d = as_rows(dest, "grad")
+                d = rows_of(dest)
                 found.append((dest, (d.stride_b, d.stride_t)))
             else:
                 scratch = torch.empty((min(rows.n, TRIAL_ROWS), rows.vocab), dtype=dest.dtype, device=dest.device)
@@ -102,7 +102,7 @@ def fused_or_split(key, device, grad, n_rows, trial_rows, trial_dest, fused, spl
     once per ``key`` on a prefix of the rows: ``fused(n_rows, dest, dest_strides)`` (the forward
     program writes it) or ``split(...)`` (the forward, then the row backward kernel)."""
     strategies = {"fused": lambda: fused(trial_rows, *trial_dest()), "split": lambda: split(trial_rows, *trial_dest())}
-    g_rows = as_rows(grad, "grad")
+    g_rows = rows_of(grad)
     chosen = fused if pick_choice(key + ("strategy",), device, strategies, default="fused") == "fused" else split
     chosen(n_rows, grad, (g_rows.stride_b, g_rows.stride_t))
 
@@ -111,13 +111,13 @@ def logprobs_bwd(logits, tokens, lse, coef, coef_h, entropy, temperature, out=No
     """Launcher of the general row backward. Writes ``dlogits`` into ``out`` (shaped like ``logits``,
     any float dtype, possibly ``logits`` itself: each block is read before its gradient is written)
     or a new tensor in the logits' dtype, and returns it."""
-    rows = as_rows(logits, "logits")
+    rows = rows_of(logits)
     tokens = tokens.reshape(-1)
     grad = out if out is not None else common.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     if not use_triton(logits):
         return torch_rows.logprobs_bwd(rows, tokens, lse, coef, coef_h, entropy, temperature, grad)
     launch = bwd_launcher(rows, tokens, lse, coef, coef_h, entropy, temperature)
-    g_rows = as_rows(grad, "grad")
+    g_rows = rows_of(grad)
     key = ("logprobs_bwd", logits.dtype, grad.dtype, coef_h is not None)
     trial_dest = trial_destination(grad, rows)
     trial = lambda c: launch(c, min(rows.n, TRIAL_ROWS), *trial_dest())  # noqa: E731

@@ -12,7 +12,7 @@ import torch
 from ..kernels.opsd import _opsd_bwd_kernel, _opsd_fwd_kernel
 from ..kernels.opsd_shard import _jsd_sums_kernel, _opsd_stats_kernel
 from . import common, torch_opsd
-from .common import as_rows, use_triton
+from .common import rows_of, use_triton
 from .logprobs import bwd_launcher, fused_or_split, trial_destination
 from .rlsd import rlsd_token_epilogue
 from .terms import OUTPUTS, kernel_flags, kernel_scalars, needs_sequence_pass, optional, sequence_terms
@@ -50,13 +50,12 @@ def opsd_fwd(student, teacher, inputs, params, opsd, grad):
     As in ``rlsd.rlsd_fwd``, a gradient is written either by the same program (``fused``) or by the
     row backward kernel after the forward (``split``), whichever ran faster on a prefix of the rows;
     sequence-level policy options always split, with the RLSD token epilogue in between."""
-    s_rows = as_rows(student, "student_logits")
-    t_rows = None if teacher is None else as_rows(teacher, "teacher_logits")
+    s_rows = rows_of(student)
+    t_rows = None if teacher is None else rows_of(teacher)
     if not use_triton(student):
         return torch_opsd.opsd_fwd(s_rows, t_rows, inputs, params, opsd, grad)
     n, device, code, grpo = s_rows.n, student.device, opsd.div, opsd.grpo
-    out = {k: common.empty((n,), dtype=torch.float32, device=device) for k in output_names(grpo)}
-    flags = common.empty((n,), dtype=torch.int32, device=device)
+    out, flags = common.outputs(output_names(grpo), n, device)
     temperature = params.temperature
     row_flags = kernel_flags(inputs, params)
     if not grpo:
@@ -149,15 +148,15 @@ def opsd_bwd(student, teacher, tokens, stats, coefs, temperature, opsd, out=None
     """Launcher of the row gradient: writes it into ``out`` (shaped like ``student``, possibly
     ``student`` itself) or a new tensor in the logits' dtype, and returns it. ``stats`` holds the
     per-row ``lse``, ``lse_t``, ``k`` (and ``entropy``) of the forward, ``coefs`` ``(c_lp, c_h, c_d)``."""
-    s_rows = as_rows(student, "student_logits")
-    t_rows = None if teacher is None else as_rows(teacher, "teacher_logits")
+    s_rows = rows_of(student)
+    t_rows = None if teacher is None else rows_of(teacher)
     grad = out if out is not None else common.empty(student.shape, dtype=student.dtype, device=student.device)
     if not use_triton(student):
         return torch_opsd.opsd_grad(s_rows, t_rows, tokens, stats, *coefs, temperature, opsd, grad)
     launch, key = _bwd_launcher(s_rows, t_rows, tokens, stats, coefs, temperature, opsd, grad.dtype)
     trial_dest = trial_destination(grad, s_rows)
     config = pick_config(key, s_rows, lambda c: launch(c, min(s_rows.n, TRIAL_ROWS), *trial_dest()))
-    g_rows = as_rows(grad, "grad")
+    g_rows = rows_of(grad)
     launch(config, s_rows.n, grad, (g_rows.stride_b, g_rows.stride_t))
     return grad
 
@@ -168,7 +167,7 @@ def partial_stats(student, teacher, tokens, vocab_start, temperature, code, need
     entropy)``: each model's reference and base-2 log-sum, its token's base-2 log-prob (-inf outside
     the shard), the student's entropy, and for the KLs the shard's own KL. Rows whose token is
     ``IGNORE_INDEX`` are not read."""
-    s_rows, t_rows = as_rows(student, "student_logits"), as_rows(teacher, "teacher_logits")
+    s_rows, t_rows = rows_of(student), rows_of(teacher)
     tokens = tokens.reshape(-1)
     if not use_triton(student):
         return torch_opsd.partial_stats(s_rows, t_rows, tokens, vocab_start, temperature, code, need_lp, entropy)
@@ -194,7 +193,7 @@ def jsd_sums(student, teacher, tokens, frame_s, frame_t, temperature, beta):
     ``sum_v T_v (log2 T_v - log2 M_v)`` and ``sum_v S_v (log2 S_v - log2 M_v)`` over the shard's
     columns, with ``S`` and ``T`` the whole rows' softmaxes, each given by its frame ``(reference,
     base-2 log-sum)`` (``collectives.combine``); 0 where the token is ``IGNORE_INDEX``."""
-    s_rows, t_rows = as_rows(student, "student_logits"), as_rows(teacher, "teacher_logits")
+    s_rows, t_rows = rows_of(student), rows_of(teacher)
     tokens = tokens.reshape(-1)
     if not use_triton(student):
         return torch_opsd.jsd_sums(s_rows, t_rows, tokens, frame_s, frame_t, temperature, beta)

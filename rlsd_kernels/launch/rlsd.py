@@ -9,7 +9,7 @@ import triton
 
 from ..kernels.rlsd import _rlsd_fwd_kernel, _rlsd_token_kernel, _scale_kernel
 from . import common, torch_rows
-from .common import as_rows, use_triton
+from .common import rows_of, use_triton
 from .logprobs import bwd_launcher, fused_or_split, logprobs_bwd, trial_destination
 from .terms import OUTPUTS, kernel_flags, kernel_scalars, needs_sequence_pass, optional, sequence_terms
 from .tuning import TRIAL_ROWS, pick_row_config
@@ -29,13 +29,12 @@ def rlsd_fwd(student, teacher, inputs, params, grad):
     and then the row backward kernel (four passes, every program lighter). Options that need every
     token of a sequence first (``needs_sequence_pass``) always split, with the token epilogue kernel
     in between."""
-    s_rows = as_rows(student, "student_logits")
-    t_rows = None if teacher is None else as_rows(teacher, "teacher_logits")
+    s_rows = rows_of(student)
+    t_rows = None if teacher is None else rows_of(teacher)
     if not use_triton(student):
         return torch_rows.rlsd_fwd(s_rows, t_rows, inputs, params, grad)
     n, device = s_rows.n, student.device
-    out = {k: common.empty((n,), dtype=torch.float32, device=device) for k in OUTPUTS}
-    flags = common.empty((n,), dtype=torch.int32, device=device)
+    out, flags = common.outputs(OUTPUTS, n, device)
     temperature, scalars = params.temperature, kernel_scalars(params)
     sequence_pass = needs_sequence_pass(inputs, params)
     row_flags = kernel_flags(inputs, params)
@@ -128,6 +127,6 @@ def scale_grad_(grad, scale):
             # In float32, then rounded once: a float16 2**16 (loss scaling) is inf, a bfloat16 1/3 biased.
             grad.mul_(scale.float())
         return
-    rows = as_rows(grad, "grad")
+    rows = rows_of(grad)
     block = min(triton.next_power_of_2(rows.vocab), 4096)
     _scale_kernel[(rows.n,)](grad, rows.stride_b, rows.stride_t, scale, rows.n, rows.seqlen, rows.vocab, BLOCK_V=block)

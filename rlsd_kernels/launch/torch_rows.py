@@ -217,8 +217,7 @@ def rlsd_fwd(s_rows: Rows, t_rows, inputs, params, grad):
     terms of every token (after the sequence-level ones), then the gradient chunk by chunk. When
     every row fits in one chunk, its softmax rows stay alive from the first phase to the last."""
     n, device = s_rows.n, s_rows.tensor.device
-    out = {k: common.empty((n,), dtype=torch.float32, device=device) for k in OUTPUTS}
-    flags = common.empty((n,), dtype=torch.int32, device=device)
+    out, flags = common.outputs(OUTPUTS, n, device)
     temperature = params.temperature
     active = inputs.weight != 0
     tensors = [s_rows.tensor] + ([t_rows.tensor] if t_rows is not None else [])
@@ -272,7 +271,7 @@ def rlsd_token_epilogue(out, flags, inputs, params):
     )
     for key, name in (("loss", "loss"), ("d_lp", "d_loss"), ("w", "weight"), ("ratio", "ratio"),
                       ("is_weight", "is_weight"), ("kl", "kl")):
-        out[key] = torch.where(active, terms[name], 0.0)
+        out[key].copy_(torch.where(active, terms[name], 0.0))
     flags &= int(ERRORS)
     # The bits are distinct powers of two: their sum over the terms is their OR.
     hits = torch.stack([terms[name] for name, _ in FLAG_TERMS]) & active
