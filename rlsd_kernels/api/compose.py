@@ -224,15 +224,14 @@ def run_loss(form, tensors, loss, call, *, return_metrics, validate):
             return value
         return value, loss.metrics(empty_outputs(loss, mask), mask.int(), mask, inputs)
     function = TokenLossFunction if loss_agg == "none" else ScalarLossFunction
-    value, packed = function.apply(form, loss, inputs, torch.is_grad_enabled(), validate, *tensors)
+    value, packed, flags = function.apply(form, loss, inputs, torch.is_grad_enabled(), validate, *tensors)
     if deferred:
-        # The flags are the last row of the packed outputs, as int32 bits.
-        defer_check(packed[-1].view(torch.int32), inputs.tokens, form.vocab(tensors), form.names)
+        defer_check(flags, inputs.tokens, form.vocab(tensors), form.names)
     if loss_agg == "none":
         value = value.view(token_shape)
     if not return_metrics:
         return value
-    return value, loss.metrics(*unpack_outputs(packed, loss.outputs), mask, inputs)
+    return value, loss.metrics(unpack_outputs(packed, loss.outputs), flags, mask, inputs)
 
 
 def run_logprobs(form, tensors, tokens, token_shape, *, temperature, return_entropy, validate):

@@ -16,10 +16,10 @@ HEAD = 5
 
 
 def _outputs(ctx, loss, out, flags):
-    """The per-token outputs and flags, packed into one tensor (``launch.common.pack_outputs``)."""
-    packed = pack_outputs(out, flags, loss.outputs)
-    ctx.mark_non_differentiable(packed)
-    return packed
+    """The per-token outputs packed into one tensor (``launch.common.pack_outputs``), and the flags."""
+    packed = pack_outputs(out, loss.outputs)
+    ctx.mark_non_differentiable(packed, flags)
+    return packed, flags
 
 
 def _scale(grad, scale):
@@ -39,8 +39,8 @@ class ScalarLossFunction(torch.autograd.Function):
         ctx.form, ctx.used = form, False
         # Detached references only: autograd then takes a gradient as .grad without a copy.
         ctx.grads = tuple(None if g is None else g.detach() for g in grads)
-        value = (inputs.weight * loss.token_loss(out)).sum()
-        return value, _outputs(ctx, loss, out, flags)
+        value = torch.dot(inputs.weight, loss.token_loss(out))
+        return value, *_outputs(ctx, loss, out, flags)
 
     @staticmethod
     def backward(ctx, grad_value, *unused):
@@ -70,7 +70,7 @@ class TokenLossFunction(torch.autograd.Function):
         ctx.form, ctx.loss, ctx.count = form, loss, len(tensors)
         ctx.save_for_backward(*tensors, form.grad_tokens(inputs.tokens), inputs.weight,
                               *(out[k] for k in loss.saved))
-        return inputs.weight * loss.token_loss(out), _outputs(ctx, loss, out, flags)
+        return inputs.weight * loss.token_loss(out), *_outputs(ctx, loss, out, flags)
 
     @staticmethod
     def backward(ctx, grad_value, *unused):

@@ -12,19 +12,23 @@ import torch
 from ..reference import LOSS_AGG_MODES, sequence_ids, sequence_sums
 
 
-def _denominator(default, normalizer, like):
+def _denominator(default, normalizer, like, binary=False):
     """The mode's own denominator (0, a fully masked batch, taken as 1), or the caller's normalizer
-    as it is (checked by ``inputs.check_normalizer``)."""
+    as it is (checked by ``inputs.check_normalizer``). ``binary``: the mask holds only 0 and 1, so
+    a token count is a whole number and 0 -> 1 is a clamp."""
     if normalizer is not None:
         return torch.as_tensor(normalizer, dtype=torch.float32, device=like.device).reshape(())
     if not isinstance(default, torch.Tensor):
         return torch.tensor(float(default) if default != 0 else 1.0, dtype=torch.float32, device=like.device)
+    if binary:
+        return default.clamp_min(1.0)
     # d + (d == 0): 1 where d is 0, d exactly elsewhere (two ops, no scalar tensor).
     return default + (default == 0)
 
 
-def token_weights(mask, token_shape, loss_agg, normalizer=None, cu_seqlens=None):
-    """Per-token weights ``[N]`` (float32) for a flat float mask ``[N]`` that is 0 at masked tokens.
+def token_weights(mask, token_shape, loss_agg, normalizer=None, cu_seqlens=None, binary=False):
+    """Per-token weights ``[N]`` (float32) for a flat float mask ``[N]`` that is 0 at masked tokens
+    (``binary``: it holds only 0 and 1).
 
     ``token_shape`` is ``(B, T)`` (a row per sequence) or ``(N,)`` (packed; the sequence modes then
     need ``cu_seqlens``). See ``reference.aggregate_loss`` for the modes and the denominators.
@@ -34,7 +38,7 @@ def token_weights(mask, token_shape, loss_agg, normalizer=None, cu_seqlens=None)
     if loss_agg == "none":
         return mask
     if loss_agg == "token-mean":
-        return mask / _denominator(mask.sum(), normalizer, mask)
+        return mask / _denominator(mask.sum(), normalizer, mask, binary)
     if loss_agg == "sum":
         return mask / _denominator(1.0, normalizer, mask)
 

@@ -43,10 +43,14 @@ def per_token(x, name, token_shape, *, kinds, dtype, device, broadcast_rows=Fals
             if broadcast_rows and len(token_shape) == 2:
                 allowed += [(token_shape[0],), (token_shape[0], 1)]
             raise ValueError(f"{name} has shape {shape}, expected one of {allowed}")
-        x = x.reshape(token_shape[0], 1).expand(token_shape)
     # The copies are taken outside the graph: detach only what autograd tracks.
     x = x.detach() if x.requires_grad else x
-    return x.to(dtype).reshape(-1).contiguous()
+    if x.dtype != dtype:
+        x = x.to(dtype)  # before a broadcast: B values, not B * T
+    if shape != tuple(token_shape):
+        x = x.reshape(token_shape[0], 1).expand(token_shape)
+    x = x.reshape(-1)
+    return x if x.is_contiguous() else x.contiguous()
 
 
 def check_tokens(tokens, token_shape, device, name="tokens"):
@@ -133,8 +137,9 @@ def prepare(token_shape, device, tokens, advantages, options: PolicyOptions, *, 
         if credit_mask is not None:
             credit = per_token(credit_mask, "credit_mask", token_shape, kinds=("bool", "int", "float"), **f32)
         credit = credit * (adv < 0) if options.credit_negative_only else credit
+    binary = mask is None or mask.dtype == torch.bool  # m holds 0 and 1 only
     inputs = TokenInputs(
-        tokens=flat_tokens, adv=adv, weight=token_weights(m, token_shape, loss_agg, normalizer, cu_seqlens),
+        tokens=flat_tokens, adv=adv, weight=token_weights(m, token_shape, loss_agg, normalizer, cu_seqlens, binary),
         lp_t=flat(teacher_logprobs, "teacher_logprobs"), lp_old=flat(old_logprobs, "old_logprobs"), credit=credit,
         rollout=flat(rollout_logprobs, "rollout_logprobs"), ref=flat(ref_logprobs, "ref_logprobs"),
     )

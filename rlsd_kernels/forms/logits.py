@@ -79,11 +79,11 @@ class LogitsForm:
         student, base = self.student(tensors), tensors[0]
         write = bool(needs[0])
         pads = (0, 0) if self.start is None else (self.start, base.shape[1] - self.start - self.length)
-        packed, grad = ops.loss_forward(loss, inputs, student, self.teacher, write, validate, pads, self.inplace)
+        packed, flags, grad = ops.loss_forward(loss, inputs, student, self.teacher, write, validate, pads,
+                                               self.inplace)
         if write and self.inplace:
             grad = base
-        out, flags = unpack_outputs(packed, loss.outputs)
-        return out, flags, (grad,)
+        return unpack_outputs(packed, loss.outputs), flags, (grad,)
 
     def clear_outside(self, grad):
         """In place, the base's rows outside the slice still hold logits: zero them."""

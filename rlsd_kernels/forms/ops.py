@@ -122,7 +122,7 @@ def _forward(loss, inputs, student, teacher, grad, validate):
     out, flags = loss.forward(student, teacher, inputs, grad)
     if validate:
         common.raise_on_error_flags(flags, inputs.tokens, student.shape[-1], NAMES)
-    return common.pack_outputs(out, flags, loss.outputs)
+    return common.pack_outputs(out, loss.outputs), flags
 
 
 def grad_shape(student, pad_before, pad_after):
@@ -133,7 +133,7 @@ def grad_shape(student, pad_before, pad_after):
 
 
 def _forward_grad(loss, inputs, student, teacher, write_grad, validate, pad_before, pad_after):
-    """``(packed outputs, gradient or None)``; with pads, the gradient of the logits' base."""
+    """``(packed outputs, flags, gradient or None)``; with pads, the gradient of the logits' base."""
     grad = dest = None
     if write_grad:
         grad = common.empty(grad_shape(student, pad_before, pad_after), dtype=student.dtype, device=student.device)
@@ -142,27 +142,28 @@ def _forward_grad(loss, inputs, student, teacher, write_grad, validate, pad_befo
             dest = grad[:, pad_before:pad_before + student.shape[1]]
             grad[:, :pad_before].zero_()
             grad[:, pad_before + student.shape[1]:].zero_()
-    return _forward(loss, inputs, student, teacher, dest, validate), grad
+    return (*_forward(loss, inputs, student, teacher, dest, validate), grad)
 
 
 def loss_forward(loss, inputs, student, teacher, write_grad, validate, pads=(0, 0), inplace=False):
-    """``(packed outputs, gradient or None)`` of ``loss`` on the logits (``common.pack_outputs``), the
-    gradient written in place when ``inplace``. Under torch.compile through the custom ops below;
+    """``(packed outputs, flags, gradient or None)`` of ``loss`` on the logits (``common.pack_outputs``),
+    the gradient written in place when ``inplace``. Under torch.compile through the custom ops below;
     in eager mode their code runs directly, without packing the options."""
     if torch.compiler.is_compiling():
         args = (student, teacher, *pack(loss, inputs))
         if write_grad and inplace:
-            return loss_fwd_inplace_op(*args, validate), student
-        packed, grad = loss_fwd_op(*args, write_grad, validate, *pads)
-        return packed, grad if write_grad else None
+            return (*loss_fwd_inplace_op(*args, validate), student)
+        packed, flags, grad = loss_fwd_op(*args, write_grad, validate, *pads)
+        return packed, flags, grad if write_grad else None
     if write_grad and inplace:
-        return _forward(loss, inputs, student, teacher, student, validate), student
+        return (*_forward(loss, inputs, student, teacher, student, validate), student)
     return _forward_grad(loss, inputs, student, teacher, write_grad, validate, *pads)
 
 
 def _fake_outputs(student, tensors, floats, ints):
     loss, _ = unpack(tensors, floats, ints)
-    return student.new_empty((len(loss.outputs) + 1, tensors[0].numel()), dtype=torch.float32)
+    n = tensors[0].numel()
+    return [student.new_empty((len(loss.outputs), n), dtype=torch.float32), student.new_empty((n,), dtype=torch.int32)]
 
 
 @custom_op("rlsd_kernels::loss_fwd", mutates_args=())
@@ -170,26 +171,26 @@ def loss_fwd_op(
     student: torch.Tensor, teacher: torch.Tensor | None, tensors: list[torch.Tensor | None], floats: list[float],
     ints: list[int], write_grad: bool, validate: bool, pad_before: int, pad_after: int,
 ) -> list[torch.Tensor]:
-    """The per-token outputs and flags packed (``common.pack_outputs``), and the gradient (empty
+    """The per-token outputs packed (``common.pack_outputs``), the flags, and the gradient (empty
     unless ``write_grad``). With ``pad_before`` / ``pad_after`` the gradient is for ``base``, of which
     the logits are ``base[:, pad_before:-pad_after]``, with zero rows there (see ``logits.slice_of_base``)."""
     loss, inputs = unpack(tensors, floats, ints)
-    packed, grad = _forward_grad(loss, inputs, student, teacher, write_grad, validate, pad_before, pad_after)
-    return [packed, grad if grad is not None else student.new_empty(0)]
+    packed, flags, grad = _forward_grad(loss, inputs, student, teacher, write_grad, validate, pad_before, pad_after)
+    return [packed, flags, grad if grad is not None else student.new_empty(0)]
 
 
 @loss_fwd_op.register_fake
 def _(student, teacher, tensors, floats, ints, write_grad, validate, pad_before, pad_after):
     shape = grad_shape(student, pad_before, pad_after) if write_grad else (0,)
-    return [_fake_outputs(student, tensors, floats, ints), student.new_empty(shape)]
+    return [*_fake_outputs(student, tensors, floats, ints), student.new_empty(shape)]
 
 
 @custom_op("rlsd_kernels::loss_fwd_", mutates_args=("student",))
 def loss_fwd_inplace_op(
     student: torch.Tensor, teacher: torch.Tensor | None, tensors: list[torch.Tensor | None], floats: list[float],
     ints: list[int], validate: bool,
-) -> torch.Tensor:
-    return _forward(*unpack(tensors, floats, ints), student, teacher, student, validate)
+) -> list[torch.Tensor]:
+    return list(_forward(*unpack(tensors, floats, ints), student, teacher, student, validate))
 
 
 @loss_fwd_inplace_op.register_fake

@@ -8,6 +8,7 @@ kernels write it for them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -98,7 +99,7 @@ def scatter(parts, p):
     """Per-token outputs ``parts`` (tensors ``[..., M]`` or dicts of them, concatenated) of the rows of
     plan ``p`` at their places among ``p.n`` tokens; zero elsewhere, as the row kernels write for
     rows they skip."""
-    if isinstance(parts[0], dict):
+    if isinstance(parts[0], Mapping):
         return {k: scatter([q[k] for q in parts], p) for k in parts[0]}
     x = torch.cat(parts, dim=-1)
     if x.shape[-1] == 0:

@@ -56,16 +56,16 @@ def empty(shape, *, dtype, device) -> torch.Tensor:
 
 
 class Outputs(MutableMapping):
-    """Per-token float32 outputs by name, the rows of one allocation ``packed`` (``[k + 1, N]``, its
-    last row the int32 flags' bits), made into tensors only when read. Storing an entry detaches the
-    mapping from ``packed`` (None): ``pack_outputs`` then stacks the entries."""
+    """Per-token float32 outputs by name, the rows of one allocation ``packed`` (``[k, N]``), made
+    into tensors only when read. Storing an entry detaches the mapping from ``packed`` (None):
+    ``pack_outputs`` then stacks the entries."""
 
     __slots__ = ("packed", "_base", "_index", "_rows")
 
-    def __init__(self, packed, names, rows=None):
+    def __init__(self, packed, names):
         self.packed = self._base = packed
         self._index = _row_index(tuple(names))
-        self._rows = dict(zip(names, rows, strict=False)) if rows is not None else {}
+        self._rows = {}
 
     def __getitem__(self, key):
         row = self._rows.get(key)
@@ -95,24 +95,24 @@ def _row_index(names):
 
 
 def outputs(names, n, device) -> tuple[Outputs, torch.Tensor]:
-    """``(out, flags)``: the per-token outputs ``names`` and the flags of ``n`` tokens, in one allocation."""
-    packed = empty((len(names) + 1, n), dtype=torch.float32, device=device)
-    rows = packed.unbind(0)
-    return Outputs(packed, names, rows[:-1]), rows[-1].view(torch.int32)
+    """``(out, flags)``: the per-token float32 outputs ``names`` of ``n`` tokens, rows of one
+    allocation, and their int32 flags."""
+    packed = empty((len(names), n), dtype=torch.float32, device=device)
+    return Outputs(packed, names), empty((n,), dtype=torch.int32, device=device)
 
 
-def unpack_outputs(packed, names) -> tuple[Outputs, torch.Tensor]:
-    """The outputs ``names`` and the int32 flags held in the rows of ``packed`` (made when read)."""
-    return Outputs(packed, names), packed[-1].view(torch.int32)
+def unpack_outputs(packed, names) -> Outputs:
+    """The outputs ``names`` held in the rows of ``packed`` (made into tensors when read)."""
+    return Outputs(packed, names)
 
 
-def pack_outputs(out, flags, names) -> torch.Tensor:
-    """One ``[len(names) + 1, N]`` float32 tensor of the outputs ``names`` and the flags' bits: the
-    allocation they are rows of (``outputs``), or a copy of them stacked."""
+def pack_outputs(out, names) -> torch.Tensor:
+    """One ``[len(names), N]`` float32 tensor of the outputs ``names``: the allocation they are rows
+    of (``outputs``), or a copy of them stacked."""
     packed = getattr(out, "packed", None)
-    if packed is not None and packed.shape[0] == len(names) + 1 and tuple(out) == tuple(names):
+    if packed is not None and packed.shape[0] == len(names) and tuple(out) == tuple(names):
         return packed
-    return torch.stack([*(out[k] for k in names), flags.view(torch.float32)])
+    return torch.stack([out[k] for k in names])
 
 
 @functools.cache
@@ -142,18 +142,21 @@ class Rows(NamedTuple):
         return self.batch * self.seqlen
 
 
+_KINDS = {
+    "logits": lambda d: d in LOGIT_DTYPES,
+    "float": lambda d: d.is_floating_point,
+    "int": lambda d: not d.is_floating_point and not d.is_complex and d != torch.bool,
+    "bool": lambda d: d == torch.bool,
+}
+
+
 def check_tensor(x, name, *, kinds, dims=None, device=None):
     """Type, dtype kind, rank and device checks with errors that name the tensor."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    ok = {
-        "logits": x.dtype in LOGIT_DTYPES,
-        "float": x.is_floating_point(),
-        "int": not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool,
-        "bool": x.dtype == torch.bool,
-    }
-    if not any(ok[k] for k in kinds):
-        raise TypeError(f"{name} must have a dtype of kind {' or '.join(kinds)}, got {x.dtype}")
+    dtype = x.dtype
+    if not any(_KINDS[k](dtype) for k in kinds):
+        raise TypeError(f"{name} must have a dtype of kind {' or '.join(kinds)}, got {dtype}")
     if dims is not None and x.dim() not in dims:
         raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimensions, got shape {tuple(x.shape)}")
     if device is not None and x.device != device:

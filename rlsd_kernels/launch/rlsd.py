@@ -35,6 +35,7 @@ def rlsd_fwd(student, teacher, inputs, params, grad):
         return torch_rows.rlsd_fwd(s_rows, t_rows, inputs, params, grad)
     n, device = s_rows.n, student.device
     out, flags = common.outputs(OUTPUTS, n, device)
+    packed = out.packed
     temperature, scalars = params.temperature, kernel_scalars(params)
     sequence_pass = needs_sequence_pass(inputs, params)
     row_flags = kernel_flags(inputs, params)
@@ -49,7 +50,7 @@ def rlsd_fwd(student, teacher, inputs, params, grad):
             dest if dest is not None else student, *dest_strides,
             inputs.tokens, adv, *(optional(getattr(inputs, k), adv) for k in ("lp_t", "lp_old")), inputs.weight,
             *(optional(getattr(inputs, k), adv) for k in ("credit", "seq_ratio", "rollout", "log_is", "ref")),
-            *(out[k] for k in OUTPUTS), flags,
+            packed, n, flags,
             n_rows, s_rows.seqlen, s_rows.vocab, 1.4426950408889634 / temperature, 1.0 / temperature, *scalars,
             HAS_T_LOGITS=teacher is not None, ENTROPY=entropy, WRITE_GRAD=dest is not None, **row_flags,
             BLOCK_V=config.block_v, num_warps=config.num_warps,
@@ -73,14 +74,15 @@ def rlsd_fwd(student, teacher, inputs, params, grad):
     trial_dest = trial_destination(grad, s_rows)
     fused = pick_row_config(key + (True,), s_rows.vocab, device, lambda c: run(c, trial_rows, *trial_dest()),
                             itemsize)
-    coef = torch.empty_like(inputs.weight)
-    coef_h = torch.empty_like(inputs.weight) if params.entropy_coef != 0 else None
-    backward = bwd_launcher(s_rows, inputs.tokens, out["lse"], coef, coef_h, out["entropy"], temperature)
-    bwd_key = ("logprobs_bwd", student.dtype, grad.dtype, coef_h is not None)
-    bwd_config = pick_row_config(bwd_key, s_rows.vocab, device, lambda c: backward(c, trial_rows, *trial_dest()),
-                                 itemsize)
 
     def split(n_rows, dest, dest_strides):
+        # Set up only where it runs (timed, or chosen): the fused strategy needs none of it.
+        coef = torch.empty_like(inputs.weight)
+        coef_h = torch.empty_like(inputs.weight) if params.entropy_coef != 0 else None
+        backward = bwd_launcher(s_rows, inputs.tokens, out["lse"], coef, coef_h, out["entropy"], temperature)
+        bwd_key = ("logprobs_bwd", student.dtype, grad.dtype, coef_h is not None)
+        bwd_config = pick_row_config(bwd_key, s_rows.vocab, device,
+                                     lambda c: backward(c, trial_rows, *trial_dest()), itemsize)
         run(plain, n_rows)
         _backward_coefficients(inputs, params, out, coef, coef_h)
         backward(bwd_config, n_rows, dest, dest_strides)
