@@ -57,7 +57,7 @@ def slab_size(vocab: int, rows: int, device: torch.device, size: int | None = No
     if size is None:
         cols = max(ALIGN, SLAB_BYTES.get(device.type, SLAB_BYTES_OTHER) // (4 * max(rows, 1)) // ALIGN * ALIGN)
         slabs = -(-vocab // cols)
-        size = -(-vocab // slabs + ALIGN - 1) // ALIGN * ALIGN
+        size = -(-(-(-vocab // slabs)) // ALIGN) * ALIGN
     return max(1, min(int(size), vocab))
 
 
