@@ -21,6 +21,8 @@ columns. Then ``dH[chunk] = dz @ W``, ``dW += dz^T @ h``, ``db += sum(dz)`` (``c
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..launch import common
@@ -56,8 +58,8 @@ def slab_size(vocab: int, rows: int, device: torch.device, size: int | None = No
     size = SLAB_SIZE if size is None else size
     if size is None:
         cols = max(ALIGN, SLAB_BYTES.get(device.type, SLAB_BYTES_OTHER) // (4 * max(rows, 1)) // ALIGN * ALIGN)
-        slabs = -(-vocab // cols)
-        size = -(-(-(-vocab // slabs)) // ALIGN) * ALIGN
+        per_slab = math.ceil(vocab / math.ceil(vocab / cols))
+        size = math.ceil(per_slab / ALIGN) * ALIGN
     return max(1, min(int(size), vocab))
 
 
