@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import test_linear
 import torch
 from test_linear import BLOCK, check_against_reference, logits64, make_linear_case
 from test_linear_skipping import assert_same, grads_of, zero_advantages
@@ -190,6 +191,30 @@ def test_large_logits(dtype, device, backend, slabs):
     case.weight = (case.weight.float() * 25).to(dtype)
     slabs(16)
     check_against_reference(case, dtype)
+
+
+# The fused-linear tests of errors and edge cases, rerun on slabs (they take the schedule from the module).
+EDGE_CASES = [
+    ("test_fully_masked_batch", {}),
+    ("test_empty_batch", {}),
+    ("test_no_grad_frozen_weight_and_detached_inputs", {}),
+    ("test_backward_twice_is_refused", {}),
+    ("test_token_ids_out_of_range", {"bad_id": 37}),
+    ("test_token_ids_out_of_range", {"bad_id": -1}),
+    ("test_non_finite_hidden_states_are_reported", {"which": "student_hidden"}),
+    ("test_non_finite_hidden_states_are_reported", {"which": "teacher_hidden"}),
+    ("test_equals_rlsd_loss_on_materialised_logits", {}),
+    ("test_sequence_options_on_packed_tokens", {}),
+    ("test_normalizer", {}),
+]
+
+
+@pytest.mark.parametrize("name, kwargs", EDGE_CASES, ids=[n[5:] + "".join(f"-{v}" for v in k.values())
+                                                          for n, k in EDGE_CASES])
+def test_linear_edge_cases_on_slabs(name, kwargs, device, backend, slabs):
+    calls = slabs(16)
+    getattr(test_linear, name)(device=device, backend=backend, **kwargs)
+    assert calls or name == "test_empty_batch"
 
 
 def test_opsd_keeps_chunk_schedule(device, slabs):
