@@ -116,13 +116,14 @@ class Slabs:
         (gradient rows ``[n, V]``) the slab softmax of the first ``n`` student rows goes there."""
         c, tau = h.shape[0], self.temperature
         stacked = h if t is None else torch.cat([h, t])
+        # One statistics launch per slab for both models' rows (the teacher's entropy, if computed, unused).
+        ids = scored if t is None else torch.cat([scored, scored])
         student, teacher = [], []
         for a, b in self.bounds:
             z = self.logits(stacked, a, b)
-            s = partial_stats(z[:c], scored, a, tau, k > 3)[0]
-            student.append(s[:k])
-            if t is not None:
-                teacher.append(partial_stats(z[c:], scored, a, tau, False)[0][:3])
+            s = partial_stats(z, ids, a, tau, k > 3)[0]
+            student.append(s[:k, :c])
+            teacher.append(s[:3, c:])
             if write is not None and write.shape[0]:
                 n = write.shape[0]
                 slab_probs(z[:n], s[0, :n], s[1, :n], tau, write[:, a:b])
