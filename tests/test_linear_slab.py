@@ -42,6 +42,8 @@ def slabs(monkeypatch):
 
 
 def slab_widths(vocab, size):
+    """The slabs' widths; ``size`` None: the budget's, one slab at the tests' vocabularies on the CPU."""
+    size = vocab if size is None else size
     return [min(size, vocab - a) for a in range(0, vocab, size)]
 
 
@@ -55,6 +57,7 @@ AXES = [
     dict(slab=10, layout="packed", chunk_size=5, mask="float", temperature=0.7, lam=0.5),
     dict(slab=7, vocab=45, hidden_size=16, ratio=None, dual_clip=None, mask="none"),
     dict(slab=1, vocab=BLOCK + 1, bias=False, chunk_size=3),
+    dict(slab=None, chunk_size=None),
 ]
 
 
