@@ -182,8 +182,8 @@ fi
 
 # ---------------------------------------------------------------------------------------------------
 # 6. The schedule of the fused linear form (issue 15), with LINEAR_CHECK=1 only, after the parts above
-#    (time box LINEAR_S, default 150 s). NOT YET RUN ON A GPU: written and run on CPU at tiny sizes
-#    (DRY_RUN=1) only. At N = 8192, H = 4096, V = 151,936, bf16, teacher included, 10% masked rows:
+#    (time boxes LINEAR_SLAB_S for f, default 200 s, then LINEAR_S for a-e, default 150 s). NOT YET
+#    RUN ON A GPU: written and run on CPU at tiny sizes (DRY_RUN=1) only. At N = 8192, H = 4096, V = 151,936, bf16, teacher included, 10% masked rows:
 #    a. the profiler's breakdown of one rlsd_linear_loss fwd+bwd by GEMM role (teacher logits,
 #       student logits, dH, dW; roles told apart by the matmuls' shapes) with each role's TFLOP/s;
 #    b. chunk_size 256 / 512 / 1024 (the fitted model says 92 / 71 / 67 ms), time and peak extra;
@@ -191,20 +191,29 @@ fi
 #       and on one without (skipping must then cost nothing);
 #    d. TFLOP/s of torch.mm at the planned shapes (M = 256, 512 logits; dH; dW);
 #    e. dW accumulated in float32 (forms/linear.py: DW_FP32_BYTES) at a size where it fits: it runs
-#       (torch.addmm with out_dtype on CUDA) and its error against float64 beside the bf16 default.
-#    QUICK=1 LINEAR_CHECK=1 bash bench/gpu_check.sh keeps the whole run near 8 minutes (300 s + this).
+#       (torch.addmm with out_dtype on CUDA) and its error against float64 beside the bf16 default;
+#    f. the slab schedule (forms/slab.py, opt-in: forms/linear.py: SCHEDULE) against the chunk schedule:
+#       its values beside the chunk schedule's (loss, dH, dW), the profiler breakdown of (a) on slabs,
+#       time and peak extra at N = 8192 (chunk_size 256 and the slab default 384) and at one sequence
+#       of N = 32,768, with torch.compile of the naive loss beside them (the issue's peer to beat).
+#    QUICK=1 LINEAR_CHECK=1 bash bench/gpu_check.sh: about 300 s + these two parts.
 if [ "${LINEAR_CHECK:-0}" != 0 ]; then
-LINEAR_PY=$(cat <<'EOF'
-import math, time
+LINEAR_SETUP=$(cat <<'EOF'
+import math, sys, time
 import torch
 import rlsd_kernels
+sys.path.insert(0, "bench")
+import providers
 from rlsd_kernels import reference
-from rlsd_kernels.forms import linear, rows
+from rlsd_kernels.forms import linear, rows, slab
 
 cuda = torch.cuda.is_available()
 dev = "cuda" if cuda else "cpu"
 N, H, V, SEQ = (8192, 4096, 151936, 512) if cuda else (256, 32, 512, 32)
 CHUNKS = (256, 512, 1024) if cuda else (32, 64, 128)
+SLAB_CHUNK = slab.default_chunk_size(V, torch.device(dev), torch.bfloat16) if cuda else 48
+if not cuda:
+    slab.SLAB_SIZE = 96  # several slabs, the last narrower, at the dry run's vocabulary
 g = torch.Generator(device=dev).manual_seed(0)
 hidden = torch.randn(N, H, device=dev, generator=g).bfloat16().requires_grad_()
 teacher = (hidden.detach().float() + 0.5 * torch.randn(N, H, device=dev, generator=g)).bfloat16()
@@ -236,27 +245,32 @@ def timed(fn, reps=5):
     return sorted(times)[reps // 2], peak
 
 # a. the profiler breakdown of one call by GEMM role
-step(); sync()
-acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
-    step(); sync()
-roles = {}
-for e in prof.key_averages(group_by_input_shape=True):
-    us = e.device_time_total if cuda else e.cpu_time_total
-    if e.key in ("aten::mm", "aten::addmm", "aten::addmm_"):
-        shapes = [s for s in e.input_shapes if len(s) == 2]
-        a, b = shapes[1:3] if "addmm" in e.key else shapes[:2]
-        if b == [H, V] or (a[1] == H and b[0] == H):
-            role = f"logits M={a[0]}"
-        elif a[1] == V:
-            role = "dH"
-        else:
-            role = "dW"
-        flops = 2 * a[0] * a[1] * b[1] * e.count
-        r = roles.setdefault(role, [0, 0.0, 0.0]); r[0] += e.count; r[1] += us; r[2] += flops
-for role, (n, us, flops) in sorted(roles.items()):
-    print(f"a. {role:16s} {n:4d} calls {us / 1e3:9.2f} ms  {flops / us / 1e6 if us else 0:8.1f} TFLOP/s")
-print(prof.key_averages().table(sort_by="device_time_total" if cuda else "cpu_time_total", row_limit=12))
+def breakdown(tag, **kw):
+    step(**kw); sync()
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
+        step(**kw); sync()
+    roles = {}
+    for e in prof.key_averages(group_by_input_shape=True):
+        us = e.device_time_total if cuda else e.cpu_time_total
+        if e.key in ("aten::mm", "aten::addmm", "aten::addmm_"):
+            shapes = [s for s in e.input_shapes if len(s) == 2]
+            a, b = shapes[1:3] if "addmm" in e.key else shapes[:2]
+            if b == [H, V] or (a[1] == H and b[0] == H):
+                role = f"logits M={a[0]}"
+            elif a[1] == V:
+                role = "dH"
+            else:
+                role = "dW"
+            flops = 2 * a[0] * a[1] * b[1] * e.count
+            r = roles.setdefault(role, [0, 0.0, 0.0]); r[0] += e.count; r[1] += us; r[2] += flops
+    for role, (n, us, flops) in sorted(roles.items()):
+        print(f"{tag} {role:16s} {n:4d} calls {us / 1e3:9.2f} ms  {flops / us / 1e6 if us else 0:8.1f} TFLOP/s")
+    print(prof.key_averages().table(sort_by="device_time_total" if cuda else "cpu_time_total", row_limit=12))
+EOF
+)
+LINEAR_CHUNK_PY=$(cat <<'EOF'
+breakdown("a.")
 
 # b. chunk sizes; c. skipping on and off
 for c in CHUNKS:
@@ -294,7 +308,60 @@ for budget in (0, 1 << 40):
     rlsd_kernels.rlsd_linear_loss(x, w, y, a2, teacher_logprobs=lp_t, chunk_size=n2 // 32).backward()
     err = float((w.grad.double() - w64.grad).norm() / w64.grad.norm())
     print(f"e. dW {'float32' if budget else 'bf16   '} accumulator, 32 chunks: relative error {err:.3%}")
+linear.DW_FP32_BYTES[dev] = 0
 EOF
 )
-  part "linear schedule" "${LINEAR_S:-150}" "$PY" -c "$LINEAR_PY"
+LINEAR_SLAB_PY=$(cat <<'EOF'
+# f. the slab schedule against the chunk schedule
+rows.SKIP = None
+def values(schedule, chunk):
+    linear.SCHEDULE = schedule
+    loss = rlsd_kernels.rlsd_linear_loss(hidden, weight, tokens, adv, teacher_hidden=teacher, mask=mask,
+                                         chunk_size=chunk)
+    return [loss.detach().float()] + [x.float() for x in torch.autograd.grad(loss, (hidden, weight))]
+ref_vals = values("chunk", CHUNKS[0])
+for chunk in (CHUNKS[0], SLAB_CHUNK):
+    diffs = [float((a - b).norm() / b.norm()) for a, b in zip(values("slab", chunk), ref_vals)]
+    print(f"f. slab chunk_size={chunk}: relative difference to the chunk schedule: loss {diffs[0]:.2e} "
+          f"dH {diffs[1]:.2e} dW {diffs[2]:.2e}")
+del ref_vals
+linear.SCHEDULE = "slab"
+breakdown("f. slab", chunk_size=SLAB_CHUNK)
+for schedule, chunk in (("chunk", CHUNKS[0]), ("slab", CHUNKS[0]), ("slab", SLAB_CHUNK)):
+    linear.SCHEDULE = schedule
+    ms, gb = timed(lambda c=chunk: step(chunk_size=c))
+    print(f"f. N={N} {schedule:5s} chunk_size={chunk:4d}: {ms:8.2f} ms  peak extra {gb:.3f} GB")
+linear.SCHEDULE = None
+naive = torch.compile(providers.naive_linear_rlsd) if cuda else providers.naive_linear_rlsd
+NAIVE = "torch.compile of the naive loss" if cuda else "the naive loss (eager)"
+
+def naive_step():
+    loss = naive(hidden, teacher, weight, tokens, torch.zeros(N, device=dev), adv, mask.float())
+    return torch.autograd.grad(loss, (hidden, weight))
+
+ms, gb = timed(naive_step)
+print(f"f. N={N} {NAIVE}: {ms:8.2f} ms  peak extra {gb:.3f} GB")
+del hidden, teacher, tokens, mask, adv, adv_skip, seq
+if cuda:
+    torch.cuda.empty_cache()
+N = 4 * N  # one sequence of 32,768 tokens on a GPU
+hidden = torch.randn(N, H, device=dev, generator=g).bfloat16().requires_grad_()
+teacher = (hidden.detach().float() + 0.5 * torch.randn(N, H, device=dev, generator=g)).bfloat16()
+tokens = torch.randint(0, V, (N,), device=dev, generator=g)
+mask = torch.rand(N, device=dev, generator=g) > 0.1
+adv = torch.full((N,), 0.5, device=dev)
+for schedule, chunk in (("chunk", CHUNKS[0]), ("chunk", CHUNKS[0] // 2), ("slab", SLAB_CHUNK), ("slab", CHUNKS[0])):
+    linear.SCHEDULE = schedule
+    ms, gb = timed(lambda c=chunk: step(a=adv, chunk_size=c), reps=3)
+    print(f"f. N={N} one sequence {schedule:5s} chunk_size={chunk:4d}: {ms:8.2f} ms  peak extra {gb:.3f} GB")
+linear.SCHEDULE = None
+ms, gb = timed(naive_step, reps=3)
+print(f"f. N={N} {NAIVE}: {ms:8.2f} ms  peak extra {gb:.3f} GB")
+EOF
+)
+  # The slab schedule first: it is what the next GPU run has to decide (each part is cut alone).
+  part "linear slab schedule" "${LINEAR_SLAB_S:-200}" "$PY" -c "$LINEAR_SETUP
+$LINEAR_SLAB_PY"
+  part "linear schedule" "${LINEAR_S:-150}" "$PY" -c "$LINEAR_SETUP
+$LINEAR_CHUNK_PY"
 fi

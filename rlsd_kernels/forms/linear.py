@@ -7,6 +7,10 @@ gradient buffer shares the memory, see ``_tiles``), write the chunk's logit grad
 chunk's own buffer, and the chunk's gradients are added right away: ``dH[chunk] = dz @ W``,
 ``dW += dz^T @ h``, ``db += sum(dz)``. Rows with zero weight are skipped, and rows without a
 logit gradient take no part in dH and dW (``rows.py``). Eager only.
+
+That is the chunk schedule, the default. The slab schedule (``slab.py``), opt-in through
+``SCHEDULE`` or ``LinearForm(schedule="slab")``, runs the policy loss and the per-token backward
+over vocabulary slabs instead; the other calls keep the chunk schedule.
 """
 
 from __future__ import annotations
@@ -19,6 +23,11 @@ from ..launch.logprobs import logprobs_bwd, logprobs_fwd
 from ..launch.terms import needs_sequence_pass, sequence_terms
 from ..reference import IGNORE_INDEX
 from . import rows as skip
+from . import slab as slabs
+from .chunks import DW_FP32_BYTES, DW_FP32_BYTES_OTHER, dw_in_fp32, logits_into, rows_of, token_chunks  # noqa: F401
+from .chunks import Grads as _Grads
+
+# DW_FP32_BYTES (the float32 dW budget, imported above) and the chunk machinery live in chunks.py.
 
 # Bytes for a chunk's buffers, by device type: a student tile and a gradient row per chunk row, and
 # for losses that pair the teacher's rows with the student's, a teacher tile too (docs/linear-form.md).
@@ -26,11 +35,25 @@ CHUNK_BYTES = {"cuda": 160 << 20}
 CHUNK_BYTES_OTHER = 16 << 20
 PAIRED_CHUNK_BYTES = {"cuda": 240 << 20}
 PAIRED_CHUNK_BYTES_OTHER = 24 << 20
-# Bytes a float32 accumulator of a half-precision weight's dW may take (4·V·H), by device type: within
-# it dW is summed over the chunks in float32 and rounded once, else in the weight's dtype, one rounding
-# per chunk (docs/linear-form.md: precision of dW). 0 keeps the measured default everywhere.
-DW_FP32_BYTES = {"cuda": 0}
-DW_FP32_BYTES_OTHER = 0
+# The schedule: "chunk" (the measured one) or "slab" (slab.py), for every call; None takes
+# DEFAULT_SCHEDULE by device type, "chunk" everywhere until a GPU run shows the slab schedule faster
+# (bench/gpu_check.sh, LINEAR_CHECK=1). A LinearForm's own ``schedule`` comes first.
+SCHEDULE = None
+DEFAULT_SCHEDULE = {"cuda": "chunk"}
+DEFAULT_SCHEDULE_OTHER = "chunk"
+SCHEDULES = ("chunk", "slab")
+
+
+def check_schedule(schedule):
+    if schedule is not None and schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be None or one of {SCHEDULES}, got {schedule!r}")
+    return schedule
+
+
+def schedule_for(device: torch.device, schedule=None) -> str:
+    """The schedule of a call on ``device``: ``schedule``, else ``SCHEDULE``, else the device's default."""
+    chosen = check_schedule(schedule if schedule is not None else SCHEDULE)
+    return chosen if chosen is not None else DEFAULT_SCHEDULE.get(device.type, DEFAULT_SCHEDULE_OTHER)
 
 
 def default_chunk_size(vocab: int, device: torch.device, dtype: torch.dtype, paired: bool = False) -> int:
@@ -63,115 +86,18 @@ def _tiles(rows, vocab, grad_dtype, device):
     return view(0, work_rows, torch.float32), None if grad_dtype is None else view(work_bytes, rows, grad_dtype)
 
 
-def dw_in_fp32(weight, choice=None):
-    """Whether dW of ``weight`` accumulates in float32: ``choice`` (True/False) or, for None, the budget."""
-    if weight.dtype == torch.float32:
-        return False  # it does anyway
-    if choice is not None:
-        return bool(choice)
-    return 0 < 4 * weight.numel() <= DW_FP32_BYTES.get(weight.device.type, DW_FP32_BYTES_OTHER)
-
-
-def logits_into(out, h, weight, bias):
-    """``out[:] = h @ weight.T + bias`` in float32, the matmul reading ``weight`` in place."""
-    if out.is_cuda:
-        torch.mm(h, weight.T, out_dtype=torch.float32, out=out)
-    else:
-        # No float32-output matmul for half types on CPU, where the sizes are small.
-        torch.mm(h.float(), weight.T.float(), out=out)
-    if bias is not None:
-        out.add_(bias)
-    return out
-
-
-def _chunks(x, size):
-    """``(rows, chunks)``: the most rows a chunk has, and an iterator of ``(flat token slice, [c, H]
-    rows of x)``. Chunks run across sequences when ``x`` views as ``[N, H]`` without a copy (a
-    ``hidden[:, :-1]`` slice does not), else within each sequence."""
-    try:
-        flat = x.view(-1, x.shape[-1])
-    except RuntimeError:
-        b, t = x.shape[:2]
-        return min(size, t), ((slice(i * t + s, i * t + min(s + size, t)), x[i, s : s + size])
-                              for i in range(b) for s in range(0, t, size))
-    n = flat.shape[0]
-    return min(size, n), ((slice(s, min(s + size, n)), flat[s : s + size]) for s in range(0, n, size))
-
-
-def _rows_of(x, sl):
-    """Rows ``sl`` (a flat token slice) of ``[B, T, H]`` or ``[N, H]`` hidden states ``x``: a view where
-    ``x`` views as ``[N, H]`` or the slice lies in one sequence, else a copy of the slice's rows (the
-    student's chunks cross sequences where the teacher's layout cannot)."""
-    try:
-        return x.view(-1, x.shape[-1])[sl]
-    except RuntimeError:
-        t = x.shape[1]
-        i, s = divmod(sl.start, t)
-        if sl.stop <= (i + 1) * t:
-            return x[i, s : s + sl.stop - sl.start]
-        idx = torch.arange(sl.start, sl.stop, device=x.device)
-        return x[idx // t, idx % t]
-
-
-class _Grads:
-    """dH, dW and db, added chunk by chunk from the chunk's logit gradient ``dz``."""
-
-    def __init__(self, hidden, weight, bias, needs, plan=None, fp32=False):
-        need_h, self.need_w, need_b = needs
-        self.weight, self.bias, self.fp32 = weight, bias, fp32
-        # With a plan the skipped rows get no dz: their dH rows are the zeros written here.
-        self.planned = plan is not None
-        alloc = common.empty if plan is None else torch.zeros
-        self.h = alloc(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
-        self.w = None
-        self.b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
-
-    def add(self, sl, dz, h, live, grads):
-        """Adds a chunk: ``dz`` [c, V], its hidden states ``h`` [c, H], ``live`` [c] its rows with a gradient
-        (None: all of them), ``grads`` how many of its first rows the sum takes (the rest have none)."""
-        if grads == 0:
-            return
-        dz, h, sl = dz[:grads], h[:grads], skip.sub(sl, slice(0, grads))
-        if self.h is not None:
-            dh = self.h.view(-1, self.h.shape[-1])
-            if isinstance(sl, slice):
-                torch.mm(dz, self.weight, out=dh[sl])  # [c, H]
-            else:
-                dh.index_copy_(0, sl, dz @ self.weight)
-        if self.need_w:
-            if live is not None:
-                # Rows without a gradient have dz = 0, but 0 * NaN is NaN: padding may hold anything.
-                h = torch.where(live[:, None], h, 0)
-            if self.fp32:
-                # Products and sums in float32; one rounding to the weight's dtype at the end.
-                if self.w is None:
-                    self.w = torch.zeros(self.weight.shape, dtype=torch.float32, device=self.weight.device)
-                if self.w.is_cuda:
-                    torch.addmm(self.w, dz.T, h, out_dtype=torch.float32, out=self.w)
-                else:
-                    self.w.addmm_(dz.T.float(), h.float())
-            else:
-                # One rounding of the running sum per chunk (docs/linear-form.md); the first chunk writes it.
-                self.w = dz.T @ h if self.w is None else self.w.addmm_(dz.T, h)  # [V, H]
-        if self.b is not None:
-            self.b += dz.sum(0, dtype=torch.float32)
-
-    def result(self):
-        if self.need_w and self.w is None and self.planned:
-            self.w = torch.zeros_like(self.weight)  # every row skipped
-        w = self.w.to(self.weight.dtype) if self.fp32 and self.w is not None else self.w
-        return self.h, w, None if self.b is None else self.b.to(self.bias.dtype)
-
-
 class LinearForm:
-    """``tensors`` is ``(hidden, weight, bias)``; the teacher's hidden states (or None), the chunk size
-    and ``dw_fp32`` (``dw_in_fp32``: True/False, or None for the memory budget) are attributes."""
+    """``tensors`` is ``(hidden, weight, bias)``; the teacher's hidden states (or None), the chunk size,
+    ``dw_fp32`` (``dw_in_fp32``: True/False, or None for the memory budget), ``schedule`` ("chunk",
+    "slab", or None for ``schedule_for``) and ``slab_size`` (columns per slab, None for
+    ``slab.slab_size``) are attributes."""
 
     eager_only = True
 
     def __init__(self, chunk, teacher=None, student_name="student_hidden", teacher_name="teacher_hidden",
-                 dw_fp32=None):
+                 dw_fp32=None, schedule=None, slab_size=None):
         self.chunk, self.teacher, self.dw_fp32 = chunk, teacher, dw_fp32
+        self.schedule, self.slab_size = check_schedule(schedule), slab_size
         self.names = {"tokens": "tokens", "student": f"logits of {student_name} @ weight.T",
                       "teacher": f"logits of {teacher_name} @ weight.T"}
 
@@ -195,7 +121,7 @@ class LinearForm:
         hidden, weight, bias = tensors
         source = self.teacher if which == "teacher" else hidden
         if plan is None:
-            rows, chunks = _chunks(source, self.chunk)
+            rows, chunks = token_chunks(source, self.chunk)
         else:
             m = plan.order.numel()
             rows = min(self.chunk, m)
@@ -221,7 +147,7 @@ class LinearForm:
         for sl, h in chunks:
             c = h.shape[0]
             if plan is None:
-                t, grads = (_rows_of(self.teacher, sl) if paired else None), c
+                t, grads = (rows_of(self.teacher, sl) if paired else None), c
             else:
                 t, grads = (skip.gather(self.teacher, sl) if paired else None), min(c, max(0, plan.grads - done))
             done += c
@@ -279,7 +205,14 @@ class LinearForm:
     def which(self, loss):
         return "pair" if self.teacher is not None and loss.pairs_teacher else "student"
 
+    def on_slabs(self, tensors, loss=None):
+        """Whether this call runs on the slab schedule: the policy loss and the log-probs' backward
+        (``loss`` None) there; the OPSD losses keep the chunk schedule."""
+        return schedule_for(tensors[1].device, self.schedule) == "slab" and getattr(loss, "distill", None) is None
+
     def loss_forward(self, loss, tensors, inputs, needs, validate):
+        if self.on_slabs(tensors, loss):
+            return slabs.policy_forward(self, loss, tensors, inputs, needs, validate)
         inputs, t_flags = self._pre_passes(loss, tensors, inputs)
         outs, flags = [], []
         track = any(needs)
@@ -308,6 +241,9 @@ class LinearForm:
 
     def loss_backward(self, loss, tensors, tokens, stats, scale, needs):
         live = skip.gradient_rows(loss, tokens, stats, scale)
+        if self.on_slabs(tensors, loss):
+            return slabs.accumulate(self, tensors, tokens, lambda z, ids, rows, dest: loss.backward(
+                z, None, ids, {k: v[rows] for k, v in stats.items()}, scale[rows], out=dest), needs, live)
 
         def fn(zs, zt, rows, dest):
             loss.backward(zs, zt, tokens[rows], {k: v[rows] for k, v in stats.items()}, scale[rows], out=dest)
@@ -327,6 +263,10 @@ class LinearForm:
         if coef_h is not None:
             live |= coef_h != 0
         live &= tokens != IGNORE_INDEX
+        if self.on_slabs(tensors):
+            return slabs.accumulate(self, tensors, tokens, lambda z, ids, rows, dest: logprobs_bwd(
+                z, ids, lse[rows], coef[rows], None if coef_h is None else coef_h[rows],
+                None if entropy is None else entropy[rows], temperature, out=dest), needs, live)
 
         def fn(z, _, sl, dest):
             logprobs_bwd(z, tokens[sl], lse[sl], coef[sl], None if coef_h is None else coef_h[sl],
