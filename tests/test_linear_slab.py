@@ -247,3 +247,24 @@ def test_sizes_from_the_budget():
     cols = slab.slab_size(vocab, 2 * rows_, cuda)
     assert cols == 10880 and math.ceil(vocab / cols) == 14 and 4 * 2 * rows_ * cols <= 32 << 20
     assert slab.slab_size(100, 8, cuda) == 100 and slab.slab_size(100, 8, cuda, size=30) == 30
+
+
+def test_policy_loss_takes_the_slab_chunk_size(monkeypatch):
+    """Where the slab schedule is chosen, ``rlsd_linear_loss`` without ``chunk_size`` takes the slab
+    schedule's default chunk (its buffers' budget less the slab buffer), the other linear losses the
+    chunk schedule's; a given ``chunk_size`` wins everywhere."""
+    from rlsd_kernels.api import compose
+
+    monkeypatch.setattr(slab, "CHUNK_BYTES_OTHER", 64 << 20)
+    monkeypatch.setattr(slab, "SLAB_BYTES_OTHER", 8 << 20)
+    weight, hidden = torch.randn(4096, 16, dtype=torch.bfloat16), torch.randn(2, 8, 16, dtype=torch.bfloat16)
+    kw = dict(chunk_size=None, process_group=None, paired=False)
+    chunk_default = linear.default_chunk_size(4096, hidden.device, weight.dtype)
+    slab_default = slab.default_chunk_size(4096, hidden.device, weight.dtype)
+    assert slab_default != chunk_default
+    assert compose.linear_form(hidden, weight, None, None, policy=True, **kw)[0].chunk == chunk_default
+    monkeypatch.setattr(linear, "SCHEDULE", "slab")
+    assert compose.linear_form(hidden, weight, None, None, policy=True, **kw)[0].chunk == slab_default
+    assert compose.linear_form(hidden, weight, None, None, **kw)[0].chunk == chunk_default
+    kw["chunk_size"] = 128
+    assert compose.linear_form(hidden, weight, None, None, policy=True, **kw)[0].chunk == 128

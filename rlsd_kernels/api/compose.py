@@ -10,9 +10,10 @@ from ..call.inputs import check_tokens, prepare
 from ..call.losses import DistillLoss, PolicyLoss, empty_outputs
 from ..call.options import DistillOptions, PolicyOptions
 from ..flags import ERRORS
-from ..forms.linear import LinearForm, default_chunk_size
+from ..forms.linear import LinearForm, default_chunk_size, schedule_for
 from ..forms.logits import LogitsForm, slice_of_base
 from ..forms.sharded import ShardedForm
+from ..forms.slab import default_chunk_size as slab_chunk_size
 from ..launch.common import as_rows, check_tensor, raise_on_error_flags, same_rows, unpack_outputs
 
 PER_TOKEN_KEYWORDS = ("teacher_logprobs", "old_logprobs", "mask", "credit_mask", "rollout_logprobs", "ref_logprobs",
@@ -143,11 +144,19 @@ def check_linear(hidden, weight, bias, teacher, chunk_size, name="student_hidden
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
 
 
-def linear_form(hidden, weight, bias, teacher_hidden, *, chunk_size, process_group, paired, name="student_hidden"):
-    """``(form, tensors)`` for hidden states and the lm_head weight (and bias)."""
+def linear_form(hidden, weight, bias, teacher_hidden, *, chunk_size, process_group, paired, policy=False,
+                name="student_hidden"):
+    """``(form, tensors)`` for hidden states and the lm_head weight (and bias); ``policy`` for the policy
+    loss, which runs on the slab schedule where that is chosen (``linear.schedule_for``), with its
+    own default chunk size."""
     teacher = None if teacher_hidden is None else teacher_hidden.detach()
-    chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device, weight.dtype,
-                                             paired and teacher is not None)
+    vocab, device, dtype = weight.shape[0], hidden.device, weight.dtype
+    if chunk_size is not None:
+        chunk = chunk_size
+    elif policy and schedule_for(device) == "slab":
+        chunk = slab_chunk_size(vocab, device, dtype)
+    else:
+        chunk = default_chunk_size(vocab, device, dtype, paired and teacher is not None)
     form = LinearForm(chunk, teacher, student_name=name)
     if process_group is not None:
         form = ShardedForm(form, process_group)

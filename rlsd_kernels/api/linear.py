@@ -88,7 +88,7 @@ def rlsd_linear_loss(
     loss, call = describe(locals(), student_hidden.shape[:-1], student_hidden.device, tokens, advantages,
                           want_entropy=return_metrics, no_teacher=no_teacher)
     form, tensors = linear_form(student_hidden, weight, bias, teacher_hidden, chunk_size=chunk_size,
-                                process_group=process_group, paired=loss.pairs_teacher)
+                                process_group=process_group, paired=loss.pairs_teacher, policy=True)
     return run_loss(form, tensors, loss, call, return_metrics=return_metrics, validate=validate)
 
 
