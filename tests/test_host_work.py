@@ -183,3 +183,27 @@ def test_deferred_on_cuda_raises_at_the_next_call(pending):
     rlsd_kernels.rlsd_loss(student, teacher, good, adv, validate="deferred")
     compose.check_deferred()
     assert not pending
+
+
+def test_nothing_is_timed_while_a_cuda_graph_is_captured(monkeypatch):
+    """During a CUDA graph capture the tuner runs no trial (a timing run would be captured, and its
+    synchronisation is illegal there): a choice not yet made takes its default, uncached, and a
+    choice made before is kept."""
+    from rlsd_kernels.launch import tuning
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(tuning, "_cache", {})
+    monkeypatch.setattr(tuning, "autotune_enabled", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+
+    def trial(*_):
+        raise AssertionError("a trial ran during capture")
+
+    assert tuning.pick_row_config(("k",), 4096, cuda, trial) == tuning._heuristic(4096)
+    assert tuning.pick_choice(("c",), cuda, {"a": trial, "b": trial}, default="b") == "b"
+    assert tuning._cache == {}
+    chosen = tuning.RowConfig(2048, 4)
+    tuning._cache[(0, 4096, "k")] = chosen
+    tuning._cache[(0, "c")] = "a"
+    assert tuning.pick_row_config(("k",), 4096, cuda, trial) == chosen
+    assert tuning.pick_choice(("c",), cuda, {"a": trial, "b": trial}, default="b") == "a"

@@ -4,7 +4,8 @@ Triton's ``autotune`` re-runs a kernel on its real arguments, which is wrong for
 a gradient into their own input (``inplace_backward``) and costly to undo. The launchers instead
 hand this tuner a trial that runs a candidate on a prefix of the rows with scratch outputs; the
 winner is cached per key. Under the Triton interpreter, on CPU tensors, or with
-``RLSD_KERNELS_AUTOTUNE=0`` a single heuristic configuration is used.
+``RLSD_KERNELS_AUTOTUNE=0`` a single heuristic configuration is used; while a CUDA graph is being
+captured nothing is timed (``capturing``).
 """
 
 from __future__ import annotations
@@ -85,6 +86,13 @@ def autotune_enabled() -> bool:
     return os.environ.get("RLSD_KERNELS_AUTOTUNE", "1") != "0"
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on the current stream: nothing is timed then (a timing
+    run would be captured, and its synchronisation is illegal there), an untimed choice takes its
+    default and is not kept."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def pick_choice(key: tuple, device: torch.device, options: dict, default):
     """Times each ``options[name]()`` once per ``key`` on CUDA and returns the fastest name (cached).
 
@@ -95,6 +103,8 @@ def pick_choice(key: tuple, device: torch.device, options: dict, default):
         return default
     key = (device.index,) + tuple(key)
     if key not in _cache:
+        if capturing(device):
+            return default
         from triton.testing import do_bench
 
         timings = {}
@@ -116,6 +126,8 @@ def pick_row_config(key: tuple, vocab: int, device: torch.device, trial, itemsiz
     cached = _cache.get((device.index, vocab) + tuple(key))
     if cached is not None:
         return cached
+    if capturing(device):
+        return _heuristic(vocab)
     options = {config: (lambda c=config: trial(c)) for config in _candidates(vocab, itemsize)}
     return pick_choice((vocab,) + tuple(key), device, options, _heuristic(vocab))
 
