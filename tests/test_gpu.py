@@ -155,6 +155,27 @@ def test_cuda_graph_capture_and_replay():
         assert_grad_close(x.grad, y.grad, torch.bfloat16)
 
 
+def test_torch_compile_reduce_overhead():
+    """``torch.compile(mode="reduce-overhead")`` (CUDA graphs) of a step with ``validate=False``
+    gives the eager loss and gradient, call after call on new values in the same tensors."""
+    student, teacher, tokens, adv, mask = _inputs(1024, 32000, torch.bfloat16, seed=7)
+
+    def step(x, t, a):
+        return rlsd_kernels.rlsd_loss(x, t, tokens, a, mask=mask, validate=False)
+
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    for i in range(4):
+        t, a = teacher + 0.1 * i, adv.roll(i)
+        results = []
+        for fn in (step, compiled):
+            x = student.clone().requires_grad_()
+            loss = fn(x, t, a)
+            loss.backward()
+            results.append((loss.detach().clone(), x.grad))
+        assert_close(results[1][0], results[0][0], what="loss", **FP32)
+        assert_grad_close(results[1][1], results[0][1], torch.bfloat16)
+
+
 def test_bad_tokens_raise_on_gpu():
     student, teacher, tokens, adv, _ = _inputs(64, 1000, torch.bfloat16, seed=4)
     tokens[7] = 1000
