@@ -39,7 +39,7 @@ def _rlsd_fwd_kernel(
     T, stride_tb, stride_tt,
     dS, stride_db, stride_dt,
     tokens, adv, lp_t_in, lp_old_in, weight, credit_in, seq_ratio_in, rollout_in, log_is_in, ref_in,
-    out, out_stride, flags_out,
+    out, stride_out, flags_out,
     n_rows, seqlen, V, scale2, inv_temp,
     log_w_lo, log_w_hi, lam, clip_lo, clip_hi, dual_clip, log_tis_cap, kl_coef, entropy_coef,
     sapo_tau_pos, sapo_tau_neg,
@@ -128,17 +128,28 @@ def _rlsd_fwd_kernel(
             HAS_OLD, HAS_DUAL, CISPO, SAPO, CREDIT_OLD, HAS_CREDIT, SEQ_RATIO, IS_MODE, KL, ENTROPY_GRAD, row < n_rows,
         )
         # The outputs are the rows of ``out`` ([10, N] float32), in the order of ``launch/terms.py: OUTPUTS``.
+        # Each store's address from the previous one's: a product of the loop-invariant stride would
+        # be hoisted out of the row loop and held in registers through it.
         o = out + row
         tl.store(o, tl.where(active, loss, 0.0))
-        tl.store(o + out_stride, tl.where(active, lp_s, 0.0))
-        tl.store(o + 2 * out_stride, tl.where(active, lp_t, 0.0))
-        tl.store(o + 3 * out_stride, tl.where(active, lse2_s * LN2, 0.0))
-        tl.store(o + 4 * out_stride, tl.where(active, d_lp, 0.0))
-        tl.store(o + 5 * out_stride, tl.where(active, w, 0.0))
-        tl.store(o + 6 * out_stride, tl.where(active, ratio, 0.0))
-        tl.store(o + 7 * out_stride, tl.where(active, is_w, 0.0))
-        tl.store(o + 8 * out_stride, tl.where(active, kl, 0.0))
-        tl.store(o + 9 * out_stride, entropy)
+        o += stride_out
+        tl.store(o, tl.where(active, lp_s, 0.0))
+        o += stride_out
+        tl.store(o, tl.where(active, lp_t, 0.0))
+        o += stride_out
+        tl.store(o, tl.where(active, lse2_s * LN2, 0.0))
+        o += stride_out
+        tl.store(o, tl.where(active, d_lp, 0.0))
+        o += stride_out
+        tl.store(o, tl.where(active, w, 0.0))
+        o += stride_out
+        tl.store(o, tl.where(active, ratio, 0.0))
+        o += stride_out
+        tl.store(o, tl.where(active, is_w, 0.0))
+        o += stride_out
+        tl.store(o, tl.where(active, kl, 0.0))
+        o += stride_out
+        tl.store(o, entropy)
         tl.store(flags_out + row, flags | tl.where(active, clip_flags, 0))
 
         if WRITE_GRAD:

@@ -174,23 +174,22 @@ def as_rows(logits: torch.Tensor, name: str) -> Rows:
             stacklevel=4,
         )
         logits = logits.contiguous()
-    if logits.dim() == 3:
-        b, t, v = logits.shape
-        return Rows(logits, b, t, v, logits.stride(0), logits.stride(1))
-    n, v = logits.shape
-    return Rows(logits, 1, n, v, 0, logits.stride(0))
+    return _rows(logits, logits.shape, logits.stride())
 
 
 def rows_of(x: torch.Tensor) -> Rows:
     """``as_rows`` without its checks, for the launchers: their tensors come checked from an entry
     point (a vocabulary stride other than 1 still goes through ``as_rows``, which copies)."""
-    if x.stride(-1) != 1:
+    shape, strides = x.shape, x.stride()
+    if strides[-1] != 1:
         return as_rows(x, "logits")
-    if x.dim() == 3:
-        b, t, v = x.shape
-        return Rows(x, b, t, v, x.stride(0), x.stride(1))
-    n, v = x.shape
-    return Rows(x, 1, n, v, 0, x.stride(0))
+    return _rows(x, shape, strides)
+
+
+def _rows(x, shape, strides):
+    if len(shape) == 3:
+        return Rows(x, shape[0], shape[1], shape[2], strides[0], strides[1])
+    return Rows(x, 1, shape[0], shape[1], 0, strides[0])
 
 
 def same_rows(rows: Rows, other: torch.Tensor, name: str, student_name: str) -> Rows:
