@@ -12,7 +12,10 @@ host to defer it) and ``False``, and writes a CSV under ``bench/results/cpu/`` (
 On CPU the tensors need no kernel at all; with ``--device cuda`` the same stubs run on CUDA
 tensors, where the validation's device-to-host read is real (but waits on nothing, the kernels
 being stubbed). The stub writes zeros into the int32 arguments (the kernels' flags) outside the
-count and the timing's ATen ops, so that validation finds no error bits.
+count and the timing's ATen ops, so that validation finds no error bits. On CPU the timing serves
+blocks of 1 MiB or more from a cache, as the CUDA caching allocator does on a GPU
+(``CachedLargeBlocks``; ``--plain-alloc`` times glibc's own allocation instead); the op counts
+include every allocation either way.
 
     python bench/host_overhead.py                      # N = 1024, V = 151,936, bf16, CPU
     python bench/host_overhead.py --vocab 4096 --calls 500
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib
+import math
 import os
 import statistics
 import sys
@@ -145,18 +149,44 @@ def count_ops(fn, *args) -> Counter:
         _counter = None
 
 
-def measure(fn, validate, calls, device):
+class CachedLargeBlocks:
+    """``common.empty`` for the timing on CPU: a block of 1 MiB or more comes back from a cache of
+    freed blocks of its shape, as the CUDA caching allocator hands blocks out on a GPU. On CPU glibc
+    maps and unmaps every such block (the gradient of N = 1024 rows at V = 151,936 is 311 MB),
+    which a GPU never pays: about 30 us per call here, and the caches it flushes."""
+
+    def __init__(self, real):
+        self.real, self.blocks = real, {}
+
+    def __call__(self, shape, *, dtype, device):
+        shape = tuple(shape)
+        if device.type != "cpu" or math.prod(shape) * dtype.itemsize < (1 << 20):
+            return self.real(shape, dtype=dtype, device=device)
+        block = self.blocks.get((shape, dtype))
+        # Free when nothing but the cache holds its storage (2: the cache's tensor and the query's).
+        if block is None or torch._C._storage_Use_Count(block.untyped_storage()._cdata) != 2:
+            block = self.blocks[(shape, dtype)] = self.real(shape, dtype=dtype, device=device)
+        return block
+
+
+def measure(fn, validate, calls, device, cached=True):
     for _ in range(5):
         fn(validate)
     ops = count_ops(fn, validate)
     times = []
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(calls):
-        sync()
-        t0 = time.perf_counter()
-        fn(validate)
-        sync()
-        times.append(time.perf_counter() - t0)
+    real = common.empty
+    if cached and device.type == "cpu":
+        common.empty = CachedLargeBlocks(real)
+    try:
+        for _ in range(calls):
+            sync()
+            t0 = time.perf_counter()
+            fn(validate)
+            sync()
+            times.append(time.perf_counter() - t0)
+    finally:
+        common.empty = real
     return sum(ops.values()), statistics.median(times) * 1e6, ops
 
 
@@ -169,6 +199,8 @@ def main(argv=None):
     p.add_argument("--calls", type=int, default=300)
     p.add_argument("--variants", default="default,trainer")
     p.add_argument("--ops", action="store_true", help="print the ATen ops of each call by name")
+    p.add_argument("--plain-alloc", action="store_true",
+                   help="on CPU, time with glibc's allocation of large blocks (default: cached, as on a GPU)")
     p.add_argument("--out", default=None, help="CSV path (default bench/results/<device>/host_overhead.csv)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -179,7 +211,7 @@ def main(argv=None):
         for variant in args.variants.split(","):
             fn = make_call(args.n, args.vocab, getattr(torch, args.dtype), device, variant)
             for validate in (True, "deferred", False):
-                count, us, ops = measure(fn, validate, args.calls, device)
+                count, us, ops = measure(fn, validate, args.calls, device, cached=not args.plain_alloc)
                 rows.append(dict(variant=variant, validate=validate, n=args.n, vocab=args.vocab, dtype=args.dtype,
                                  device=device.type, aten_ops=count, us_per_call=round(us, 1)))
                 if args.ops:
