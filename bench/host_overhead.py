@@ -19,6 +19,9 @@ include every allocation either way.
 
     python bench/host_overhead.py                      # N = 1024, V = 151,936, bf16, CPU
     python bench/host_overhead.py --vocab 4096 --calls 500
+
+The ``floor`` variant is the least the default call does, written out by hand with the same stubs
+and autograd (``_Floor``): what a call could cost with no checks and no layers.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 import rlsd_kernels  # noqa: E402
 from rlsd_kernels.launch import common  # noqa: E402
+from rlsd_kernels.launch import rlsd as rlsd_launch  # noqa: E402
 
 LAUNCH_MODULES = ("logprobs", "rlsd", "opsd")
 
@@ -113,8 +117,41 @@ def stub_kernels():
     return restore
 
 
+class _Floor(torch.autograd.Function):
+    """The least the default call does, written out with no checks and no layers: flat ids,
+    broadcast advantages, mask and token-mean weights, the packed outputs, the flags and the
+    gradient allocated, one launch, the loss as a dot product; the backward's scale launch."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, tokens, advantages):
+        ctx.set_materialize_grads(False)
+        b, t, v = student.shape
+        n = b * t
+        flat = tokens.view(-1)
+        adv = advantages.reshape(b, 1).expand(b, t).reshape(-1)
+        mask = (flat != -100).float()
+        weight = mask / mask.sum().clamp_min(1.0)
+        packed = common.empty((10, n), dtype=torch.float32, device=student.device)
+        flags = common.empty((n,), dtype=torch.int32, device=student.device)
+        grad = common.empty(student.shape, dtype=student.dtype, device=student.device)
+        rlsd_launch._rlsd_fwd_kernel[(n,)](
+            student, t * v, v, teacher, t * v, v, grad, t * v, v, flat, adv, adv, adv, weight, *([adv] * 5),
+            packed, n, flags, n, t, v, 1.0, 1.0, *([0.0] * 11), WRITE_GRAD=True, BLOCK_V=8192)
+        ctx.grad = grad.detach()
+        ctx.mark_non_differentiable(packed, flags)
+        return torch.dot(weight, packed[0]), packed, flags
+
+    @staticmethod
+    def backward(ctx, grad_value, *unused):
+        grad, ctx.grad = ctx.grad, None
+        b, t, v = grad.shape
+        rlsd_launch._scale_kernel[(b * t,)](grad, t * v, v, grad_value, b * t, t, v, BLOCK_V=4096)
+        return grad, None, None, None
+
+
 def make_call(n, vocab, dtype, device, variant):
-    """``(fn, student)``: ``fn()`` runs one forward and backward of the variant's call."""
+    """``(fn, student)``: ``fn()`` runs one forward and backward of the variant's call (``floor``:
+    the hand-written least of the default call, ``_Floor``; it ignores ``validate``)."""
     seq = 128 if n % 128 == 0 else n
     b = n // seq
     g = torch.Generator().manual_seed(0)
@@ -131,7 +168,10 @@ def make_call(n, vocab, dtype, device, variant):
 
     def fn(validate):
         student.grad = None
-        loss = rlsd_kernels.rlsd_loss(student, teacher, tokens, advantages, validate=validate, **extra)
+        if variant == "floor":
+            loss = _Floor.apply(student, teacher, tokens, advantages)[0]
+        else:
+            loss = rlsd_kernels.rlsd_loss(student, teacher, tokens, advantages, validate=validate, **extra)
         loss.backward()
 
     return fn
@@ -197,7 +237,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--calls", type=int, default=300)
-    p.add_argument("--variants", default="default,trainer")
+    p.add_argument("--variants", default="default,trainer,floor")
     p.add_argument("--ops", action="store_true", help="print the ATen ops of each call by name")
     p.add_argument("--plain-alloc", action="store_true",
                    help="on CPU, time with glibc's allocation of large blocks (default: cached, as on a GPU)")
@@ -210,7 +250,7 @@ def main(argv=None):
     try:
         for variant in args.variants.split(","):
             fn = make_call(args.n, args.vocab, getattr(torch, args.dtype), device, variant)
-            for validate in (True, "deferred", False):
+            for validate in (True, "deferred", False) if variant != "floor" else (False,):
                 count, us, ops = measure(fn, validate, args.calls, device, cached=not args.plain_alloc)
                 rows.append(dict(variant=variant, validate=validate, n=args.n, vocab=args.vocab, dtype=args.dtype,
                                  device=device.type, aten_ops=count, us_per_call=round(us, 1)))

@@ -48,6 +48,39 @@ def test_ops_per_call_bounded(stubbed, validate, variant):
     assert sum(ops_.values()) <= MAX_OPS[validate] + extra, dict(ops_)
 
 
+def test_default_call_does_no_more_aten_work_than_the_floor(stubbed):
+    """Without validation the default call dispatches no ATen op beyond the hand-written least it
+    must do (``host_overhead._Floor``): its extra host cost is Python alone."""
+    counts = {}
+    for variant in ("default", "floor"):
+        fn = host_overhead.make_call(256, 512, torch.bfloat16, torch.device("cpu"), variant)
+        fn(False)
+        counts[variant] = host_overhead.count_ops(fn, False)
+    assert sum(counts["default"].values()) <= sum(counts["floor"].values()), counts
+
+
+def test_cached_blocks_reuse_only_freed_storage():
+    """The timing's allocator emulation hands a large block out again only once nothing holds its
+    storage (a view or a detached alias keeps it), and small blocks always come fresh."""
+    cache = host_overhead.CachedLargeBlocks(lambda shape, *, dtype, device: torch.empty(shape, dtype=dtype,
+                                                                                      device=device))
+    cpu, shape = torch.device("cpu"), (512, 1024)
+
+    def storage(x):
+        return x.untyped_storage().data_ptr()
+
+    a = cache(shape, dtype=torch.float32, device=cpu)
+    alias, first = a.detach()[1:], storage(a)
+    del a
+    b = cache(shape, dtype=torch.float32, device=cpu)  # the first block is still held by the alias
+    second = storage(b)
+    assert second != first and storage(alias) == first
+    del alias, b
+    assert storage(cache(shape, dtype=torch.float32, device=cpu)) == second  # freed: handed out again
+    cache((4,), dtype=torch.float32, device=cpu)
+    assert list(cache.blocks) == [(shape, torch.float32)]
+
+
 @pytest.mark.parametrize("loss_agg", ["token-mean", "none"])
 def test_backward_fills_no_gradient_of_unused_outputs(stubbed, loss_agg):
     """The per-token outputs and flags are non-differentiable and the Functions do not materialise
