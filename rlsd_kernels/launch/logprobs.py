@@ -9,7 +9,7 @@ import torch
 from ..kernels.logprobs import _logprobs_bwd_kernel, _logprobs_fwd_kernel
 from . import common, torch_rows
 from .common import rows_of, use_triton
-from .tuning import TRIAL_ROWS, pick_choice, pick_row_config
+from .tuning import TRIAL_ROWS, known_choice, pick_choice, pick_row_config
 
 
 def logprobs_fwd(logits, tokens, temperature, entropy):
@@ -101,10 +101,13 @@ def fused_or_split(key, device, grad, n_rows, trial_rows, trial_dest, fused, spl
     """Writes the gradient of ``n_rows`` rows into ``grad`` with the faster of two strategies, timed
     once per ``key`` on a prefix of the rows: ``fused(n_rows, dest, dest_strides)`` (the forward
     program writes it) or ``split(...)`` (the forward, then the row backward kernel)."""
-    strategies = {"fused": lambda: fused(trial_rows, *trial_dest()), "split": lambda: split(trial_rows, *trial_dest())}
+    key = key + ("strategy",)
+    choice = known_choice(key, device, ("fused", "split"), "fused")
+    if choice is None:
+        choice = pick_choice(key, device, {"fused": lambda: fused(trial_rows, *trial_dest()),
+                                           "split": lambda: split(trial_rows, *trial_dest())}, default="fused")
     g_rows = rows_of(grad)
-    chosen = fused if pick_choice(key + ("strategy",), device, strategies, default="fused") == "fused" else split
-    chosen(n_rows, grad, (g_rows.stride_b, g_rows.stride_t))
+    (fused if choice == "fused" else split)(n_rows, grad, (g_rows.stride_b, g_rows.stride_t))
 
 
 def logprobs_bwd(logits, tokens, lse, coef, coef_h, entropy, temperature, out=None):

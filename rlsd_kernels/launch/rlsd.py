@@ -42,18 +42,19 @@ def rlsd_fwd(student, teacher, inputs, params, grad):
     entropy = bool(params.want_entropy)
     adv = inputs.adv
 
+    # Every argument but the destination and the row count, gathered once for all the launches.
+    head = (student, s_rows.stride_b, s_rows.stride_t,
+            *((teacher, t_rows.stride_b, t_rows.stride_t) if t_rows is not None else (student, 0, 0)))
+    per_token = (inputs.tokens, adv, optional(inputs.lp_t, adv), optional(inputs.lp_old, adv), inputs.weight,
+                 optional(inputs.credit, adv), optional(inputs.seq_ratio, adv), optional(inputs.rollout, adv),
+                 optional(inputs.log_is, adv), optional(inputs.ref, adv), packed, n, flags)
+    tail = (s_rows.seqlen, s_rows.vocab, 1.4426950408889634 / temperature, 1.0 / temperature, *scalars)
+    meta = dict(HAS_T_LOGITS=teacher is not None, ENTROPY=entropy, **row_flags)
+
     def run(config, n_rows, dest=None, dest_strides=(0, 0)):
         _rlsd_fwd_kernel[config.grid(n_rows, device)](
-            student, s_rows.stride_b, s_rows.stride_t,
-            teacher if teacher is not None else student,
-            *((t_rows.stride_b, t_rows.stride_t) if t_rows is not None else (0, 0)),
-            dest if dest is not None else student, *dest_strides,
-            inputs.tokens, adv, *(optional(getattr(inputs, k), adv) for k in ("lp_t", "lp_old")), inputs.weight,
-            *(optional(getattr(inputs, k), adv) for k in ("credit", "seq_ratio", "rollout", "log_is", "ref")),
-            packed, n, flags,
-            n_rows, s_rows.seqlen, s_rows.vocab, 1.4426950408889634 / temperature, 1.0 / temperature, *scalars,
-            HAS_T_LOGITS=teacher is not None, ENTROPY=entropy, WRITE_GRAD=dest is not None, **row_flags,
-            BLOCK_V=config.block_v, num_warps=config.num_warps,
+            *head, dest if dest is not None else student, *dest_strides, *per_token, n_rows, *tail,
+            WRITE_GRAD=dest is not None, BLOCK_V=config.block_v, num_warps=config.num_warps, **meta,
         )
 
     trial_rows = min(n, TRIAL_ROWS)

@@ -93,18 +93,29 @@ def capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def known_choice(key: tuple, device: torch.device, names, default):
+    """What ``pick_choice`` returns for ``key`` without timing anything, or None where it would time:
+    the forced choice (one of ``names``), ``default`` off CUDA, with ``RLSD_KERNELS_AUTOTUNE=0`` or
+    during a capture, else the cached pick."""
+    if _forced_choice is not None and _forced_choice in names:
+        return _forced_choice
+    if device.type != "cuda" or not autotune_enabled():
+        return default
+    cached = _cache.get((device.index,) + tuple(key))
+    if cached is None and capturing(device):
+        return default
+    return cached
+
+
 def pick_choice(key: tuple, device: torch.device, options: dict, default):
     """Times each ``options[name]()`` once per ``key`` on CUDA and returns the fastest name (cached).
 
     Off CUDA, or with ``RLSD_KERNELS_AUTOTUNE=0``, returns ``default`` (or the forced choice)."""
-    if _forced_choice is not None and _forced_choice in options:
-        return _forced_choice
-    if device.type != "cuda" or not autotune_enabled():
-        return default
+    known = known_choice(key, device, options, default)
+    if known is not None:
+        return known
     key = (device.index,) + tuple(key)
     if key not in _cache:
-        if capturing(device):
-            return default
         from triton.testing import do_bench
 
         timings = {}
