@@ -240,6 +240,10 @@ def test_equals_rlsd_loss_on_materialised_logits(device, backend):
 
 @pytest.mark.parametrize("teacher", ["hidden", "logprobs"])
 def test_tied_weights(teacher, device, backend):
+    check_tied_weights(teacher, device)
+
+
+def check_tied_weights(teacher, device):
     """The weight is also the input embedding: autograd adds both gradients into ``weight.grad``."""
     case = make_linear_case(device, layout="packed", teacher=teacher, bias=False, chunk_size=6)
     ids = torch.randint(0, case.weight.shape[0], case.tokens.shape, device=device)

@@ -138,25 +138,8 @@ def test_same_values_as_chunk_schedule(case_axis, skip, loss_agg, device, backen
 @pytest.mark.parametrize("teacher", ["hidden", "logprobs"])
 def test_tied_weights(teacher, device, backend, slabs):
     """The weight is also the input embedding: autograd adds both gradients into ``weight.grad``."""
-    case = make_linear_case(device, layout="packed", teacher=teacher, bias=False, chunk_size=6)
-    ids = torch.randint(0, case.weight.shape[0], case.tokens.shape, device=device)
     slabs(16)
-
-    def run(weight, loss_fn):
-        return loss_fn(torch.tanh(torch.nn.functional.embedding(ids, weight) + case.hidden), weight)
-
-    w64 = case.weight.detach().double().requires_grad_()
-    teacher64 = None if case.teacher is None else logits64(case.teacher.double(), w64.detach(), None)
-    kwargs = {k: v for k, v in case.kwargs.items() if k != "chunk_size"}
-    ref = run(w64, lambda h, w: reference.rlsd_loss(h @ w.T, teacher64, case.tokens, case.advantages.double(),
-                                                    **{k: (v.double() if v.is_floating_point() else v)
-                                                       for k, v in kwargs.items()}))
-    ref.backward()
-    weight = case.weight.detach().requires_grad_()
-    loss = run(weight, lambda h, w: case.call(h, w))
-    loss.backward()
-    assert_close(loss, ref, what="loss", **FP32)
-    assert_grad_close(weight.grad, w64.grad, torch.float32, what="dweight (head and embedding)")
+    test_linear.check_tied_weights(teacher, device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
