@@ -16,7 +16,8 @@ slab_probs``) and, once the epilogue has given ``coef``, a rescale turns it into
 ``slab_rescale``). Any other gradient (``entropy_coef``, the per-token backward of
 ``loss_agg="none"``, the log-probs' backward) is written slab by slab from the whole rows'
 statistics by the loss's own row backward on the slab's columns, as a vocabulary shard writes its
-columns. Then ``dH[chunk] = dz @ W``, ``dW += dz^T @ h``, ``db += sum(dz)`` (``chunks.Grads``).
+columns. Then ``dH[chunk] = dz @ W``, ``dW += dz^T @ h``, ``db += sum(dz)`` (``chunks.Grads``). The
+OPSD losses compose these pieces in ``slab_opsd.py``.
 """
 
 from __future__ import annotations
