@@ -214,7 +214,7 @@ fi
 
 # ---------------------------------------------------------------------------------------------------
 # 6. The schedule of the fused linear form (issue 15), with LINEAR_CHECK=1 only, after the parts above
-#    (time boxes LINEAR_SLAB_S for f, default 200 s, then LINEAR_S for a-e, default 150 s). NOT YET
+#    (time boxes LINEAR_SLAB_S for f, default 280 s, then LINEAR_S for a-e, default 150 s). NOT YET
 #    RUN ON A GPU: written and run on CPU at tiny sizes (DRY_RUN=1) only. At N = 8192, H = 4096, V = 151,936, bf16, teacher included, 10% masked rows:
 #    a. the profiler's breakdown of one rlsd_linear_loss fwd+bwd by GEMM role (teacher logits,
 #       student logits, dH, dW; roles told apart by the matmuls' shapes) with each role's TFLOP/s;
@@ -227,7 +227,9 @@ fi
 #    f. the slab schedule (forms/slab.py, opt-in: forms/linear.py: SCHEDULE) against the chunk schedule:
 #       its values beside the chunk schedule's (loss, dH, dW), the profiler breakdown of (a) on slabs,
 #       time and peak extra at N = 8192 (chunk_size 256 and the slab default 384) and at one sequence
-#       of N = 32,768, with torch.compile of the naive loss beside them (the issue's peer to beat).
+#       of N = 32,768, with torch.compile of the naive loss beside them (the issue's peer to beat); then
+#       the OPSD linear losses (each divergence, and GRPO+sampled token) at N = 8192 on both schedules:
+#       the slab schedule's values beside the chunk schedule's, time and peak extra.
 #    QUICK=1 LINEAR_CHECK=1 bash bench/gpu_check.sh: about 300 s + these two parts.
 if [ "${LINEAR_CHECK:-0}" != 0 ]; then
 LINEAR_SETUP=$(cat <<'EOF'
@@ -389,10 +391,48 @@ for schedule, chunk in (("chunk", CHUNKS[0]), ("chunk", CHUNKS[0] // 2), ("slab"
 linear.SCHEDULE = None
 ms, gb = timed(naive_step, reps=3)
 print(f"f. N={N} {NAIVE}: {ms:8.2f} ms  peak extra {gb:.3f} GB")
+
+# f. the OPSD linear losses beside the policy rows, at N = 8192: slab against chunk schedule, values
+#    (loss, dH, dW), time and peak extra (docs/linear-form.md counts 7 weight streams a chunk on
+#    chunks against 5 (the KLs), 6 (the JSD), 4 (the sampled token) on slabs, for more FLOPs).
+del hidden, teacher, tokens, mask, adv
+if cuda:
+    torch.cuda.empty_cache()
+N = N // 4
+hidden = torch.randn(N, H, device=dev, generator=g).bfloat16().requires_grad_()
+teacher = (hidden.detach().float() + 0.5 * torch.randn(N, H, device=dev, generator=g)).bfloat16()
+tokens = torch.randint(0, V, (N,), device=dev, generator=g)
+mask = torch.rand(N, device=dev, generator=g) > 0.1
+adv = torch.randn(N, device=dev, generator=g)
+
+def opsd_step(divergence, grpo, **kw):
+    kw = dict(kw, teacher_hidden=teacher, mask=mask, divergence=divergence)
+    if grpo:
+        loss = rlsd_kernels.grpo_opsd_linear_loss(hidden, weight, tokens, adv, **kw)
+    else:
+        loss = rlsd_kernels.opsd_linear_loss(hidden, weight, tokens, **kw)
+    return [loss.detach().float()] + [x.float() for x in torch.autograd.grad(loss, (hidden, weight))]
+
+for divergence, grpo in (("forward_kl", False), ("reverse_kl", False), ("jsd", False), ("sampled_token", False),
+                         ("sampled_token", True)):
+    tag = ("grpo+" if grpo else "") + divergence
+    got = {}
+    for schedule in ("chunk", "slab"):
+        linear.SCHEDULE = schedule
+        got[schedule] = opsd_step(divergence, grpo, chunk_size=CHUNKS[0])
+    diffs = [float((a - b).norm() / b.norm()) for a, b in zip(got["slab"], got["chunk"])]
+    del got
+    print(f"f. OPSD {tag}: slab against chunk schedule, relative difference: loss {diffs[0]:.2e} "
+          f"dH {diffs[1]:.2e} dW {diffs[2]:.2e}")
+    for schedule, chunk in (("chunk", CHUNKS[0]), ("slab", CHUNKS[0]), ("slab", SLAB_CHUNK)):
+        linear.SCHEDULE = schedule
+        ms, gb = timed(lambda c=chunk: opsd_step(divergence, grpo, chunk_size=c), reps=3)
+        print(f"f. N={N} OPSD {tag:19s} {schedule:5s} chunk_size={chunk:4d}: {ms:8.2f} ms  peak extra {gb:.3f} GB")
+linear.SCHEDULE = None
 EOF
 )
   # The slab schedule first: it is what the next GPU run has to decide (each part is cut alone).
-  part "linear slab schedule" "${LINEAR_SLAB_S:-200}" "$PY" -c "$LINEAR_SETUP
+  part "linear slab schedule" "${LINEAR_SLAB_S:-280}" "$PY" -c "$LINEAR_SETUP
 $LINEAR_SLAB_PY"
   part "linear schedule" "${LINEAR_S:-150}" "$PY" -c "$LINEAR_SETUP
 $LINEAR_CHUNK_PY"

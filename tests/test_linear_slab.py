@@ -203,13 +203,15 @@ def test_linear_edge_cases_on_slabs(name, kwargs, device, backend, slabs):
     assert calls or name == "test_empty_batch"
 
 
-def test_opsd_keeps_chunk_schedule(device, slabs):
-    """The OPSD losses run on the chunk schedule: no slab matmul."""
+def test_opsd_runs_on_slabs(device, slabs):
+    """The OPSD losses run on slabs too (``forms/slab_opsd.py``; tested in ``test_linear_slab_opsd.py``):
+    the statistics and the gradient sweep, each one matmul per slab of both models' rows."""
     case = make_linear_case(device, mask="partial")
     calls = slabs(16)
     h = case.hidden.detach().requires_grad_()
     rlsd_kernels.opsd_linear_loss(h, case.weight, case.tokens, teacher_hidden=case.teacher, chunk_size=3).backward()
-    assert calls == [] and torch.isfinite(h.grad).all()
+    assert [w for _, w in calls] == slab_widths(37, 16) * (len(calls) // 3) and calls
+    assert torch.isfinite(h.grad).all()
 
 
 def test_schedule_argument(device):

@@ -26,9 +26,9 @@ def _worker(rank, world, init):
     calls = []
     real = slab.Slabs.gradient
 
-    def counted(self, h, tokens, fn, dz):
+    def counted(self, h, tokens, fn, dz, t=None):
         calls.append(len(self.bounds))
-        return real(self, h, tokens, fn, dz)
+        return real(self, h, tokens, fn, dz, t)
 
     slab.Slabs.gradient = counted
     run = Run(rank, world, dist.group.WORLD, SPLITS[world])

@@ -8,9 +8,10 @@ chunk's own buffer, and the chunk's gradients are added right away: ``dH[chunk] 
 ``dW += dz^T @ h``, ``db += sum(dz)``. Rows with zero weight are skipped, and rows without a
 logit gradient take no part in dH and dW (``rows.py``). Eager only.
 
-That is the chunk schedule, the default. The slab schedule (``slab.py``), opt-in through
-``SCHEDULE`` or ``LinearForm(schedule="slab")``, runs the policy loss and the per-token backward
-over vocabulary slabs instead; the other calls keep the chunk schedule.
+That is the chunk schedule, the default. The slab schedule (``slab.py``, ``slab_opsd.py``), opt-in
+through ``SCHEDULE`` or ``LinearForm(schedule="slab")``, runs the policy loss, the OPSD losses and
+the per-token backward over vocabulary slabs instead; the log-probs' forward keeps the chunk
+schedule.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..launch.terms import needs_sequence_pass, sequence_terms
 from ..reference import IGNORE_INDEX
 from . import rows as skip
 from . import slab as slabs
+from . import slab_opsd
 from .chunks import DW_FP32_BYTES, DW_FP32_BYTES_OTHER, dw_in_fp32, logits_into, rows_of, token_chunks  # noqa: F401
 from .chunks import Grads as _Grads
 
@@ -206,13 +208,14 @@ class LinearForm:
         return "pair" if self.teacher is not None and loss.pairs_teacher else "student"
 
     def on_slabs(self, tensors, loss=None):
-        """Whether this call runs on the slab schedule: the policy loss and the log-probs' backward
-        (``loss`` None) there; the OPSD losses keep the chunk schedule."""
-        return schedule_for(tensors[1].device, self.schedule) == "slab" and getattr(loss, "distill", None) is None
+        """Whether this call runs on the slab schedule: the policy and OPSD losses and the log-probs'
+        backward (``loss`` None) there."""
+        return schedule_for(tensors[1].device, self.schedule) == "slab"
 
     def loss_forward(self, loss, tensors, inputs, needs, validate):
         if self.on_slabs(tensors, loss):
-            return slabs.policy_forward(self, loss, tensors, inputs, needs, validate)
+            forward = slabs.policy_forward if loss.distill is None else slab_opsd.distill_forward
+            return forward(self, loss, tensors, inputs, needs, validate)
         inputs, t_flags = self._pre_passes(loss, tensors, inputs)
         outs, flags = [], []
         track = any(needs)
@@ -242,8 +245,9 @@ class LinearForm:
     def loss_backward(self, loss, tensors, tokens, stats, scale, needs):
         live = skip.gradient_rows(loss, tokens, stats, scale)
         if self.on_slabs(tensors, loss):
-            return slabs.accumulate(self, tensors, tokens, lambda z, ids, rows, dest: loss.backward(
-                z, None, ids, {k: v[rows] for k, v in stats.items()}, scale[rows], out=dest), needs, live)
+            return slabs.accumulate(self, tensors, tokens, lambda z, zt, ids, rows, dest: loss.backward(
+                z, zt, ids, {k: v[rows] for k, v in stats.items()}, scale[rows], out=dest), needs, live,
+                self.which(loss) == "pair")
 
         def fn(zs, zt, rows, dest):
             loss.backward(zs, zt, tokens[rows], {k: v[rows] for k, v in stats.items()}, scale[rows], out=dest)
@@ -264,7 +268,7 @@ class LinearForm:
             live |= coef_h != 0
         live &= tokens != IGNORE_INDEX
         if self.on_slabs(tensors):
-            return slabs.accumulate(self, tensors, tokens, lambda z, ids, rows, dest: logprobs_bwd(
+            return slabs.accumulate(self, tensors, tokens, lambda z, _, ids, rows, dest: logprobs_bwd(
                 z, ids, lse[rows], coef[rows], None if coef_h is None else coef_h[rows],
                 None if entropy is None else entropy[rows], temperature, out=dest), needs, live)
 

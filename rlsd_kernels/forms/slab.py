@@ -16,7 +16,8 @@ slab_probs``) and, once the epilogue has given ``coef``, a rescale turns it into
 ``slab_rescale``). Any other gradient (``entropy_coef``, the per-token backward of
 ``loss_agg="none"``, the log-probs' backward) is written slab by slab from the whole rows'
 statistics by the loss's own row backward on the slab's columns, as a vocabulary shard writes its
-columns. Then ``dH[chunk] = dz @ W``, ``dW += dz^T @ h``, ``db += sum(dz)`` (``chunks.Grads``).
+columns. Then ``dH[chunk] = dz @ W``, ``dW += dz^T @ h``, ``db += sum(dz)`` (``chunks.Grads``). The
+OPSD losses compose these pieces in ``slab_opsd.py``.
 """
 
 from __future__ import annotations
@@ -129,14 +130,18 @@ class Slabs:
                 slab_probs(z[:n], s[0, :n], s[1, :n], tau, write[:, a:b])
         return torch.stack(student), None if t is None else torch.stack(teacher)
 
-    def gradient(self, h, tokens, fn, dz):
+    def gradient(self, h, tokens, fn, dz, t=None):
         """Writes the gradient rows ``dz`` ``[n, V]`` of the rows ``h`` slab by slab:
-        ``fn(logits, ids, dest)`` with the slab's float32 logits, the rows' ids as its columns
-        (``local_ids``) and the slab's columns of ``dz``."""
-        if h.shape[0] == 0:
+        ``fn(logits, teacher logits, ids, dest)`` with the slab's float32 logits of ``h`` and of the
+        teacher's rows ``t`` (None without them; stacked under ``h`` in the slab's one matmul), the
+        rows' ids as its columns (``local_ids``) and the slab's columns of ``dz``."""
+        n = h.shape[0]
+        if n == 0:
             return
+        stacked = h if t is None else torch.cat([h, t])
         for a, b in self.bounds:
-            fn(self.logits(h, a, b), local_ids(tokens, a, b - a), dz[:, a:b])
+            z = self.logits(stacked, a, b)
+            fn(z[:n], None if t is None else z[n:], local_ids(tokens, a, b - a), dz[:, a:b])
 
 
 def chunks(form, hidden, plan, teacher=False):
@@ -241,7 +246,7 @@ def policy_forward(form, loss, tensors, inputs, needs, validate):
                      tau, slabs.cols)
         else:
             saved = {key: out[key][:n_grad] for key in loss.saved}
-            slabs.gradient(h[:n_grad], chunk_inputs.tokens[:n_grad], lambda z, ids, dest, saved=saved, scale=scale:
+            slabs.gradient(h[:n_grad], chunk_inputs.tokens[:n_grad], lambda z, _, ids, dest, saved=saved, scale=scale:
                            loss.backward(z, None, ids, saved, scale, out=dest), dz[:n_grad])
         grads.add(sl, dz, h, live[sl] if plan is None else None, n_grad)
     out, flags = _join(outs, plan), _join(flags, plan)
@@ -255,18 +260,20 @@ def frame_rows(frame, n):
     return type(frame)(frame.ref[:n], frame.c[:n], frame.shard[:, :n])
 
 
-def accumulate(form, tensors, tokens, fn, needs, live):
+def accumulate(form, tensors, tokens, fn, needs, live, paired=False):
     """``(dH, dW, db)`` where ``needs`` asks, each chunk's gradient written slab by slab by
-    ``fn(logits, ids, rows, dest)`` (``rows`` the chunk's tokens); ``live`` marks the rows with a
-    gradient (the others are skipped, ``rows.py``)."""
+    ``fn(logits, teacher logits, ids, rows, dest)`` (``rows`` the chunk's tokens; the teacher's
+    logits None unless ``paired``, then stacked in the slab's one matmul); ``live`` marks the rows
+    with a gradient (the others are skipped, ``rows.py``)."""
     hidden, weight, bias = tensors
     plan = skip.plan(live)
     grads = Grads(hidden, weight, bias, needs, plan, dw_in_fp32(weight, form.dw_fp32))
-    rows, parts = chunks(form, hidden, plan)
-    slabs = Slabs(form, tensors, rows, rows, 1.0, weight.dtype)
-    for sl, h, _, n_grad in parts:
+    rows, parts = chunks(form, hidden, plan, paired)
+    slabs = Slabs(form, tensors, rows, rows * (2 if paired else 1), 1.0, weight.dtype)
+    for sl, h, t, n_grad in parts:
         dz = slabs.dz[: h.shape[0]]
         r = skip.sub(sl, slice(0, n_grad))
-        slabs.gradient(h[:n_grad], tokens[r], lambda z, ids, dest, r=r: fn(z, ids, r, dest), dz[:n_grad])
+        slabs.gradient(h[:n_grad], tokens[r], lambda z, zt, ids, dest, r=r: fn(z, zt, ids, r, dest), dz[:n_grad],
+                       None if t is None else t[:n_grad])
         grads.add(sl, dz, h, live[sl] if plan is None else None, n_grad)
     return grads.result()
