@@ -235,9 +235,9 @@ def test_sizes_from_the_budget():
 
 
 def test_policy_loss_takes_the_slab_chunk_size(monkeypatch):
-    """Where the slab schedule is chosen, ``rlsd_linear_loss`` without ``chunk_size`` takes the slab
-    schedule's default chunk (its buffers' budget less the slab buffer), the other linear losses the
-    chunk schedule's; a given ``chunk_size`` wins everywhere."""
+    """Where the slab schedule is chosen, the linear losses without ``chunk_size`` take the slab
+    schedule's default chunk (its buffers' budget less the slab buffer), the log-probs (whose forward
+    keeps the chunk schedule) the chunk schedule's; a given ``chunk_size`` wins everywhere."""
     from rlsd_kernels.api import compose
 
     monkeypatch.setattr(slab, "CHUNK_BYTES_OTHER", 64 << 20)
@@ -247,9 +247,9 @@ def test_policy_loss_takes_the_slab_chunk_size(monkeypatch):
     chunk_default = linear.default_chunk_size(4096, hidden.device, weight.dtype)
     slab_default = slab.default_chunk_size(4096, hidden.device, weight.dtype)
     assert slab_default != chunk_default
-    assert compose.linear_form(hidden, weight, None, None, policy=True, **kw)[0].chunk == chunk_default
+    assert compose.linear_form(hidden, weight, None, None, loss=True, **kw)[0].chunk == chunk_default
     monkeypatch.setattr(linear, "SCHEDULE", "slab")
-    assert compose.linear_form(hidden, weight, None, None, policy=True, **kw)[0].chunk == slab_default
+    assert compose.linear_form(hidden, weight, None, None, loss=True, **kw)[0].chunk == slab_default
     assert compose.linear_form(hidden, weight, None, None, **kw)[0].chunk == chunk_default
     kw["chunk_size"] = 128
-    assert compose.linear_form(hidden, weight, None, None, policy=True, **kw)[0].chunk == 128
+    assert compose.linear_form(hidden, weight, None, None, loss=True, **kw)[0].chunk == 128

@@ -144,16 +144,16 @@ def check_linear(hidden, weight, bias, teacher, chunk_size, name="student_hidden
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
 
 
-def linear_form(hidden, weight, bias, teacher_hidden, *, chunk_size, process_group, paired, policy=False,
+def linear_form(hidden, weight, bias, teacher_hidden, *, chunk_size, process_group, paired, loss=False,
                 name="student_hidden"):
-    """``(form, tensors)`` for hidden states and the lm_head weight (and bias); ``policy`` for the policy
-    loss, which runs on the slab schedule where that is chosen (``linear.schedule_for``), with its
-    own default chunk size."""
+    """``(form, tensors)`` for hidden states and the lm_head weight (and bias); ``loss`` for the losses,
+    which run on the slab schedule where that is chosen (``linear.schedule_for``), with its own
+    default chunk size (the log-probs' forward keeps the chunk schedule)."""
     teacher = None if teacher_hidden is None else teacher_hidden.detach()
     vocab, device, dtype = weight.shape[0], hidden.device, weight.dtype
     if chunk_size is not None:
         chunk = chunk_size
-    elif policy and schedule_for(device) == "slab":
+    elif loss and schedule_for(device) == "slab":
         chunk = slab_chunk_size(vocab, device, dtype)
     else:
         chunk = default_chunk_size(vocab, device, dtype, paired and teacher is not None)

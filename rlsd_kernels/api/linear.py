@@ -88,7 +88,7 @@ def rlsd_linear_loss(
     loss, call = describe(locals(), student_hidden.shape[:-1], student_hidden.device, tokens, advantages,
                           want_entropy=return_metrics, no_teacher=no_teacher)
     form, tensors = linear_form(student_hidden, weight, bias, teacher_hidden, chunk_size=chunk_size,
-                                process_group=process_group, paired=loss.pairs_teacher, policy=True)
+                                process_group=process_group, paired=loss.pairs_teacher, loss=True)
     return run_loss(form, tensors, loss, call, return_metrics=return_metrics, validate=validate)
 
 
@@ -153,7 +153,7 @@ def opsd_linear_loss(
     loss, call = describe(keywords, token_shape, device, tokens, advantages, distill=distill)
     check_teacher(teacher_hidden, teacher_logprobs, loss, "teacher_hidden")
     form, tensors = linear_form(student_hidden, weight, bias, teacher_hidden, chunk_size=chunk_size,
-                                process_group=process_group, paired=loss.pairs_teacher)
+                                process_group=process_group, paired=loss.pairs_teacher, loss=True)
     return run_loss(form, tensors, loss, call, return_metrics=return_metrics, validate=validate)
 
 
@@ -219,7 +219,7 @@ def grpo_opsd_linear_loss(
                           distill=distill, grpo=True, want_entropy=return_metrics)
     check_teacher(teacher_hidden, teacher_logprobs, loss, "teacher_hidden")
     form, tensors = linear_form(student_hidden, weight, bias, teacher_hidden, chunk_size=chunk_size,
-                                process_group=process_group, paired=loss.pairs_teacher)
+                                process_group=process_group, paired=loss.pairs_teacher, loss=True)
     return run_loss(form, tensors, loss, call, return_metrics=return_metrics, validate=validate)
 
 

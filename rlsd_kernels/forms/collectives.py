@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 
 from ..flags import Flag
-from ..reference import IGNORE_INDEX
+from ..launch.torch_opsd import FORWARD_KL, JSD, REVERSE_KL, SAMPLED, token_terms
+from ..reference import IGNORE_INDEX, _log_diff
 
 LN2 = 0.6931471805599453
 LOG2E = 1.4426950408889634
@@ -147,6 +148,44 @@ def combine_kl(p, q, kl_r):
     share = torch.exp2(log_p)
     kl_r = torch.where(q.shard == float("-inf"), 0.0, kl_r)
     return LN2 * torch.where(share == 0, 0.0, share * (kl_r + log_p - log_q)).sum(0)
+
+
+def distill_outputs(student, teacher, kl_r, live, inputs, vocab, options, distill, jsd_sums):
+    """``(out, flags, frame_s)``: the OPSD launchers' per-token outputs (the policy epilogue's left to
+    the caller) from shard (or slab) statistics ``[W, k, N]`` of each model in ``combine``'s order
+    (the teacher's None where it gives log-probs, ``inputs.lp_t``) and, for the forward and reverse
+    KL, each shard's own KL ``kl_r`` ``[W, N]``; ``jsd_sums(frame_s, frame_t)`` gives the JSD's two
+    sums over the whole rows (a second sweep: ``log M`` needs both whole rows' frames)."""
+    code, tau = distill.div, options.temperature
+    zeros = torch.zeros_like(inputs.weight)
+    out = {"entropy": zeros, "lse_t": zeros, "k": zeros}
+    out["lp_s"], out["lse"], lse_s_all, ent, frame_s = combine(student, live, tau)
+    if distill.grpo and options.want_entropy:
+        out["entropy"] = ent
+    lse_t_all = frame_t = None
+    if teacher is not None:
+        out["lp_t"], out["lse_t"], lse_t_all, _, frame_t = combine(teacher, live, tau)
+    else:
+        out["lp_t"] = torch.where(live, inputs.lp_t, 0.0)
+    flags = error_flags(inputs.tokens, live, vocab, lse_s_all, lse_t_all)
+    if not (distill.grpo or code == SAMPLED):
+        # The full-vocabulary divergences use the ids only as a mask, as the unsharded loss does.
+        flags &= ~int(Flag.BAD_TOKEN)
+    if code == FORWARD_KL:
+        div = combine_kl(frame_t, frame_s, kl_r)
+    elif code == REVERSE_KL:
+        div = out["k"] = combine_kl(frame_s, frame_t, kl_r)
+    elif code == JSD:
+        sums = jsd_sums(frame_s, frame_t)
+        out["k"] = LN2 * sums[1]
+        div = distill.beta * LN2 * sums[0] + (1.0 - distill.beta) * out["k"]
+    else:
+        div = _log_diff(out["lp_s"], out["lp_t"])
+    out["k"] = torch.where(live, out["k"], 0.0)
+    out["div"] = torch.where(live, div, 0.0)
+    value, d_div, _ = token_terms(out["div"], out["lp_s"], code, distill.token_clip)
+    out["opsd"], out["d_div"] = torch.where(live, value, 0.0), torch.where(live, d_div, 0.0)
+    return out, flags, frame_s
 
 
 def error_flags(tokens, active, vocab, lse_s, lse_t=None):

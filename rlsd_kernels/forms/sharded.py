@@ -9,16 +9,15 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..flags import Flag
 from ..launch import common
 from ..launch.logprobs import partial_stats
 from ..launch.opsd import jsd_sums
 from ..launch.opsd import partial_stats as pair_stats
 from ..launch.rlsd import rlsd_token_epilogue
 from ..launch.terms import needs_sequence_pass, sequence_terms
-from ..launch.torch_opsd import FORWARD_KL, JSD, REVERSE_KL, SAMPLED, stats_rows, token_terms
-from ..reference import IGNORE_INDEX, _log_diff
-from .collectives import LN2, combine, combine_kl, error_flags, gather_stats, local_tokens
+from ..launch.torch_opsd import FORWARD_KL, REVERSE_KL, SAMPLED, stats_rows
+from ..reference import IGNORE_INDEX
+from .collectives import combine, distill_outputs, error_flags, gather_stats, local_tokens
 
 EPILOGUE_OUTPUTS = ("loss", "d_lp", "w", "ratio", "is_weight", "kl")
 
@@ -100,41 +99,18 @@ class ShardedForm:
             return torch.cat(parts)
 
         stats, layout = gather_stats(local, self.vocab(tensors), tokens.device, self.group, validate)
-        zeros = torch.zeros_like(inputs.weight)
-        out = {"entropy": zeros, "lse_t": zeros, "k": zeros}
-        out["lp_s"], out["lse"], lse_s_all, ent, frame_s = combine(stats[:, of_s], live, temperature)
-        if entropy:
-            out["entropy"] = ent
-        lse_t_all = None
-        if teacher is not None:
-            out["lp_t"], out["lse_t"], lse_t_all, _, frame_t = combine(stats[:, of_t], live, temperature)
-        else:
-            out["lp_t"] = torch.where(live, inputs.lp_t, 0.0)
-        flags = error_flags(tokens, live, layout.total, lse_s_all, lse_t_all)
-        if not need_lp:
-            # The full-vocabulary divergences use the ids only as a mask, as the unsharded loss does.
-            flags &= ~int(Flag.BAD_TOKEN)
-        if code in (FORWARD_KL, REVERSE_KL):
-            kl_r = stats[:, names.index("d")]
-            if code == FORWARD_KL:
-                div = combine_kl(frame_t, frame_s, kl_r)
-            else:
-                div = out["k"] = combine_kl(frame_s, frame_t, kl_r)
-        elif code == JSD:
-            # log M needs both whole rows' softmaxes (their frames): the second collective, a sum of
-            # every shard's two sums per token.
+
+        def jsd(frame_s, frame_t):
+            # The second collective: a sum of every shard's two sums per token.
             sums = self._stats(tensors, lambda zs, zt, sl: jsd_sums(
                 zs, zt, scored[sl], (frame_s.ref[sl], frame_s.c[sl]), (frame_t.ref[sl], frame_t.c[sl]), temperature,
                 distill.beta), "pair")
             dist.all_reduce(sums, group=self.group)
-            out["k"] = LN2 * sums[1]
-            div = distill.beta * LN2 * sums[0] + (1.0 - distill.beta) * out["k"]
-        else:
-            div = _log_diff(out["lp_s"], out["lp_t"])
-        out["k"] = torch.where(live, out["k"], 0.0)
-        out["div"] = torch.where(live, div, 0.0)
-        value, d_div, _ = token_terms(out["div"], out["lp_s"], code, distill.token_clip)
-        out["opsd"], out["d_div"] = torch.where(live, value, 0.0), torch.where(live, d_div, 0.0)
+            return sums
+
+        kl_r = stats[:, names.index("d")] if code in (FORWARD_KL, REVERSE_KL) else None
+        out, flags, _ = distill_outputs(stats[:, of_s], stats[:, of_t] if teacher is not None else None, kl_r, live,
+                                        inputs, layout.total, options, distill, jsd)
         if grpo:
             out.update({key: common.empty(tokens.shape, dtype=torch.float32, device=tokens.device)
                         for key in EPILOGUE_OUTPUTS})

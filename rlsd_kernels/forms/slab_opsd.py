@@ -20,18 +20,17 @@ from __future__ import annotations
 
 import torch
 
-from ..flags import Flag
 from ..launch import common
 from ..launch.opsd import jsd_sums
 from ..launch.opsd import partial_stats as pair_stats
 from ..launch.rlsd import rlsd_token_epilogue
 from ..launch.terms import needs_sequence_pass, sequence_terms
-from ..launch.torch_opsd import FORWARD_KL, JSD, REVERSE_KL, SAMPLED, grad_coefficients, stats_rows, token_terms
-from ..reference import IGNORE_INDEX, _log_diff
+from ..launch.torch_opsd import SAMPLED, grad_coefficients, stats_rows
+from ..reference import IGNORE_INDEX
 from . import rows as skip
 from . import slab
 from .chunks import Grads, dw_in_fp32
-from .collectives import LN2, combine, combine_kl, error_flags
+from .collectives import distill_outputs
 
 
 def _slab_stats(slabs, h, t, scored, distill, need_lp, entropy, write):
@@ -73,38 +72,12 @@ def _chunk_terms(slabs, loss, h, t, scored, inputs, live, vocab, write):
     """``(out, flags, frame)`` of a chunk: the per-token outputs of the OPSD launchers (``output_names``),
     its error bits and the student's whole rows' ``Frame``."""
     options, distill = loss.options, loss.distill
-    code, grpo, tau = distill.div, distill.grpo, options.temperature
+    code, grpo = distill.div, distill.grpo
     need_lp = grpo or code == SAMPLED
     entropy = grpo and bool(options.want_entropy)
     student, teacher, kl_r = _slab_stats(slabs, h, t, scored, distill, need_lp, entropy, write)
-    zeros = torch.zeros_like(inputs.weight)
-    out = {"entropy": zeros, "lse_t": zeros, "k": zeros}
-    out["lp_s"], out["lse"], lse_s_all, ent, frame_s = combine(student, live, tau)
-    if entropy:
-        out["entropy"] = ent
-    lse_t_all = None
-    if teacher is not None:
-        out["lp_t"], out["lse_t"], lse_t_all, _, frame_t = combine(teacher, live, tau)
-    else:
-        out["lp_t"] = torch.where(live, inputs.lp_t, 0.0)
-    flags = error_flags(inputs.tokens, live, vocab, lse_s_all, lse_t_all)
-    if not need_lp:
-        # The full-vocabulary divergences use the ids only as a mask, as the chunk schedule does.
-        flags &= ~int(Flag.BAD_TOKEN)
-    if code == FORWARD_KL:
-        div = combine_kl(frame_t, frame_s, kl_r)
-    elif code == REVERSE_KL:
-        div = out["k"] = combine_kl(frame_s, frame_t, kl_r)
-    elif code == JSD:
-        sums = _jsd_sums(slabs, h, t, scored, frame_s, frame_t, distill.beta)
-        out["k"] = LN2 * sums[1]
-        div = distill.beta * LN2 * sums[0] + (1.0 - distill.beta) * out["k"]
-    else:
-        div = _log_diff(out["lp_s"], out["lp_t"])
-    out["k"] = torch.where(live, out["k"], 0.0)
-    out["div"] = torch.where(live, div, 0.0)
-    value, d_div, _ = token_terms(out["div"], out["lp_s"], code, distill.token_clip)
-    out["opsd"], out["d_div"] = torch.where(live, value, 0.0), torch.where(live, d_div, 0.0)
+    out, flags, frame_s = distill_outputs(student, teacher, kl_r, live, inputs, vocab, options, distill,
+                                          lambda fs, ft: _jsd_sums(slabs, h, t, scored, fs, ft, distill.beta))
     if grpo:
         out.update({k: common.empty(live.shape, dtype=torch.float32, device=live.device)
                     for k in slab.EPILOGUE_OUTPUTS})
