@@ -1,6 +1,6 @@
 """The slab schedule under the vocabulary-sharded form (``forms/sharded.py`` around the linear form):
 each rank's backward runs slab by slab over its own shard of the weight rows, with the shard's local
-token ids. Spawned gloo ranks on CPU, as ``test_distributed.py`` runs them, with its checks: the
+token ids, for the policy loss, the OPSD losses and the log-probs. Spawned gloo ranks on CPU, as ``test_distributed.py`` runs them, with its checks: the
 sharded loss, metrics and gradient slices equal the unsharded ones (both on the slab schedule, which
 ``test_linear_slab.py`` holds to the float64 reference)."""
 
@@ -36,6 +36,7 @@ def _worker(rank, world, init):
         for backend, aggs in (("torch", LOSS_AGGS), ("triton", TRITON_AGGS)):
             with _utils.backend(backend):
                 run.linear_losses(aggs)
+                run.opsd_linear_losses(aggs)
                 run.logprobs()
     # Every rank's backward ran on its shard's slabs (the unsharded oracle on the whole vocabulary's).
     shard_slabs = -(-SPLITS[world][rank] // SLAB_SIZE)
