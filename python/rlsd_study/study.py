@@ -25,6 +25,7 @@ class StudyConfig:
     rl: RLConfig
     out: str
     chain_steps: int = 13
+    sum_terms: int = 4
     num_train: int = 20000
     num_test: int = 200
     warm_target: float = 0.3
@@ -54,7 +55,7 @@ def _setup(cfg: StudyConfig, task_name: str):
     from .model import CharTokenizer, make_config
     from .tasks import make_split, make_task
 
-    task = make_task(task_name, steps=cfg.chain_steps)
+    task = make_task(task_name, steps=cfg.chain_steps, terms=cfg.sum_terms)
     split = make_split(task, cfg.num_train, cfg.num_test)
     tok = CharTokenizer()
     return split, tok, make_config(tok.vocab_size, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads)
