@@ -98,7 +98,60 @@ def test_fib_solution_and_verifier():
         tasks.make_task("fib", steps=0)
 
 
-@pytest.mark.parametrize("name", ["add3", "chain", "fib"])
+def _sum_columns(solution):
+    """``[(total, n, [(d1, d2, carry, s), ...]), ...]`` of a sum task's worked solution."""
+    out = []
+    for block in solution.split(">")[0].split(";")[:-1]:
+        if ":" in block:
+            head, block = block.split(":")
+            total, n = map(int, head.split("+"))
+            out.append((total, n, []))
+        lhs, s = block.split("=")
+        out[-1][2].append((*map(int, lhs.split("+")), int(s)))
+    return out
+
+
+def test_sum_solution_and_verifier():
+    task = tasks.make_task("sum", terms=4)
+    rng = random.Random(0)
+    for _ in range(300):
+        p = task.sample(rng)
+        numbers = list(map(int, p.question.rstrip("=").split("+")))
+        assert len(numbers) == 4 and all(0 <= n < 100 for n in numbers)
+        assert p.answer == f"{sum(numbers):03d}" and len(p.solution) + 1 == 3 * 34 + 5 >= 100
+        assert tasks.verify(p, p.solution)
+        # Each addition restates the running total and the next number, then works its columns.
+        total = numbers[0]
+        blocks = _sum_columns(p.solution)
+        assert len(blocks) == 3
+        for (t, n, cols), nxt in zip(blocks, numbers[1:], strict=True):
+            assert (t, n) == (total, nxt)
+            carry = 0
+            for i, (dt, dn, c, s) in enumerate(cols):
+                assert (dt, dn, c) == ((total // 10**i) % 10, (n // 10**i) % 10, carry)
+                assert s == dt + dn + c
+                carry = s // 10
+            total += n
+        assert total == int(p.answer)
+        # One digit slipped in the first column, then every later step right from the slipped total.
+        first = p.solution[:34]  # the first addition: restated operands and three columns
+        u = int(first[14])  # the low digit of its units column
+        slipped_total = numbers[0] + numbers[1] - u + (u + 1) % 10
+        rest, final = tasks.RunningSum.work(slipped_total, numbers[2:])
+        response = first[:14] + str((u + 1) % 10) + first[15:] + rest + f">{final:03d}"
+        assert len(response) == len(p.solution) and final != int(p.answer)
+        assert not tasks.verify(p, response)
+        assert not tasks.verify(p, p.solution[:-1] + str((int(p.answer[-1]) + 1) % 10))
+    assert tasks.RunningSum.make([99] * 10).answer == "990"
+    assert tasks.verify(tasks.RunningSum.make([1, 2]), ">003")
+    assert not tasks.verify(tasks.RunningSum.make([1, 2]), ">03")
+    with pytest.raises(ValueError, match="terms"):
+        tasks.make_task("sum", terms=11)
+    with pytest.raises(ValueError, match="numbers"):
+        tasks.RunningSum.make([100, 1])
+
+
+@pytest.mark.parametrize("name", ["add3", "chain", "fib", "sum"])
 def test_split_is_disjoint_and_fixed(name):
     task = tasks.make_task(name)
     a = tasks.make_split(task, 300, 50)

@@ -28,8 +28,8 @@ PRESETS = {
                   steps=200, workers=2),
 }
 DEFAULTS = dict(prompts=16, group=8, lr=1e-4, temperature=1.0, teacher_every=20, eval_every=10, num_eval=200,
-                chain_steps=13, num_train=20000, num_test=200, warm_target=0.3, warm_max_steps=1500, warm_lr=1e-3,
-                warm_lr_end=None,
+                chain_steps=13, sum_terms=4, num_train=20000, num_test=200, warm_target=0.3, warm_max_steps=1500,
+                warm_lr=1e-3, warm_lr_end=None, warm_check_every=50,
                 out=None, rollout="builtin", trainer="native", first_seed=0)
 
 
@@ -37,7 +37,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m python.rlsd_study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    p.add_argument("--tasks", help="comma-separated task families: add3, chain, fib")
+    p.add_argument("--tasks", help="comma-separated task families: add3, chain, fib, sum")
     p.add_argument("--methods", help=f"comma-separated methods ({', '.join(BASES)}; options as rlsd:lam=1:eps_w=0.8)")
     p.add_argument("--seeds", type=int, help="number of seeds per method")
     p.add_argument("--first-seed", type=int, help="the first seed (seeds are consecutive)")
@@ -50,6 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, help="steps between held-out evaluations")
     p.add_argument("--num-eval", type=int, help="held-out problems per evaluation (greedy)")
     p.add_argument("--chain-steps", type=int, help="worked steps of the chain and fib tasks")
+    p.add_argument("--sum-terms", type=int, help="numbers added by the sum task (two digits each)")
     p.add_argument("--num-train", type=int, help="training problems (add3)")
     p.add_argument("--num-test", type=int, help="held-out problems")
     p.add_argument("--warm-target", type=float, help="sampled held-out accuracy at which the warm start stops")
@@ -57,6 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--warm-lr", type=float, help="warm-start learning rate")
     p.add_argument("--warm-lr-end", type=float,
                    help="warm-start learning rate reached at --warm-max-steps, linearly (default: constant)")
+    p.add_argument("--warm-check-every", type=int,
+                   help="warm-start steps between checks of the sampled accuracy (a task whose accuracy jumps "
+                        "within a few steps needs frequent checks to stop near --warm-target)")
     p.add_argument("--warm-per-seed", action="store_true", help="one warm start per seed (default: one per task)")
     p.add_argument("--workers", type=int, help="processes (one torch thread each; one per core)")
     p.add_argument("--rollout", choices=["builtin", "vllm"], help="rollout engine (vllm: one worker)")
@@ -88,9 +92,9 @@ def main(argv=None):
     cfg = StudyConfig(
         tasks=a["tasks"].split(","), methods=a["methods"].split(","),
         seeds=list(range(a["first_seed"], a["first_seed"] + a["seeds"])), rl=rl, out=a["out"],
-        chain_steps=a["chain_steps"], num_train=a["num_train"], num_test=a["num_test"],
+        chain_steps=a["chain_steps"], sum_terms=a["sum_terms"], num_train=a["num_train"], num_test=a["num_test"],
         warm_target=a["warm_target"], warm_max_steps=a["warm_max_steps"], warm_lr=a["warm_lr"],
-        warm_lr_end=a["warm_lr_end"],
+        warm_lr_end=a["warm_lr_end"], warm_check_every=a["warm_check_every"],
         warm_per_seed=a["warm_per_seed"], workers=workers, rollout=a["rollout"], trainer=a["trainer"],
     )
     t0 = time.perf_counter()

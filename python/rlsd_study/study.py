@@ -25,12 +25,14 @@ class StudyConfig:
     rl: RLConfig
     out: str
     chain_steps: int = 13
+    sum_terms: int = 4
     num_train: int = 20000
     num_test: int = 200
     warm_target: float = 0.3
     warm_max_steps: int = 1500
     warm_lr: float = 1e-3
     warm_lr_end: float | None = None
+    warm_check_every: int = 50
     warm_per_seed: bool = False
     hidden: int = 128
     layers: int = 2
@@ -54,7 +56,7 @@ def _setup(cfg: StudyConfig, task_name: str):
     from .model import CharTokenizer, make_config
     from .tasks import make_split, make_task
 
-    task = make_task(task_name, steps=cfg.chain_steps)
+    task = make_task(task_name, steps=cfg.chain_steps, terms=cfg.sum_terms)
     split = make_split(task, cfg.num_train, cfg.num_test)
     tok = CharTokenizer()
     return split, tok, make_config(tok.vocab_size, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads)
@@ -85,7 +87,7 @@ def warm_job(cfg: StudyConfig, task: str, seed: int, progress=None) -> dict:
     split, tok, config = _setup(cfg, task)
     model = make_model(config, seed=seed if cfg.warm_per_seed else 0)
     info = warm_start(model, tok, split, target=cfg.warm_target, max_steps=cfg.warm_max_steps, lr=cfg.warm_lr,
-                      lr_end=cfg.warm_lr_end,
+                      lr_end=cfg.warm_lr_end, check_every=cfg.warm_check_every,
                       temperature=cfg.rl.temperature, seed=seed if cfg.warm_per_seed else 0,
                       log=lambda s: _put(progress, ("log", f"{task}: {s}")))
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -11,6 +11,9 @@ rewards: the worked steps are how the model gets there, not what is graded.
 - ``fib``: two start digits and a constant, ``x[k+1] = (x[k-1] + x[k] + c) mod 10`` solved term by
   term (``steps * 8 + 3`` response tokens, 107 by default): as long as ``chain``, but every step is
   a new computation.
+- ``sum``: ``terms`` two-digit numbers added left to right, each addition worked column by column
+  like ``add3`` (``(terms - 1) * 34 + 5`` response tokens, 107 for the default 4 terms): every step
+  is the short task's skill, and one slip in any column dooms the final total.
 """
 
 from __future__ import annotations
@@ -131,7 +134,52 @@ class Fib:
         return Problem(f"{worked[0][0]}{worked[0][2]}+{c}=", "".join(worked) + ">" + str(b), str(b))
 
 
-FAMILIES = {"add3": Add3, "chain": Chain, "fib": Fib}
+class RunningSum:
+    """``37+48+92+15=`` -> ``037+48:7+8+0=15;3+4+1=08;0+0+0=00;085+92:...;177+15:...;>192``.
+
+    Each addition restates the running total (three digits) and the next number, then works the
+    three columns from the right as ``add3`` does (digit, digit, carry in, two-digit sum); the next
+    running total is the low digits of those columns. The final answer is the total, three digits.
+    The space is ``100 ** terms`` problems, so held-out problems are new sequences of column sums
+    that all occur in training.
+    """
+
+    name = "sum"
+
+    def __init__(self, terms: int = 4, **_):
+        if not 2 <= terms <= 10:
+            raise ValueError(f"terms must be in [2, 10] (the total must fit in three digits), got {terms}")
+        self.terms = terms
+
+    def sample(self, rng: random.Random) -> Problem:
+        return self.make([rng.randrange(100) for _ in range(self.terms)])
+
+    @staticmethod
+    def make(numbers: list[int]) -> Problem:
+        if not numbers or any(not 0 <= n < 100 for n in numbers) or sum(numbers) > 999:
+            raise ValueError(f"numbers must be two-digit (0-99) with a total below 1000, got {numbers}")
+        worked, total = RunningSum.work(numbers[0], numbers[1:])
+        answer = f"{total:03d}"
+        question = "+".join(f"{n:02d}" for n in numbers) + "="
+        return Problem(question, worked + ">" + answer, answer)
+
+    @staticmethod
+    def work(total: int, numbers: list[int]) -> tuple[str, int]:
+        """The worked additions of ``numbers`` to the running ``total``, and the final total."""
+        worked = []
+        for n in numbers:
+            worked.append(f"{total:03d}+{n:02d}:")
+            carry = 0
+            for i in range(3):
+                dt, dn = (total // 10**i) % 10, (n // 10**i) % 10
+                s = dt + dn + carry
+                worked.append(f"{dt}+{dn}+{carry}={s:02d};")
+                carry = s // 10
+            total += n
+        return "".join(worked), total
+
+
+FAMILIES = {"add3": Add3, "chain": Chain, "fib": Fib, "sum": RunningSum}
 
 
 def make_task(name: str, **options):
