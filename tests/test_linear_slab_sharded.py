@@ -1,8 +1,9 @@
 """The slab schedule under the vocabulary-sharded form (``forms/sharded.py`` around the linear form):
 each rank's backward runs slab by slab over its own shard of the weight rows, with the shard's local
-token ids, for the policy loss, the OPSD losses and the log-probs. Spawned gloo ranks on CPU, as ``test_distributed.py`` runs them, with its checks: the
-sharded loss, metrics and gradient slices equal the unsharded ones (both on the slab schedule, which
-``test_linear_slab.py`` holds to the float64 reference)."""
+token ids, for the policy loss, the OPSD losses and the log-probs. Spawned gloo ranks on CPU, as
+``test_distributed.py`` runs them, with its checks: the sharded loss, metrics and gradient slices
+equal the unsharded ones (both on the slab schedule, which ``test_linear_slab.py`` holds to the
+float64 reference)."""
 
 from mp_harness import finish_rank, spawn, start_rank
 
