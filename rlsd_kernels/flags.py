@@ -19,3 +19,7 @@ class Flag(enum.IntFlag):
 
 
 ERRORS = Flag.BAD_TOKEN | Flag.NONFINITE_STUDENT | Flag.NONFINITE_TEACHER
+
+# Every error bit lies above every other bit, and the flags are never negative: a token has an
+# error exactly when its flags reach this value (one reduction finds whether any token has one).
+LOWEST_ERROR = int(Flag.BAD_TOKEN)

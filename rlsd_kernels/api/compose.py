@@ -9,7 +9,7 @@ from ..autograd.functions import LogprobsFunction, ScalarLossFunction, TokenLoss
 from ..call.inputs import check_tokens, prepare
 from ..call.losses import DistillLoss, PolicyLoss, empty_outputs
 from ..call.options import DistillOptions, PolicyOptions
-from ..flags import ERRORS
+from ..flags import LOWEST_ERROR
 from ..forms.linear import LinearForm, default_chunk_size, schedule_for
 from ..forms.logits import LogitsForm, slice_of_base
 from ..forms.sharded import ShardedForm
@@ -203,11 +203,10 @@ def defer_check(flags, tokens, vocab, names):
     """Starts the check of a call's error bits without waiting for it: one reduction on the device
     and a non-blocking copy of its one byte to pinned host memory, read by ``check_deferred``. Off
     CUDA there is nothing to overlap: the check is made at once."""
-    found = (flags & int(ERRORS)).any()
-    if not found.is_cuda:
-        if bool(found):
-            raise_on_error_flags(flags, tokens, vocab, names)
+    if not flags.is_cuda:
+        raise_on_error_flags(flags, tokens, vocab, names)
         return
+    found = flags.max() >= LOWEST_ERROR
     host = torch.empty((), dtype=torch.bool, pin_memory=True)
     host.copy_(found, non_blocking=True)
     event = torch.cuda.Event()

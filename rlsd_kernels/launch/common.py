@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..flags import Flag
+from ..flags import ERRORS, LOWEST_ERROR, Flag
 from ..reference import IGNORE_INDEX
 
 # The one environment-dependent switch: under TRITON_INTERPRET=1 the Triton kernels also run on
@@ -110,7 +110,8 @@ def pack_outputs(out, names) -> torch.Tensor:
     """One ``[len(names), N]`` float32 tensor of the outputs ``names``: the allocation they are rows
     of (``outputs``), or a copy of them stacked."""
     packed = getattr(out, "packed", None)
-    if packed is not None and packed.shape[0] == len(names) and tuple(out) == tuple(names):
+    if packed is not None and packed.shape[0] == len(names) and (out._index is _row_index(tuple(names))
+                                                                 or tuple(out) == tuple(names)):
         return packed
     return torch.stack([out[k] for k in names])
 
@@ -150,12 +151,17 @@ _KINDS = {
 }
 
 
+@functools.cache
+def _kind_ok(kinds, dtype) -> bool:
+    return any(_KINDS[k](dtype) for k in kinds)
+
+
 def check_tensor(x, name, *, kinds, dims=None, device=None):
     """Type, dtype kind, rank and device checks with errors that name the tensor."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     dtype = x.dtype
-    if not any(_KINDS[k](dtype) for k in kinds):
+    if not _kind_ok(kinds, dtype):
         raise TypeError(f"{name} must have a dtype of kind {' or '.join(kinds)}, got {dtype}")
     if dims is not None and x.dim() not in dims:
         raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimensions, got shape {tuple(x.shape)}")
@@ -203,9 +209,10 @@ def same_rows(rows: Rows, other: torch.Tensor, name: str, student_name: str) -> 
 
 def raise_on_error_flags(flags, tokens, vocab, names):
     """Turns the error bits of the kernels' per-token flags into one clear exception (one sync)."""
-    errors = flags & int(Flag.BAD_TOKEN | Flag.NONFINITE_STUDENT | Flag.NONFINITE_TEACHER)
-    if not bool(errors.any()):
+    # The error bits are the highest in use (``flags.LOWEST_ERROR``): one reduction and one read.
+    if flags.numel() == 0 or int(flags.max()) < LOWEST_ERROR:
         return
+    errors = flags & int(ERRORS)
     messages = []
     bad = (errors & int(Flag.BAD_TOKEN)) != 0
     if bool(bad.any()):

@@ -4,17 +4,76 @@ the student-logit gradient), the token epilogue over known log-probs, and the gr
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 import triton
 
 from ..kernels.rlsd import _rlsd_fwd_kernel, _rlsd_token_kernel, _scale_kernel
-from . import common, torch_rows
+from . import common, torch_rows, tuning
 from .common import rows_of, use_triton
 from .logprobs import bwd_launcher, fused_or_split, logprobs_bwd, trial_destination
 from .terms import OUTPUTS, kernel_flags, kernel_scalars, needs_sequence_pass, optional, sequence_terms
 from .tuning import TRIAL_ROWS, pick_row_config
 
 TOKEN_BLOCK = 1024
+
+
+class _Plan(NamedTuple):
+    """What one launch of the fused forward takes besides the call's tensors, once derived."""
+
+    strides: tuple  # the student's and the teacher's (batch, token) strides
+    dest_strides: tuple  # the gradient's, or (0, 0)
+    tail: tuple  # seqlen, vocabulary, the temperature's factors and the epilogue's scalars
+    config: tuning.RowConfig
+    meta: dict
+
+
+# Plans of the one-launch paths (no gradient, or the fused strategy), kept by everything that
+# decides them: repeated calls skip the derivation and the tuner's lookups (RLSD_KERNELS_AUTOTUNE is
+# read when a plan is made). Bounded: a key that stops matching only costs a rebuild.
+_PLANS: dict = {}
+_PLAN_LIMIT = 256
+
+
+def _presence(inputs):
+    return tuple(getattr(inputs, k) is None for k in ("lp_t", "lp_old", "credit", "rollout", "log_is", "ref",
+                                                    "seq_ids", "seq_ratio"))
+
+
+def _plan_key(student, teacher, inputs, params, grad):
+    t = None if teacher is None else (teacher.shape, teacher.stride(), teacher.dtype)
+    g = None if grad is None else (grad is student, grad.dtype, grad.shape, grad.stride())
+    return (student.shape, student.stride(), student.dtype, student.device, t, g, params, _presence(inputs),
+            tuning.state())
+
+
+def _per_token(inputs, packed, n, flags):
+    adv = inputs.adv
+    return (inputs.tokens, adv, optional(inputs.lp_t, adv), optional(inputs.lp_old, adv), inputs.weight,
+            optional(inputs.credit, adv), optional(inputs.seq_ratio, adv), optional(inputs.rollout, adv),
+            optional(inputs.log_is, adv), optional(inputs.ref, adv), packed, n, flags)
+
+
+def _head(student, teacher, strides):
+    return (student, *strides[:2], teacher if teacher is not None else student, *strides[2:])
+
+
+def _launch(config, n_rows, head, dest, dest_strides, per_token, tail, meta):
+    """One launch of the fused forward over ``n_rows`` rows; ``dest`` None writes no gradient."""
+    student = head[0]
+    _rlsd_fwd_kernel[config.grid(n_rows, student.device)](
+        *head, dest if dest is not None else student, *dest_strides, *per_token, n_rows, *tail,
+        WRITE_GRAD=dest is not None, BLOCK_V=config.block_v, num_warps=config.num_warps, **meta,
+    )
+
+
+def _run_plan(plan, student, teacher, inputs, grad, n):
+    out, flags = common.outputs(OUTPUTS, n, student.device)
+    _launch(plan.config, n, _head(student, teacher, plan.strides), grad, plan.dest_strides,
+            _per_token(inputs, out.packed, n, flags), plan.tail, plan.meta)
+    return out, flags
 
 
 def rlsd_fwd(student, teacher, inputs, params, grad):
@@ -29,10 +88,15 @@ def rlsd_fwd(student, teacher, inputs, params, grad):
     and then the row backward kernel (four passes, every program lighter). Options that need every
     token of a sequence first (``needs_sequence_pass``) always split, with the token epilogue kernel
     in between."""
+    if not use_triton(student):
+        return torch_rows.rlsd_fwd(rows_of(student), None if teacher is None else rows_of(teacher), inputs, params,
+                                   grad)
+    plan_key = _plan_key(student, teacher, inputs, params, grad)
+    plan = _PLANS.get(plan_key)
+    if plan is not None:
+        return _run_plan(plan, student, teacher, inputs, grad, inputs.tokens.numel())
     s_rows = rows_of(student)
     t_rows = None if teacher is None else rows_of(teacher)
-    if not use_triton(student):
-        return torch_rows.rlsd_fwd(s_rows, t_rows, inputs, params, grad)
     n, device = s_rows.n, student.device
     out, flags = common.outputs(OUTPUTS, n, device)
     packed = out.packed
@@ -40,22 +104,17 @@ def rlsd_fwd(student, teacher, inputs, params, grad):
     sequence_pass = needs_sequence_pass(inputs, params)
     row_flags = kernel_flags(inputs, params)
     entropy = bool(params.want_entropy)
-    adv = inputs.adv
 
     # Every argument but the destination and the row count, gathered once for all the launches.
-    head = (student, s_rows.stride_b, s_rows.stride_t,
-            *((teacher, t_rows.stride_b, t_rows.stride_t) if t_rows is not None else (student, 0, 0)))
-    per_token = (inputs.tokens, adv, optional(inputs.lp_t, adv), optional(inputs.lp_old, adv), inputs.weight,
-                 optional(inputs.credit, adv), optional(inputs.seq_ratio, adv), optional(inputs.rollout, adv),
-                 optional(inputs.log_is, adv), optional(inputs.ref, adv), packed, n, flags)
+    t_strides = (0, 0) if t_rows is None else (t_rows.stride_b, t_rows.stride_t)
+    strides = (s_rows.stride_b, s_rows.stride_t, *t_strides)
+    head = _head(student, teacher, strides)
+    per_token = _per_token(inputs, packed, n, flags)
     tail = (s_rows.seqlen, s_rows.vocab, 1.4426950408889634 / temperature, 1.0 / temperature, *scalars)
     meta = dict(HAS_T_LOGITS=teacher is not None, ENTROPY=entropy, **row_flags)
 
     def run(config, n_rows, dest=None, dest_strides=(0, 0)):
-        _rlsd_fwd_kernel[config.grid(n_rows, device)](
-            *head, dest if dest is not None else student, *dest_strides, *per_token, n_rows, *tail,
-            WRITE_GRAD=dest is not None, BLOCK_V=config.block_v, num_warps=config.num_warps, **meta,
-        )
+        _launch(config, n_rows, head, dest, dest_strides, per_token, tail, meta)
 
     trial_rows = min(n, TRIAL_ROWS)
     key = ("rlsd_fwd", student.dtype, None if teacher is None else teacher.dtype, tuple(row_flags.values()), entropy)
@@ -63,6 +122,7 @@ def rlsd_fwd(student, teacher, inputs, params, grad):
     plain = pick_row_config(key + (False,), s_rows.vocab, device, lambda c: run(c, trial_rows), itemsize)
     if grad is None and not sequence_pass:
         run(plain, n)
+        _keep_plan(plan_key, device, _Plan(strides, (0, 0), tail, plain, meta))
         return out, flags
     if sequence_pass:
         run(plain, n)
@@ -89,7 +149,19 @@ def rlsd_fwd(student, teacher, inputs, params, grad):
         backward(bwd_config, n_rows, dest, dest_strides)
 
     fused_or_split(key, device, grad, n, trial_rows, trial_dest, lambda *a: run(fused, *a), split)
+    if tuning.known_choice(key + ("strategy",), device, ("fused", "split"), "fused") == "fused":
+        g_rows = rows_of(grad)
+        _keep_plan(plan_key, device, _Plan(strides, (g_rows.stride_b, g_rows.stride_t), tail, fused, meta))
     return out, flags
+
+
+def _keep_plan(key, device, plan):
+    """Keeps a plan whose choices are settled (nothing is settled while a CUDA graph is captured)."""
+    if tuning.capturing(device):
+        return
+    if len(_PLANS) >= _PLAN_LIMIT:
+        _PLANS.clear()
+    _PLANS[key] = plan
 
 
 def _backward_coefficients(inputs, params, out, coef, coef_h):
@@ -131,5 +203,10 @@ def scale_grad_(grad, scale):
             grad.mul_(scale.float())
         return
     rows = rows_of(grad)
-    block = min(triton.next_power_of_2(rows.vocab), 4096)
-    _scale_kernel[(rows.n,)](grad, rows.stride_b, rows.stride_t, scale, rows.n, rows.seqlen, rows.vocab, BLOCK_V=block)
+    _scale_kernel[(rows.n,)](grad, rows.stride_b, rows.stride_t, scale, rows.n, rows.seqlen, rows.vocab,
+                             BLOCK_V=_scale_block(rows.vocab))
+
+
+@functools.cache
+def _scale_block(vocab):
+    return min(triton.next_power_of_2(vocab), 4096)

@@ -62,6 +62,11 @@ def force_choice(name: str):
         _forced_choice = previous
 
 
+def state() -> tuple:
+    """The forced configuration and choice: part of the key of anything that keeps a tuned choice."""
+    return (_forced, _forced_choice)
+
+
 @functools.cache
 def _heuristic(vocab: int) -> RowConfig:
     block = min(triton.next_power_of_2(vocab), 8192 if not INTERPRET else 1024)
