@@ -8,6 +8,7 @@ itself.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -19,6 +20,7 @@ from .common import Rows
 from .terms import FLAG_TERMS, OUTPUTS, needs_sequence_pass, sequence_terms
 
 CHUNK_ELEMENTS = 1 << 22
+LOG2E = 1.4426950408889634
 
 
 def _row_chunks(rows: Rows, *tensors):
@@ -59,12 +61,28 @@ def _scaled(chunk, temperature):
     return z if temperature == 1 else z / temperature
 
 
+class TokenIndex(NamedTuple):
+    """The ids of a chunk's rows, shaped like the rows without their last dimension: where an id lies
+    in ``[0, V)`` (``ok``), and the ids as a gather index, 0 elsewhere, with a trailing 1 (``index``)."""
+
+    ok: torch.Tensor
+    index: torch.Tensor
+
+
+def _token_index(y, chunk):
+    """``TokenIndex`` of the flat ids ``y`` of the rows of ``chunk`` (``[C, V]`` or ``[b, T, V]``)."""
+    y = y.view(chunk.shape[:-1])
+    ok = (y >= 0) & (y < chunk.shape[-1])
+    return TokenIndex(ok, torch.where(ok, y, 0).long().unsqueeze(-1))
+
+
 class RowSoftmax(NamedTuple):
     """A chunk's softmax rows: the logits centred on their rows' maxima ``ref`` (logits' units) and
-    divided by the temperature (``shifted``), their exponentials and the rows' sums and log-sums; or,
-    from a stored logsumexp, the log-probs alone (``shifted``, the rest None)."""
+    divided by the temperature (``shifted``, None where no log-probs of the rows are needed), their
+    exponentials and the rows' sums and log-sums; or, from a stored logsumexp, the log-probs alone
+    (``shifted``, the rest None)."""
 
-    shifted: torch.Tensor
+    shifted: torch.Tensor | None
     e: torch.Tensor | None = None
     total: torch.Tensor | None = None
     log_total: torch.Tensor | None = None
@@ -76,67 +94,80 @@ class RowSoftmax(NamedTuple):
     def probs_(self, out=None):
         """The probabilities, into ``out`` when given, else over ``e`` (spent) or a new tensor."""
         if self.e is None:
-            return torch.exp(self.shifted, out=out)
+            return torch.mul(self.shifted, LOG2E, out=out).exp2_()
         return torch.div(self.e, self.total[..., None], out=self.e if out is None else out)
 
 
-def _stats(chunk, y, temperature, active, want_entropy=False):
+def _stats(chunk, tok, temperature, active, want_entropy=False, log_probs=False, scratch=None):
     """``RowSoftmax`` of a chunk of rows (``[C, V]``, or a ``[b, T, V]`` view read in place), then flat
-    ``[C]`` logsumexp, log-prob, entropy and error masks; ``y`` and ``active`` are flat.
+    ``[C]`` logsumexp, log-prob, entropy and error masks; ``tok`` is the rows' ``TokenIndex``, ``active``
+    is flat. With ``log_probs`` (or the entropy) the centred logits stay alive for the rows' log-probs.
+    ``scratch``: float32 rows shaped like the chunk to form the exponentials in, instead of new ones
+    (without ``log_probs`` and the entropy only).
 
     Log-probs come from ``(x - m) / tau`` with the row's maximum ``m`` (as the kernels centre), not
-    from ``x / tau - lse``: their error does not grow with the logits' magnitude."""
-    x = chunk.float()
-    y, active = y.view(x.shape[:-1]), active.view(x.shape[:-1])
-    m = x.amax(-1)
+    from ``x / tau - lse``: their error does not grow with the logits' magnitude. The exponentials
+    are ``exp2`` of the centred logits in base 2, as in the kernels: on CPU several times faster than
+    ``exp``, and the rounding of the factor moves an exponential by ``|x - m| / tau`` units in the
+    last place at most, a relative ``1e-6`` for the terms ``exp(-20)`` and above that make up a sum."""
+    # Half-precision rows are read as they are (a float32 reference promotes their difference).
+    x = chunk if chunk.dtype in (torch.float16, torch.bfloat16) else chunk.float()
+    active = active.view(x.shape[:-1])
+    m = x.amax(-1).float()
     # A row without a finite logit takes 0 as its reference; a +inf logit makes its sums NaN, as in
     # the kernels' online logsumexp.
-    m = torch.where(m == float("-inf"), 0.0, m)
-    shifted = x - m[..., None]
+    m.masked_fill_(m == float("-inf"), 0.0)
+    shifted = None
+    keep = log_probs or want_entropy
+    if keep or scratch is None:
+        scratch = x if x is not chunk else None  # a float32 copy of the chunk's own
+    centred = torch.sub(x, m[..., None], out=scratch)
+    zy = centred.gather(-1, tok.index).squeeze(-1)
+    if keep:
+        shifted = centred if temperature == 1 else centred.div_(temperature)
+        e = torch.mul(shifted, LOG2E).exp2_()
+    else:
+        e = centred.mul_(LOG2E / temperature).exp2_()
     if temperature != 1:
-        shifted /= temperature
-    e = shifted.exp()
+        zy /= temperature
     total = e.sum(-1)
     log_s = total.log()
     lse = (m if temperature == 1 else m / temperature) + log_s
-    ok = (y >= 0) & (y < x.shape[-1])
-    gathered = shifted.gather(-1, torch.where(ok, y, 0).long()[..., None]).squeeze(-1)
-    zy = torch.where(active & ok, gathered, float("-inf"))
-    lp = torch.where(active, (zy - log_s).clamp(max=0.0), 0.0)
+    zy = torch.where(active & tok.ok, zy, float("-inf"))
+    lp = torch.where(active, (zy - log_s).clamp_(max=0.0), 0.0)
     entropy = None
     if want_entropy:
         # p * log p is 0 where p is 0 (a -inf logit), never 0 * -inf.
         plogp = torch.where(e > 0, e * (shifted - log_s[..., None]), 0.0)
         entropy = torch.where(active, -plogp.sum(-1) / total, 0.0).reshape(-1)
-    flat = (torch.where(active, lse, 0.0), lp, active & ~ok, active & ~torch.isfinite(lse))
+    # |lse| < inf is false at NaN too.
+    flat = (torch.where(active, lse, 0.0), lp, active & ~tok.ok, active & (lse.abs() < float("inf")).logical_not_())
     lse, lp, bad, nonfinite = (x.reshape(-1) for x in flat)
     return RowSoftmax(shifted, e, total, log_s, m.reshape(-1)), lse, lp, entropy, bad, nonfinite
 
 
-def _token_logprobs(chunk, y, temperature, active):
-    """``(lp, nonfinite)``, flat: the tokens' log-probs alone (the teacher's), by ``torch.log_softmax``
-    (centred on the row's maximum), and where an active row holds no finite logit, NaN or ``+inf``."""
-    z = _scaled(chunk, temperature)
-    y, active = y.view(z.shape[:-1]), active.view(z.shape[:-1])
-    log_p = torch.log_softmax(z, -1)
-    ok = (y >= 0) & (y < z.shape[-1])
-    gathered = log_p.gather(-1, torch.where(ok, y, 0).long()[..., None]).squeeze(-1)
-    lp = torch.where(active, torch.where(ok, gathered, float("-inf")).clamp(max=0.0), 0.0)
-    # The largest log-prob, -log(sum exp(z - m)), is finite exactly where the row's logsumexp is.
-    return lp.reshape(-1), (active & ~torch.isfinite(log_p.amax(-1))).reshape(-1)
-
-
-def _softmax_grad(p, y, coef, coef_h=None, entropy=None, log_p=None):
-    """``coef * (1[v = y] - p) - coef_h * p * (log p + H)`` over the probabilities ``p`` (overwritten)
-    of rows (mirrors the kernel); ``y``, ``coef`` (and ``coef_h``, ``entropy``) are shaped like ``p``
-    without its last dimension, and ``log_p`` is needed only with ``coef_h``."""
-    if coef_h is not None:
-        h_term = coef_h[..., None] * torch.where(p > 0, p * (log_p + entropy[..., None]), 0.0)
+def _softmax_grad(rows, tok, coef, coef_h=None, entropy=None, out=None):
+    """``coef * (1[v = y] - p) - coef_h * p * (log p + H)`` (mirrors the kernel) from the rows'
+    ``RowSoftmax`` and ``TokenIndex``, into ``out`` or else over the rows' exponentials or log-probs;
+    ``coef`` (and ``coef_h``, ``entropy``) are shaped like the rows without their last dimension."""
     # Like the kernels, an id outside [0, V) (only with validate=False) matches no column.
-    ok = (y >= 0) & (y < p.shape[-1])
-    g = p.neg_().scatter_add_(-1, torch.where(ok, y, 0).long()[..., None], ok.to(p.dtype)[..., None])
-    g.mul_(coef[..., None])
-    return g.sub_(h_term) if coef_h is not None else g
+    ok, index = tok
+    if coef_h is not None:
+        log_p = rows.log_probs()
+        p = rows.probs_(out)
+        h_term = coef_h[..., None] * torch.where(p > 0, p * (log_p + entropy[..., None]), 0.0)
+        g = p.neg_().scatter_add_(-1, index, ok.to(p.dtype)[..., None])
+        return g.mul_(coef[..., None]).sub_(h_term)
+    # -coef * p in one product (p = e / total when the exponentials are kept), then the token's
+    # entry (1 - p_y) * coef, so that 1 - p_y is exact and a zero p_y never meets an infinite coef.
+    if rows.e is None:
+        src = rows.probs_(out)
+        p_y, scale = src.gather(-1, index).squeeze(-1), coef.neg()
+    else:
+        src = rows.e
+        p_y, scale = src.gather(-1, index).squeeze(-1) / rows.total, coef.neg().div_(rows.total)
+    g = torch.mul(src, scale[..., None], out=src if out is None else out)
+    return g.scatter_(-1, index, ((ok.to(p_y.dtype) - p_y) * coef)[..., None])
 
 
 def logprobs_fwd(rows: Rows, tokens, temperature, want_entropy):
@@ -148,7 +179,8 @@ def logprobs_fwd(rows: Rows, tokens, temperature, want_entropy):
     for sl, (chunk,) in _row_chunks(rows, rows.tensor):
         y = tokens[sl]
         active = y != reference.IGNORE_INDEX
-        _, lse[sl], lp[sl], e, bad, nonfinite = _stats(chunk, y, temperature, active, want_entropy)
+        _, lse[sl], lp[sl], e, bad, nonfinite = _stats(chunk, _token_index(y, chunk), temperature, active,
+                                                       want_entropy)
         if want_entropy:
             ent[sl] = e
         flags[sl] = bad.int() * int(Flag.BAD_TOKEN) + nonfinite.int() * int(Flag.NONFINITE_STUDENT)
@@ -162,20 +194,20 @@ def partial_stats(rows: Rows, tokens, vocab_start, temperature, want_entropy):
     n, device = rows.n, rows.tensor.device
     stats = common.empty((4, n), dtype=torch.float32, device=device)
     flags = common.empty((n,), dtype=torch.int32, device=device)
-    log2e = 1.4426950408889634
     for sl, (chunk,) in _row_chunks(rows, rows.tensor):
         y = tokens[sl]
         active = y != reference.IGNORE_INDEX
         local = y - vocab_start
         in_shard = active & (local >= 0) & (local < rows.vocab)
-        soft, lse, lp, entropy, _, _ = _stats(_flat(chunk), torch.where(in_shard, local, -1), temperature, active,
-                                              want_entropy)
+        chunk = _flat(chunk)
+        soft, lse, lp, entropy, _, _ = _stats(chunk, _token_index(torch.where(in_shard, local, -1), chunk),
+                                              temperature, active, want_entropy)
         total = soft.total.reshape(-1)
         stats[0, sl] = torch.where(active, soft.ref, 0.0)
-        stats[1, sl] = torch.where(active, soft.log_total.reshape(-1) * log2e, float("-inf"))
+        stats[1, sl] = torch.where(active, soft.log_total.reshape(-1) * LOG2E, float("-inf"))
         # A shard without a finite logit gives its tokens a log-prob of -inf, never -inf - -inf.
-        stats[2, sl] = torch.where(in_shard & (total != 0), lp * log2e, float("-inf"))
-        stats[3, sl] = torch.where(active & (total > 0), entropy * log2e, 0.0) if want_entropy else 0.0
+        stats[2, sl] = torch.where(in_shard & (total != 0), lp * LOG2E, float("-inf"))
+        stats[3, sl] = torch.where(active & (total > 0), entropy * LOG2E, 0.0) if want_entropy else 0.0
         # A shard may hold no finite logit (padding): only NaN and +inf are errors here.
         flags[sl] = (active & (torch.isnan(lse) | (lse == float("inf")))).int() * int(Flag.NONFINITE_STUDENT)
     return stats, flags
@@ -183,17 +215,27 @@ def partial_stats(rows: Rows, tokens, vocab_start, temperature, want_entropy):
 
 def logprobs_bwd(rows: Rows, tokens, lse, coef, coef_h, entropy, temperature, grad):
     for sl, (chunk, g_chunk) in _row_chunks(rows, rows.tensor, grad):
-        # The chunk is read in place (a [b, T, V] view of strided rows too) and written once.
-        log_p = _scaled(chunk, temperature) - lse[sl].view(chunk.shape[:-1])[..., None]
-        _grad_chunk(RowSoftmax(log_p), g_chunk, sl, tokens, coef, coef_h, entropy, temperature)
+        # The chunk is read in place (a [b, T, V] view of strided rows too). Without the entropy
+        # term a float32 gradient's rows hold the log-probs, then the probabilities, then the
+        # gradient: no temporary rows.
+        lse_rows = lse[sl].view(chunk.shape[:-1])[..., None]
+        if coef_h is not None or g_chunk.dtype != torch.float32:
+            log_p = _scaled(chunk, temperature) - lse_rows
+        elif temperature == 1:
+            log_p = torch.sub(chunk, lse_rows, out=g_chunk)  # the float32 log-sums promote half rows
+        else:
+            log_p = g_chunk.copy_(chunk).div_(temperature).sub_(lse_rows)
+        _grad_chunk(RowSoftmax(log_p), _token_index(tokens[sl], chunk), g_chunk, sl, tokens, coef, coef_h, entropy,
+                    temperature)
     return grad
 
 
-def _grad_chunk(rows, g_chunk, sl, tokens, coef, coef_h, entropy, temperature):
+def _grad_chunk(rows, tok, g_chunk, sl, tokens, coef, coef_h, entropy, temperature):
     """Writes ``(coef * (1[v = y] - p) - coef_h * p * (log p + H)) / tau`` for the rows ``sl`` from their
-    ``RowSoftmax`` into ``g_chunk``; rows whose coefficients are zero, or that are masked, get 0."""
+    ``RowSoftmax`` and ``TokenIndex`` into ``g_chunk``; rows whose coefficients are zero, or that are
+    masked, get 0."""
     inv = 1.0 / temperature
-    shape = rows.shifted.shape[:-1]
+    shape = tok.ok.shape
     y, c = tokens[sl].view(shape), coef[sl].view(shape)
     active = (y != reference.IGNORE_INDEX) & (c != 0)
     c_h = h = None
@@ -202,10 +244,12 @@ def _grad_chunk(rows, g_chunk, sl, tokens, coef, coef_h, entropy, temperature):
         active |= (y != reference.IGNORE_INDEX) & (c_h != 0)
     # A float32 gradient is formed in place (a view of strided rows too); others are rounded once.
     in_place = g_chunk.dtype == torch.float32
-    log_p = rows.log_probs() if c_h is not None else None
-    g = _softmax_grad(rows.probs_(g_chunk if in_place else None), y, c * inv, c_h, h, log_p)
-    if not bool(active.all()):
-        g.masked_fill_(~active[..., None], 0.0)
+    g = _softmax_grad(rows, tok, c * inv, c_h, h, out=g_chunk if in_place else None)
+    # Rows with zero coefficients come out 0 where their sum is finite and positive; the others
+    # (NaN or no finite logit, or any row of stored log-probs) are cleared.
+    dead = ~active if rows.total is None else ~active & ~(rows.total > 0)
+    if bool(dead.any()):
+        g.masked_fill_(dead[..., None], 0.0)
     if not in_place:
         g_chunk.copy_(g)
 
@@ -222,20 +266,26 @@ def rlsd_fwd(s_rows: Rows, t_rows, inputs, params, grad):
     active = inputs.weight != 0
     tensors = [s_rows.tensor] + ([t_rows.tensor] if t_rows is not None else [])
     chunks = list(_row_chunks(s_rows, *tensors, *([grad] if grad is not None else [])))
+    # A float32 gradient's rows are the scratch of each chunk's exponentials (the teacher's, then
+    # the student's, kept for the gradient when there is one chunk), unless they are the student's
+    # logits themselves (in place), which are read again over several chunks or after the teacher's.
+    scratch = grad is not None and grad.dtype == torch.float32
+    in_place = scratch and grad.data_ptr() == s_rows.tensor.data_ptr()
     kept = None
     for sl, views in chunks:
-        y, on = inputs.tokens[sl], active[sl]
-        rows, out["lse"][sl], out["lp_s"][sl], entropy, bad, nonfinite_s = _stats(
-            views[0], y, temperature, on, want_entropy=bool(params.want_entropy))
-        kept = rows if len(chunks) == 1 else None
-        out["entropy"][sl] = entropy if entropy is not None else 0.0
-        nonfinite_t = torch.zeros_like(on)
+        tok, on = _token_index(inputs.tokens[sl], views[0]), active[sl]
         if t_rows is not None:
-            out["lp_t"][sl], nonfinite_t = _token_logprobs(views[1], y, temperature, on)
+            _, _, out["lp_t"][sl], _, _, nonfinite_t = _stats(views[1], tok, temperature, on,
+                                                              scratch=views[-1] if scratch and not in_place else None)
         else:
             out["lp_t"][sl] = torch.where(on, inputs.lp_t[sl], 0.0)
-        flags[sl] = (bad.int() * int(Flag.BAD_TOKEN) + nonfinite_s.int() * int(Flag.NONFINITE_STUDENT)
-                     + nonfinite_t.int() * int(Flag.NONFINITE_TEACHER))
+        student_scratch = views[-1] if scratch and (len(chunks) == 1 or not in_place) else None
+        rows, out["lse"][sl], out["lp_s"][sl], entropy, bad, nonfinite_s = _stats(
+            views[0], tok, temperature, on, want_entropy=bool(params.want_entropy), scratch=student_scratch)
+        kept = (rows, tok) if len(chunks) == 1 else None
+        out["entropy"][sl] = entropy if entropy is not None else 0.0
+        bits = bad.int() * int(Flag.BAD_TOKEN) + nonfinite_s.int() * int(Flag.NONFINITE_STUDENT)
+        flags[sl] = bits if t_rows is None else bits + nonfinite_t.int() * int(Flag.NONFINITE_TEACHER)
 
     if needs_sequence_pass(inputs, params):
         inputs = sequence_terms(out["lp_s"], inputs, params)
@@ -250,7 +300,7 @@ def rlsd_fwd(s_rows: Rows, t_rows, inputs, params, grad):
             logprobs_bwd(s_rows, inputs.tokens, out["lse"], coef, coef_h, out["entropy"], temperature, grad)
         else:
             sl, views = chunks[0]
-            _grad_chunk(kept, views[-1], sl, inputs.tokens, coef, coef_h, out["entropy"], temperature)
+            _grad_chunk(*kept, views[-1], sl, inputs.tokens, coef, coef_h, out["entropy"], temperature)
     return out, flags
 
 
@@ -269,11 +319,16 @@ def rlsd_token_epilogue(out, flags, inputs, params):
         tis_cap=params.tis_cap, lp_ref=inputs.ref, kl_coef=params.kl_coef,
         kl_estimator=params.kl_estimator, entropy=out["entropy"], entropy_coef=params.entropy_coef,
     )
+    zero = flags.new_zeros((), dtype=torch.float32)
     for key, name in (("loss", "loss"), ("d_lp", "d_loss"), ("w", "weight"), ("ratio", "ratio"),
                       ("is_weight", "is_weight"), ("kl", "kl")):
-        out[key].copy_(torch.where(active, terms[name], 0.0))
+        torch.where(active, terms[name], zero, out=out[key])
     flags &= int(ERRORS)
     # The bits are distinct powers of two: their sum over the terms is their OR.
-    hits = torch.stack([terms[name] for name, _ in FLAG_TERMS]) & active
-    bits = torch.tensor([int(bit) for _, bit in FLAG_TERMS], dtype=torch.int32, device=flags.device)
-    flags |= (hits.int() * bits[:, None]).sum(0, dtype=torch.int32)
+    hits = torch.stack([terms[name] for name, _ in FLAG_TERMS]).logical_and_(active)
+    flags |= (hits * _flag_bits(flags.device)[:, None]).sum(0, dtype=torch.int32)
+
+
+@functools.cache
+def _flag_bits(device):
+    return torch.tensor([int(bit) for _, bit in FLAG_TERMS], dtype=torch.int32, device=device)
