@@ -31,11 +31,17 @@ def _mixture(a, b, beta):
     return torch.logaddexp(b + math.log(beta), a + math.log1p(-beta))
 
 
-def divergence(a, b, code, beta):
+def _exp(x):
+    """``exp(x)`` as ``exp2(x * log2(e))``, on CPU several times faster (``torch_rows._stats``)."""
+    return torch.mul(x, _LOG2E).exp2_()
+
+
+def divergence(a, b, code, beta, s=None, t=None):
     """``(D, k)`` per row of the student's and teacher's log-probs ``[C, V]`` (see
     ``reference.opsd_token_divergence``): ``k`` is the constant of the gradient, ``KL(S || T)``
-    (reverse) or ``KL(S || M)`` (JSD), else 0."""
-    s, t = a.exp(), b.exp()
+    (reverse) or ``KL(S || M)`` (JSD), else 0. ``s`` and ``t``: their probabilities, where known."""
+    s = _exp(a) if s is None and code != FORWARD_KL else s
+    t = _exp(b) if t is None and code != REVERSE_KL else t
     if code == FORWARD_KL:
         d = torch.where(t == 0, 0.0, t * (b - a)).sum(-1)
         return d, torch.zeros_like(d)
@@ -47,11 +53,12 @@ def divergence(a, b, code, beta):
     return beta * torch.where(t == 0, 0.0, t * (b - log_m)).sum(-1) + (1 - beta) * k, k
 
 
-def divergence_grad(a, b, k, code, beta):
-    """``tau * dD/dz_S`` for a chunk of log-probs (mirrors ``kernels/common.py: divergence_grad_block``)."""
-    s = a.exp()
+def divergence_grad(a, b, k, code, beta, s=None):
+    """``tau * dD/dz_S`` for a chunk of log-probs (mirrors ``kernels/common.py: divergence_grad_block``),
+    a new tensor; ``s``: the student's probabilities, where known."""
+    s = _exp(a) if s is None else s
     if code == FORWARD_KL:
-        return s - b.exp()
+        return s - _exp(b)
     if code == REVERSE_KL:
         # An infinite KL (T = 0 where S > 0): the gradient's limit is +inf at those entries, not inf - inf.
         diff = torch.where((b == -math.inf) & (k[:, None] == math.inf), math.inf, (a - b) - k[:, None])
@@ -90,20 +97,27 @@ def opsd_fwd(s_rows, t_rows, inputs, params, opsd, grad):
         on = active[sl]
         y = inputs.tokens[sl] if need_lp else torch.zeros_like(on, dtype=torch.long)
         b = None
-        rows_s, lse_s, lp_s, _, bad, nonfinite_s = torch_rows._stats(torch_rows._flat(views[0]), y, temperature, on)
+        zs = torch_rows._flat(views[0])
+        tok = torch_rows._token_index(y, zs)
+        rows_s, lse_s, lp_s, _, bad, nonfinite_s = torch_rows._stats(zs, tok, temperature, on, log_probs=True)
         a = rows_s.log_probs()
+        # The probabilities from the kept exponentials (spent), for the divergences that read them.
+        s = t = None
+        if code != SAMPLED:
+            s = rows_s.probs_()
         nonfinite_t = torch.zeros_like(on)
         lse_t = lse_s
         if t_rows is not None:
-            rows_t, lse_t, lp_t, _, _, nonfinite_t = torch_rows._stats(torch_rows._flat(views[1]), y, temperature,
-                                                                        on)
-            b = rows_t.log_probs()
+            rows_t, lse_t, lp_t, _, _, nonfinite_t = torch_rows._stats(torch_rows._flat(views[1]), tok, temperature,
+                                                                        on, log_probs=code != SAMPLED)
+            if code != SAMPLED:
+                b, t = rows_t.log_probs(), rows_t.probs_()
         else:
             lp_t = torch.where(on, inputs.lp_t[sl], 0.0)
         if code == SAMPLED:
             div, k = reference._log_diff(lp_s, lp_t), torch.zeros_like(lp_s)
         else:
-            div, k = divergence(a, b, code, opsd.beta)
+            div, k = divergence(a, b, code, opsd.beta, s, t)
         if not grpo:
             out["lse"][sl], out["lp_s"][sl], out["lp_t"][sl] = lse_s, lp_s, lp_t
             bad = bad if need_lp else torch.zeros_like(bad)
@@ -112,7 +126,7 @@ def opsd_fwd(s_rows, t_rows, inputs, params, opsd, grad):
         out["lse_t"][sl] = torch.where(on, lse_t, 0.0)
         out["div"][sl] = torch.where(on, div, 0.0)
         out["k"][sl] = torch.where(on, k, 0.0)
-        kept = (a, b) if len(chunks) == 1 else None
+        kept = (a, b, s) if len(chunks) == 1 else None
     opsd_value, d_div, _ = token_terms(out["div"], out["lp_s"], code, opsd.token_clip)
     out["opsd"] = torch.where(active, opsd_value, 0.0)
     out["d_div"] = torch.where(active, d_div, 0.0)
@@ -146,20 +160,27 @@ def opsd_grad(s_rows, t_rows, tokens, out, c_lp, c_h, c_d, temperature, opsd, gr
         active = (c_lp[sl] != 0) | (c_d[sl] != 0)
         if c_h is not None:
             active |= c_h[sl] != 0
+        s = None
         if kept is not None:
-            a, b = kept
+            a, b, s = kept
         else:
             a = torch_rows._flat(views[0]).float() / temperature - out["lse"][sl][:, None]
             if code != SAMPLED:
                 b = torch_rows._flat(views[2]).float() / temperature - out["lse_t"][sl][:, None]
-        g = torch.zeros_like(a)
+        g = None
         if code == SAMPLED or opsd.grpo:
-            g = torch_rows._softmax_grad(a.exp(), y, c_lp[sl], None if c_h is None else c_h[sl],
-                                         None if c_h is None else out["entropy"][sl], a)
+            g = torch_rows._softmax_grad(torch_rows.RowSoftmax(a), torch_rows._token_index(y, a), c_lp[sl],
+                                         None if c_h is None else c_h[sl],
+                                         None if c_h is None else out["entropy"][sl])
         if code != SAMPLED:
-            dd = divergence_grad(a, b, out["k"][sl], code, opsd.beta)
-            g = g + torch.where(c_d[sl][:, None] != 0, c_d[sl][:, None] * dd, 0.0)
-        torch_rows._write(views[1], torch.where(active[:, None], g / temperature, 0.0))
+            # In place on the new rows of dd; rows without the divergence's term add nothing,
+            # whatever dd holds there.
+            c = c_d[sl][:, None]
+            dd = divergence_grad(a, b, out["k"][sl], code, opsd.beta, s).mul_(c).masked_fill_(c == 0, 0.0)
+            g = dd if g is None else g.add_(dd)
+        if temperature != 1:
+            g.div_(temperature)
+        torch_rows._write(views[1], g.masked_fill_(~active[:, None], 0.0))
     return grad
 
 
