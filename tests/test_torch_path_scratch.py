@@ -8,7 +8,7 @@ against the float64 reference; the teacher's logits stay as they were."""
 
 import pytest
 import torch
-from tolerances import FP32, assert_close, assert_grad_close
+from tolerances import FP32, STORED_LSE_GRAD, assert_close, assert_grad_close
 
 import rlsd_kernels
 from rlsd_kernels import reference
@@ -74,3 +74,28 @@ def test_logprobs_backward_with_gradient_rows_as_scratch(chunks, dtype, temperat
     with backend("torch"):
         (rlsd_kernels.token_logprobs(leaf, tokens, temperature=temperature) * upstream).sum().backward()
     assert_grad_close(leaf.grad, ref_student.grad, dtype)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "sampled_token"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["grad", "inplace"])
+@pytest.mark.parametrize("chunks", ["one", "several"])
+def test_opsd_loss_with_gradient_rows_as_scratch(chunks, inplace, divergence, dtype, temperature, monkeypatch):
+    """The OPSD losses' PyTorch path forms the divergence's gradient in the gradient's rows."""
+    if chunks == "several":
+        monkeypatch.setattr(torch_rows, "CHUNK_ELEMENTS", 2 * V)
+    student, teacher, tokens, _ = _inputs(dtype)
+    teacher_before = teacher.clone()
+    kwargs = dict(divergence=divergence, beta=0.3, temperature=temperature)
+    ref_student = student.detach().double().requires_grad_()
+    reference.opsd_loss(ref_student, teacher.double(), tokens, **kwargs).backward()
+    leaf = student.detach().requires_grad_()
+    with backend("torch"):
+        loss = rlsd_kernels.opsd_loss(leaf, teacher, tokens, inplace_backward=inplace, **kwargs)
+        loss.backward()
+    if chunks == "several" and dtype == torch.float32:
+        assert_close(leaf.grad, ref_student.grad, what="grad", **STORED_LSE_GRAD)
+    else:
+        assert_grad_close(leaf.grad, ref_student.grad, dtype)
+    assert torch.equal(teacher, teacher_before), "the teacher's logits were written"

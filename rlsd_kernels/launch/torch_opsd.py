@@ -36,34 +36,45 @@ def _exp(x):
     return torch.mul(x, _LOG2E).exp2_()
 
 
+def _weighted(x, p):
+    """``p * x`` over ``x`` (in place), 0 where ``p`` is 0: never ``0 * inf`` at a -inf log-prob."""
+    return x.mul_(p).masked_fill_(p == 0, 0.0)
+
+
 def divergence(a, b, code, beta, s=None, t=None):
-    """``(D, k)`` per row of the student's and teacher's log-probs ``[C, V]`` (see
+    """``(D, k)`` per row of the student's and teacher's log-probs ``[..., V]`` (see
     ``reference.opsd_token_divergence``): ``k`` is the constant of the gradient, ``KL(S || T)``
     (reverse) or ``KL(S || M)`` (JSD), else 0. ``s`` and ``t``: their probabilities, where known."""
     s = _exp(a) if s is None and code != FORWARD_KL else s
     t = _exp(b) if t is None and code != REVERSE_KL else t
     if code == FORWARD_KL:
-        d = torch.where(t == 0, 0.0, t * (b - a)).sum(-1)
+        d = _weighted(b - a, t).sum(-1)
         return d, torch.zeros_like(d)
     if code == REVERSE_KL:
-        d = torch.where(s == 0, 0.0, s * (a - b)).sum(-1)
+        d = _weighted(a - b, s).sum(-1)
         return d, d
     log_m = _mixture(a, b, beta)
-    k = torch.where(s == 0, 0.0, s * (a - log_m)).sum(-1)
-    return beta * torch.where(t == 0, 0.0, t * (b - log_m)).sum(-1) + (1 - beta) * k, k
+    k = _weighted(a - log_m, s).sum(-1)
+    return beta * _weighted(log_m.neg_().add_(b), t).sum(-1) + (1 - beta) * k, k
 
 
-def divergence_grad(a, b, k, code, beta, s=None):
+def divergence_grad(a, b, k, code, beta, s=None, out=None):
     """``tau * dD/dz_S`` for a chunk of log-probs (mirrors ``kernels/common.py: divergence_grad_block``),
-    a new tensor; ``s``: the student's probabilities, where known."""
+    into ``out`` (float32 rows shaped like ``a``) or a new tensor; ``s``: the student's probabilities,
+    where known."""
     s = _exp(a) if s is None else s
+    k = k[..., None]
     if code == FORWARD_KL:
-        return s - _exp(b)
+        return torch.sub(s, _exp(b), out=out)
     if code == REVERSE_KL:
+        diff = torch.sub(a, b, out=out).sub_(k)
         # An infinite KL (T = 0 where S > 0): the gradient's limit is +inf at those entries, not inf - inf.
-        diff = torch.where((b == -math.inf) & (k[:, None] == math.inf), math.inf, (a - b) - k[:, None])
-        return torch.where(s == 0, 0.0, s * diff)
-    return torch.where(s == 0, 0.0, (1 - beta) * s * ((a - _mixture(a, b, beta)) - k[:, None]))
+        infinite = k == math.inf
+        if bool(infinite.any()):
+            diff.masked_fill_((b == -math.inf) & infinite, math.inf)
+        return _weighted(diff, s)
+    log_m = _mixture(a, b, beta)
+    return _weighted(torch.sub(a, log_m, out=out).sub_(k), s).mul_(1 - beta)
 
 
 def token_terms(div, lp_s, code, token_clip):
@@ -97,10 +108,10 @@ def opsd_fwd(s_rows, t_rows, inputs, params, opsd, grad):
         on = active[sl]
         y = inputs.tokens[sl] if need_lp else torch.zeros_like(on, dtype=torch.long)
         b = None
-        zs = torch_rows._flat(views[0])
-        tok = torch_rows._token_index(y, zs)
-        rows_s, lse_s, lp_s, _, bad, nonfinite_s = torch_rows._stats(zs, tok, temperature, on, log_probs=True)
-        a = rows_s.log_probs()
+        # The chunk's rows ([C, V], or a [b, T, V] view) are read in place; per-row results are flat.
+        tok = torch_rows._token_index(y, views[0])
+        rows_s, lse_s, lp_s, _, bad, nonfinite_s = torch_rows._stats(views[0], tok, temperature, on, log_probs=True)
+        a = rows_s.log_probs_()
         # The probabilities from the kept exponentials (spent), for the divergences that read them.
         s = t = None
         if code != SAMPLED:
@@ -108,16 +119,16 @@ def opsd_fwd(s_rows, t_rows, inputs, params, opsd, grad):
         nonfinite_t = torch.zeros_like(on)
         lse_t = lse_s
         if t_rows is not None:
-            rows_t, lse_t, lp_t, _, _, nonfinite_t = torch_rows._stats(torch_rows._flat(views[1]), tok, temperature,
-                                                                        on, log_probs=code != SAMPLED)
+            rows_t, lse_t, lp_t, _, _, nonfinite_t = torch_rows._stats(views[1], tok, temperature, on,
+                                                                        log_probs=code != SAMPLED)
             if code != SAMPLED:
-                b, t = rows_t.log_probs(), rows_t.probs_()
+                b, t = rows_t.log_probs_(), rows_t.probs_()
         else:
             lp_t = torch.where(on, inputs.lp_t[sl], 0.0)
         if code == SAMPLED:
             div, k = reference._log_diff(lp_s, lp_t), torch.zeros_like(lp_s)
         else:
-            div, k = divergence(a, b, code, opsd.beta, s, t)
+            div, k = (x.reshape(-1) for x in divergence(a, b, code, opsd.beta, s, t))
         if not grpo:
             out["lse"][sl], out["lp_s"][sl], out["lp_t"][sl] = lse_s, lp_s, lp_t
             bad = bad if need_lp else torch.zeros_like(bad)
@@ -156,6 +167,8 @@ def opsd_grad(s_rows, t_rows, tokens, out, c_lp, c_h, c_d, temperature, opsd, gr
     code = opsd.div
     tensors = [s_rows.tensor, grad] + ([t_rows.tensor] if code != SAMPLED else [])
     for sl, views in torch_rows._row_chunks(s_rows, *tensors):
+        # The chunk's rows ([C, V], or [b, T, V] views) are read and written in place.
+        shape = views[0].shape[:-1]
         y = tokens[sl]
         active = (c_lp[sl] != 0) | (c_d[sl] != 0)
         if c_h is not None:
@@ -164,23 +177,27 @@ def opsd_grad(s_rows, t_rows, tokens, out, c_lp, c_h, c_d, temperature, opsd, gr
         if kept is not None:
             a, b, s = kept
         else:
-            a = torch_rows._flat(views[0]).float() / temperature - out["lse"][sl][:, None]
+            a = torch_rows._scaled(views[0], temperature) - out["lse"][sl].view(shape)[..., None]
             if code != SAMPLED:
-                b = torch_rows._flat(views[2]).float() / temperature - out["lse_t"][sl][:, None]
+                b = torch_rows._scaled(views[2], temperature) - out["lse_t"][sl].view(shape)[..., None]
         g = None
         if code == SAMPLED or opsd.grpo:
-            g = torch_rows._softmax_grad(torch_rows.RowSoftmax(a), torch_rows._token_index(y, a), c_lp[sl],
-                                         None if c_h is None else c_h[sl],
-                                         None if c_h is None else out["entropy"][sl])
+            g = torch_rows._softmax_grad(torch_rows.RowSoftmax(a), torch_rows._token_index(y, a),
+                                         c_lp[sl].view(shape), None if c_h is None else c_h[sl].view(shape),
+                                         None if c_h is None else out["entropy"][sl].view(shape))
         if code != SAMPLED:
-            # In place on the new rows of dd; rows without the divergence's term add nothing,
-            # whatever dd holds there.
-            c = c_d[sl][:, None]
-            dd = divergence_grad(a, b, out["k"][sl], code, opsd.beta, s).mul_(c).masked_fill_(c == 0, 0.0)
+            # Formed in the gradient's rows where it is alone and float32 (they are read no more);
+            # rows without the divergence's term add nothing, whatever dd holds there.
+            rows_out = views[1] if g is None and views[1].dtype == torch.float32 else None
+            c = c_d[sl].view(shape)[..., None]
+            dd = divergence_grad(a, b, out["k"][sl].view(shape), code, opsd.beta, s, out=rows_out)
+            dd.mul_(c).masked_fill_(c == 0, 0.0)
             g = dd if g is None else g.add_(dd)
         if temperature != 1:
             g.div_(temperature)
-        torch_rows._write(views[1], g.masked_fill_(~active[:, None], 0.0))
+        g.masked_fill_(~active.view(shape)[..., None], 0.0)
+        if g.data_ptr() != views[1].data_ptr():
+            views[1].copy_(g)
     return grad
 
 

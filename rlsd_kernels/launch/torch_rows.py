@@ -91,6 +91,10 @@ class RowSoftmax(NamedTuple):
     def log_probs(self):
         return self.shifted if self.log_total is None else self.shifted - self.log_total[..., None]
 
+    def log_probs_(self):
+        """The log-probabilities over ``shifted`` (spent)."""
+        return self.shifted if self.log_total is None else self.shifted.sub_(self.log_total[..., None])
+
     def probs_(self, out=None):
         """The probabilities, into ``out`` when given, else over ``e`` (spent) or a new tensor."""
         if self.e is None:
