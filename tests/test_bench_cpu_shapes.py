@@ -2,7 +2,8 @@
 
 The PyTorch path once walked one sequence at a time (128 sequences x 33 tokens x V = 32: 100 ms for
 ``rlsd_loss`` forward + backward against 2.6 ms for the naive loss); these cases time it next to
-the naive PyTorch loss at that shape, and check both against the float64 reference.
+the naive PyTorch loss at that shape, and ``token_logprobs`` and ``opsd_loss`` alone, and check each
+against the float64 reference.
 """
 
 import sys
@@ -41,3 +42,25 @@ def test_benchmark_token_logprobs_many_short_sequences_cpu(benchmark):
     benchmark.group = f"token_logprobs, CPU, {SEQS} x {SEQLEN} tokens, V={VOCAB}"
     lp = benchmark.pedantic(rlsd_kernels.token_logprobs, (logits, tokens), rounds=5, warmup_rounds=1)
     assert_close(lp, reference.token_logprobs(logits.double(), tokens), what="lp", **FP32)
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
+def test_benchmark_opsd_many_short_sequences_cpu(benchmark, divergence):
+    """``opsd_loss`` forward + backward on ``logits[:, :-1]`` views at the same shape."""
+    base = (torch.randn(SEQS, SEQLEN + 1, VOCAB) * 2).requires_grad_()
+    teacher = torch.randn(SEQS, SEQLEN + 1, VOCAB) * 2
+    tokens = torch.randint(0, VOCAB, (SEQS, SEQLEN))
+
+    def run():
+        base.grad = None
+        loss = rlsd_kernels.opsd_loss(base[:, :-1], teacher[:, :-1], tokens, divergence=divergence)
+        loss.backward()
+        return loss, base.grad
+
+    benchmark.group = f"opsd_loss ({divergence}), forward + backward, CPU, {SEQS} x {SEQLEN} tokens, V={VOCAB}"
+    loss, grad = benchmark.pedantic(run, rounds=5, warmup_rounds=1)
+    ref_base = base.detach().double().requires_grad_()
+    ref_loss = reference.opsd_loss(ref_base[:, :-1], teacher[:, :-1].double(), tokens, divergence=divergence)
+    ref_loss.backward()
+    assert_close(loss, ref_loss, what="loss", **FP32)
+    assert_grad_close(grad, ref_base.grad, torch.float32)
