@@ -28,7 +28,7 @@ def _row_chunks(rows: Rows, *tensors):
     logits per chunk: views of ``tensors`` (shaped like the rows) of whole sequences ``[b0:b1]``
     (``[C, T, V]``) while a sequence fits, else of parts of one sequence (``[C, V]``): many short
     sequences make few chunks, not one each. The ops over the last dimension take either shape;
-    ``_flat`` and ``_write`` are for code that needs ``[C, V]`` rows."""
+    ``_flat`` is for code that needs ``[C, V]`` rows."""
     seq_elements = rows.seqlen * rows.vocab
     if rows.batch > 1 and seq_elements <= CHUNK_ELEMENTS:
         step = max(1, CHUNK_ELEMENTS // max(seq_elements, 1))
@@ -50,9 +50,10 @@ def _flat(view):
     return view.reshape(-1, view.shape[-1])
 
 
-def _write(view, value):
-    """Writes ``[C, V]`` rows into a chunk of ``_row_chunks``."""
-    view.copy_(value.view(view.shape))
+def _exp(x, out=None):
+    """``exp(x)`` as ``exp2(x * log2(e))``, into ``out`` when given: on CPU several times faster than
+    ``exp`` (``_stats``)."""
+    return torch.mul(x, LOG2E, out=out).exp2_()
 
 
 def _scaled(chunk, temperature):
@@ -98,7 +99,7 @@ class RowSoftmax(NamedTuple):
     def probs_(self, out=None):
         """The probabilities, into ``out`` when given, else over ``e`` (spent) or a new tensor."""
         if self.e is None:
-            return torch.mul(self.shifted, LOG2E, out=out).exp2_()
+            return _exp(self.shifted, out)
         return torch.div(self.e, self.total[..., None], out=self.e if out is None else out)
 
 
@@ -129,7 +130,7 @@ def _stats(chunk, tok, temperature, active, want_entropy=False, log_probs=False,
     zy = centred.gather(-1, tok.index).squeeze(-1)
     if keep:
         shifted = centred if temperature == 1 else centred.div_(temperature)
-        e = torch.mul(shifted, LOG2E).exp2_()
+        e = _exp(shifted)
     else:
         e = centred.mul_(LOG2E / temperature).exp2_()
     if temperature != 1:
