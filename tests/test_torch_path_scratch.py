@@ -99,3 +99,40 @@ def test_opsd_loss_with_gradient_rows_as_scratch(chunks, inplace, divergence, dt
     else:
         assert_grad_close(leaf.grad, ref_student.grad, dtype)
     assert torch.equal(teacher, teacher_before), "the teacher's logits were written"
+
+
+@pytest.mark.parametrize("where", ["student", "teacher", "both"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["grad", "inplace"])
+@pytest.mark.parametrize("chunks", ["one", "several"])
+def test_opsd_minus_inf_entries_in_some_rows(chunks, inplace, divergence, where, monkeypatch):
+    """-inf logits at a few entries of a few rows (a filtered or padded vocabulary) of ``[:, :-1]``
+    views: the products ``0 * inf`` they make are cleared in those rows alone
+    (``torch_opsd._weighted``), next to rows that need nothing. Loss and gradient equal the float64
+    reference where it is finite; where the -inf makes the divergence infinite (the student samples
+    what the teacher rules out, or the reverse for the forward KL), the loss is +inf and the
+    gradient holds no NaN."""
+    if chunks == "several":
+        monkeypatch.setattr(torch_rows, "CHUNK_ELEMENTS", 2 * V)
+    student, teacher, tokens, _ = _inputs(torch.float32)
+    base_s, base_t = student._base.clone(), (torch.randn(B, T + 1, V) * 3)
+    for base in {"student": (base_s,), "teacher": (base_t,), "both": (base_s, base_t)}[where]:
+        base[1, 0, [2, 5]] = float("-inf")
+        base[2, 3, [0, 9, 10]] = float("-inf")
+    student, teacher = base_s[:, :-1], base_t[:, :-1]
+    kwargs = dict(divergence=divergence, beta=0.3)
+    ref_student = student.detach().double().requires_grad_()
+    ref_loss = reference.opsd_loss(ref_student, teacher.double(), tokens, **kwargs)
+    leaf = base_s.detach().requires_grad_()
+    with backend("torch"):
+        loss = rlsd_kernels.opsd_loss(leaf[:, :-1], teacher, tokens, inplace_backward=inplace, **kwargs)
+        loss.backward()
+    grad = leaf.grad[:, :-1]
+    if torch.isfinite(ref_loss):
+        ref_loss.backward()
+        assert_close(loss, ref_loss, what="loss", **FP32)
+        assert_grad_close(grad, ref_student.grad, torch.float32)
+    else:
+        assert loss == ref_loss == float("inf")
+        assert not torch.isnan(grad).any(), "NaN in the gradient"
+    assert torch.equal(leaf.grad[:, -1], torch.zeros(B, V))

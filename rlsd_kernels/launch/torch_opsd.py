@@ -33,21 +33,30 @@ def _mixture(a, b, beta):
 
 
 def _weighted(x, p):
-    """``p * x`` over ``x`` (in place), 0 where ``p`` is 0: never ``0 * inf`` at a -inf log-prob."""
-    return x.mul_(p).masked_fill_(p == 0, 0.0)
+    """``(p * x, sum(p * x))`` (the products over ``x``, in place, and their row sums), 0 where ``p``
+    is 0: never ``0 * inf`` at a -inf log-prob. The plain products first: only rows whose sum is NaN
+    (such a product, or a NaN of the input's own) are formed again with those entries cleared, so
+    that no full pass compares or masks all entries."""
+    d = x.mul_(p).sum(-1)
+    nan = torch.isnan(d)
+    if bool(nan.any()):
+        rows = x[nan].masked_fill_(p[nan] == 0, 0.0)
+        x[nan], d[nan] = rows, rows.sum(-1)
+    return x, d
 
 
-def divergence(a, b, code, beta, s=None, t=None):
+def divergence(a, b, code, beta, s=None, t=None, out=None):
     """``(D, k)`` per row of the student's and teacher's log-probs ``[..., V]`` (see
     ``reference.opsd_token_divergence``): ``k`` is the constant of the gradient, ``KL(S || T)``
-    (reverse) or ``KL(S || M)`` (JSD), else 0. ``s`` and ``t``: their probabilities, where known."""
+    (reverse) or ``KL(S || M)`` (JSD), else 0. ``s`` and ``t``: their probabilities, where known;
+    ``out``: float32 rows shaped like ``a`` for a KL's products, instead of new ones."""
     s = _exp(a) if s is None and code != FORWARD_KL else s
     t = _exp(b) if t is None and code != REVERSE_KL else t
     if code == FORWARD_KL:
-        d = _weighted(b - a, t).sum(-1)
+        d = _weighted(torch.sub(b, a, out=out), t)[1]
         return d, torch.zeros_like(d)
     if code == REVERSE_KL:
-        d = _weighted(a - b, s).sum(-1)
+        d = _weighted(torch.sub(a, b, out=out), s)[1]
         return d, d
     teacher_sum, k = _jsd_sums(a, b, beta, s, t)
     return beta * teacher_sum + (1 - beta) * k, k
@@ -56,27 +65,27 @@ def divergence(a, b, code, beta, s=None, t=None):
 def _jsd_sums(a, b, beta, s, t):
     """``(sum T (log T - log M), sum S (log S - log M))`` per row: the JSD's two KLs to the mixture."""
     log_m = _mixture(a, b, beta)
-    k = _weighted(a - log_m, s).sum(-1)
-    return _weighted(torch.sub(b, log_m, out=log_m), t).sum(-1), k
+    k = _weighted(a - log_m, s)[1]
+    return _weighted(torch.sub(b, log_m, out=log_m), t)[1], k
 
 
-def divergence_grad(a, b, k, code, beta, s=None, out=None):
+def divergence_grad(a, b, k, code, beta, s=None, t=None, out=None):
     """``tau * dD/dz_S`` for a chunk of log-probs (mirrors ``kernels/common.py: divergence_grad_block``),
-    into ``out`` (float32 rows shaped like ``a``) or a new tensor; ``s``: the student's probabilities,
-    where known."""
+    into ``out`` (float32 rows shaped like ``a``) or a new tensor; ``s`` and ``t``: the student's and
+    teacher's probabilities, where known."""
     s = _exp(a) if s is None else s
     k = k[..., None]
     if code == FORWARD_KL:
-        return torch.sub(s, _exp(b), out=out)
+        return torch.sub(s, _exp(b) if t is None else t, out=out)
     if code == REVERSE_KL:
         diff = torch.sub(a, b, out=out).sub_(k)
         # An infinite KL (T = 0 where S > 0): the gradient's limit is +inf at those entries, not inf - inf.
         infinite = k == math.inf
         if bool(infinite.any()):
             diff.masked_fill_((b == -math.inf) & infinite, math.inf)
-        return _weighted(diff, s)
+        return _weighted(diff, s)[0]
     log_m = _mixture(a, b, beta)
-    return _weighted(torch.sub(a, log_m, out=out).sub_(k), s).mul_(1 - beta)
+    return _weighted(torch.sub(a, log_m, out=out).sub_(k), s)[0].mul_(1 - beta)
 
 
 def token_terms(div, lp_s, code, token_clip):
@@ -104,9 +113,16 @@ def opsd_fwd(s_rows, t_rows, inputs, params, opsd, grad):
     active = inputs.weight != 0
     need_lp = code == SAMPLED or grpo
     tensors = [s_rows.tensor] + ([t_rows.tensor] if t_rows is not None else [])
-    chunks = list(torch_rows._row_chunks(s_rows, *tensors))
+    chunks = list(torch_rows._row_chunks(s_rows, *tensors, *([grad] if grad is not None else [])))
+    # A float32 gradient's rows are scratch until the gradient is written: for the teacher's
+    # exponentials where the gradient does not read them (all but the forward KL's), and for a KL's
+    # products where they do not hold those. Not where they are the student's logits (in place)
+    # read again over several chunks.
+    scratch = grad is not None and grad.dtype == torch.float32 and (
+        len(chunks) == 1 or grad.data_ptr() != s_rows.tensor.data_ptr())
     kept = None
     for sl, views in chunks:
+        rows = views[-1] if scratch else None
         on = active[sl]
         y = inputs.tokens[sl] if need_lp else torch.zeros_like(on, dtype=torch.long)
         b = None
@@ -121,16 +137,19 @@ def opsd_fwd(s_rows, t_rows, inputs, params, opsd, grad):
         nonfinite_t = torch.zeros_like(on)
         lse_t = lse_s
         if t_rows is not None:
-            rows_t, lse_t, lp_t, _, _, nonfinite_t = torch_rows._stats(views[1], tok, temperature, on,
-                                                                        log_probs=code != SAMPLED)
+            rows_t, lse_t, lp_t, _, _, nonfinite_t = torch_rows._stats(
+                views[1], tok, temperature, on, log_probs=code != SAMPLED,
+                scratch=rows if code != FORWARD_KL else None)
             if code != SAMPLED:
-                b, t = rows_t.log_probs_(), rows_t.probs_()
+                b = rows_t.log_probs_()
+                t = rows_t.probs_() if code != REVERSE_KL else None
         else:
             lp_t = torch.where(on, inputs.lp_t[sl], 0.0)
         if code == SAMPLED:
             div, k = reference._log_diff(lp_s, lp_t), torch.zeros_like(lp_s)
         else:
-            div, k = (x.reshape(-1) for x in divergence(a, b, code, opsd.beta, s, t))
+            products = rows if code in (FORWARD_KL, REVERSE_KL) else None
+            div, k = (x.reshape(-1) for x in divergence(a, b, code, opsd.beta, s, t, out=products))
         if not grpo:
             out["lse"][sl], out["lp_s"][sl], out["lp_t"][sl] = lse_s, lp_s, lp_t
             bad = bad if need_lp else torch.zeros_like(bad)
@@ -139,7 +158,7 @@ def opsd_fwd(s_rows, t_rows, inputs, params, opsd, grad):
         out["lse_t"][sl] = torch.where(on, lse_t, 0.0)
         out["div"][sl] = torch.where(on, div, 0.0)
         out["k"][sl] = torch.where(on, k, 0.0)
-        kept = (a, b, s) if len(chunks) == 1 else None
+        kept = (a, b, s, t) if len(chunks) == 1 else None
     opsd_value, d_div, _ = token_terms(out["div"], out["lp_s"], code, opsd.token_clip)
     out["opsd"] = torch.where(active, opsd_value, 0.0)
     out["d_div"] = torch.where(active, d_div, 0.0)
@@ -163,9 +182,10 @@ def grad_coefficients(out, scale, entropy_coef, opsd):
 def opsd_grad(s_rows, t_rows, tokens, out, c_lp, c_h, c_d, temperature, opsd, grad, kept=None):
     """Writes ``(c_lp * (1[v = y] - p) - c_h * p * (log p + H) + c_d * tau * dD/dz_S) / tau`` into ``grad``.
 
-    ``kept``: the student's and teacher's log-probs of all rows when they are one chunk, from the
-    forward (formed from centred logits); otherwise each row's are its logits less its stored
-    logsumexp (a relative error of about ``|lse| * 2**-24`` in ``p``)."""
+    ``kept``: the student's and teacher's log-probs and probabilities (those the divergence read) of
+    all rows when they are one chunk, from the forward (formed from centred logits); otherwise each
+    row's are its logits less its stored logsumexp (a relative error of about ``|lse| * 2**-24`` in
+    ``p``)."""
     code = opsd.div
     tensors = [s_rows.tensor, grad] + ([t_rows.tensor] if code != SAMPLED else [])
     for sl, views in torch_rows._row_chunks(s_rows, *tensors):
@@ -175,9 +195,9 @@ def opsd_grad(s_rows, t_rows, tokens, out, c_lp, c_h, c_d, temperature, opsd, gr
         active = (c_lp[sl] != 0) | (c_d[sl] != 0)
         if c_h is not None:
             active |= c_h[sl] != 0
-        s = None
+        s = t = None
         if kept is not None:
-            a, b, s = kept
+            a, b, s, t = kept
         else:
             a = torch_rows._scaled(views[0], temperature) - out["lse"][sl].view(shape)[..., None]
             if code != SAMPLED:
@@ -192,12 +212,12 @@ def opsd_grad(s_rows, t_rows, tokens, out, c_lp, c_h, c_d, temperature, opsd, gr
             # rows without the divergence's term add nothing, whatever dd holds there.
             rows_out = views[1] if g is None and views[1].dtype == torch.float32 else None
             c = c_d[sl].view(shape)[..., None]
-            dd = divergence_grad(a, b, out["k"][sl].view(shape), code, opsd.beta, s, out=rows_out)
-            dd.mul_(c).masked_fill_(c == 0, 0.0)
+            dd = divergence_grad(a, b, out["k"][sl].view(shape), code, opsd.beta, s, t, out=rows_out)
+            torch_rows.clear_rows(dd.mul_(c), c[..., 0] == 0)
             g = dd if g is None else g.add_(dd)
         if temperature != 1:
             g.div_(temperature)
-        g.masked_fill_(~active.view(shape)[..., None], 0.0)
+        torch_rows.clear_rows(g, ~active.view(shape))
         if g.data_ptr() != views[1].data_ptr():
             views[1].copy_(g)
     return grad

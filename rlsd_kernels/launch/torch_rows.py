@@ -56,6 +56,15 @@ def _exp(x, out=None):
     return torch.mul(x, LOG2E, out=out).exp2_()
 
 
+def clear_rows(x, rows):
+    """Sets to 0 the rows of ``x`` (``[..., V]``, a strided view too) where the bool ``rows`` (shaped
+    like ``x`` without its last dimension) holds: a pass over those rows only, not over all of ``x``
+    as a broadcast ``masked_fill_`` would make."""
+    if bool(rows.any()):
+        x[rows] = 0.0
+    return x
+
+
 def _scaled(chunk, temperature):
     """A ``[C, V]`` chunk as float32 logits divided by the temperature (no copy for float32 at 1)."""
     z = chunk.float()
@@ -108,7 +117,7 @@ def _stats(chunk, tok, temperature, active, want_entropy=False, log_probs=False,
     ``[C]`` logsumexp, log-prob, entropy and error masks; ``tok`` is the rows' ``TokenIndex``, ``active``
     is flat. With ``log_probs`` (or the entropy) the centred logits stay alive for the rows' log-probs.
     ``scratch``: float32 rows shaped like the chunk to form the exponentials in, instead of new ones
-    (without ``log_probs`` and the entropy only).
+    (without ``log_probs`` and the entropy, the centred logits too).
 
     Log-probs come from ``(x - m) / tau`` with the row's maximum ``m`` (as the kernels centre), not
     from ``x / tau - lse``: their error does not grow with the logits' magnitude. The exponentials
@@ -124,13 +133,12 @@ def _stats(chunk, tok, temperature, active, want_entropy=False, log_probs=False,
     m.masked_fill_(m == float("-inf"), 0.0)
     shifted = None
     keep = log_probs or want_entropy
-    if keep or scratch is None:
-        scratch = x if x is not chunk else None  # a float32 copy of the chunk's own
-    centred = torch.sub(x, m[..., None], out=scratch)
+    own = x if x is not chunk else None  # a float32 copy of the chunk's own
+    centred = torch.sub(x, m[..., None], out=own if keep or scratch is None else scratch)
     zy = centred.gather(-1, tok.index).squeeze(-1)
     if keep:
         shifted = centred if temperature == 1 else centred.div_(temperature)
-        e = _exp(shifted)
+        e = _exp(shifted, scratch)
     else:
         e = centred.mul_(LOG2E / temperature).exp2_()
     if temperature != 1:
@@ -252,9 +260,7 @@ def _grad_chunk(rows, tok, g_chunk, sl, tokens, coef, coef_h, entropy, temperatu
     g = _softmax_grad(rows, tok, c * inv, c_h, h, out=g_chunk if in_place else None)
     # Rows with zero coefficients come out 0 where their sum is finite and positive; the others
     # (NaN or no finite logit, or any row of stored log-probs) are cleared.
-    dead = ~active if rows.total is None else ~active & ~(rows.total > 0)
-    if bool(dead.any()):
-        g.masked_fill_(dead[..., None], 0.0)
+    clear_rows(g, ~active if rows.total is None else ~active & ~(rows.total > 0))
     if not in_place:
         g_chunk.copy_(g)
 
