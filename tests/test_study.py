@@ -12,8 +12,9 @@ import sys
 import pytest
 import torch
 
+import rlsd_kernels
 from python.rlsd_study import data, tasks
-from python.rlsd_study.methods import parse_method
+from python.rlsd_study.methods import method_loss, parse_method
 from python.rlsd_study.model import EOS, CharTokenizer, make_config, make_model
 from python.rlsd_study.sampler import response_mask, sample
 from python.rlsd_study.train import grpo_advantages
@@ -233,6 +234,21 @@ def test_parse_method():
         parse_method("ppo")
     with pytest.raises(ValueError, match="method option"):
         parse_method("rlsd:beta=2")
+
+
+def test_method_eps_w_high_reaches_the_loss():
+    """``eps_w_high`` widens the credit clip's upper side alone: the method's loss is ``rlsd_loss``
+    with it, and differs from the symmetric clip's where a weight passes ``1 + eps_w``."""
+    method = parse_method("rlsd:lam=1:eps_w=0.2:eps_w_high=4")
+    assert (method.eps_w, method.eps_w_high, parse_method("rlsd").eps_w_high) == (0.2, 4.0, None)
+    torch.manual_seed(0)
+    student, teacher = torch.randn(6, 11), torch.randn(6, 11) * 4
+    tokens, adv = torch.randint(0, 11, (6,)), torch.tensor([1.0, -1.0, 1.0, -1.0, -1.0, 1.0])
+    loss, metrics, _ = method_loss(method, 0, student, teacher, tokens, adv)
+    wide = rlsd_kernels.rlsd_loss(student, teacher, tokens, adv, eps_w=0.2, eps_w_high=4.0, lam=1.0)
+    narrow = rlsd_kernels.rlsd_loss(student, teacher, tokens, adv, eps_w=0.2, lam=1.0)
+    torch.testing.assert_close(loss, wide)
+    assert not torch.isclose(loss, narrow) and float(metrics["credit_weight_nonzero"]) > 1.2
 
 
 @pytest.mark.slow

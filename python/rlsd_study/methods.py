@@ -4,8 +4,10 @@ A method is a name and options, written ``base`` or ``base:key=value:key=value``
 
 - ``grpo``: ``rlsd_loss`` with ``lam=0`` (the teacher is not run).
 - ``rlsd``: ``rlsd_loss`` with the official defaults, ``eps_w=0.2`` and ``lam`` from
-  ``lam_schedule`` (0.5 decaying to 0 over 60 steps). Options: ``eps_w``, ``lam`` (a constant),
-  or ``lam0`` and ``decay`` (the schedule's start and decay steps).
+  ``lam_schedule`` (0.5 decaying to 0 over 60 steps). Options: ``eps_w``, ``eps_w_high`` (the
+  clip's upper side alone, ``w <= 1 + eps_w_high``: how much more a token the teacher blames
+  in a failed response can weigh), ``lam`` (a constant), or ``lam0`` and ``decay`` (the
+  schedule's start and decay steps).
 - ``opsd``: ``opsd_loss`` with the teacher's distribution as target (``div``: ``reverse_kl``,
   ``forward_kl`` or ``jsd``); the rewards are not used.
 - ``grpo+opsd``: ``grpo_opsd_loss``, GRPO plus ``alpha`` times the divergence.
@@ -24,6 +26,7 @@ import rlsd_kernels
 class Method:
     base: str
     eps_w: float = 0.2
+    eps_w_high: float | None = None
     lam: float | None = None
     lam0: float = 0.5
     decay: int = 60
@@ -48,7 +51,8 @@ class Method:
 
 
 BASES = ("grpo", "rlsd", "opsd", "grpo+opsd")
-_FLOAT_KEYS = {"eps_w", "lam", "lam0", "alpha"}
+_FLOAT_KEYS = {"eps_w", "eps_w_high", "lam", "lam0", "alpha"}
+_KEYS = _FLOAT_KEYS | {"decay", "div"}
 
 
 def parse_method(spec: str) -> Method:
@@ -59,8 +63,8 @@ def parse_method(spec: str) -> Method:
     method = Method(base=base, label=spec)
     for option in options:
         key, sep, value = option.partition("=")
-        if not sep or key not in {"eps_w", "lam", "lam0", "decay", "div", "alpha"}:
-            raise ValueError(f"method option must be eps_w|lam|lam0|decay|div|alpha=value, got {option!r} in {spec!r}")
+        if not sep or key not in _KEYS:
+            raise ValueError(f"method option must be {'|'.join(sorted(_KEYS))}=value, got {option!r} in {spec!r}")
         parsed = float(value) if key in _FLOAT_KEYS else int(value) if key == "decay" else value
         method = replace(method, **{key: parsed})
     return method
@@ -78,7 +82,8 @@ def method_loss(method: Method, step: int, student, teacher, tokens, advantages,
     if method.base in ("grpo", "rlsd"):
         # GRPO (lam = 0) needs no teacher: the library then leaves the credit metrics out.
         loss, metrics = rlsd_kernels.rlsd_loss(
-            student, teacher, tokens, advantages, eps_w=method.eps_w, lam=lam, loss_agg="token-mean",
+            student, teacher, tokens, advantages, eps_w=method.eps_w, eps_w_high=method.eps_w_high, lam=lam,
+            loss_agg="token-mean",
             return_metrics=True, **extra,
         )
         if method.uses_credit:

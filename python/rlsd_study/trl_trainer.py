@@ -51,6 +51,8 @@ def train_trl(policy, tok, split, method, cfg, *, seed: int, progress=None, log=
 
     if method.base not in ("grpo", "rlsd"):
         raise ValueError(f"--trainer trl runs grpo and rlsd methods, got {method.label!r}")
+    if method.eps_w_high is not None:
+        raise ValueError(f"--trainer trl takes eps_w alone (RLSDConfig's symmetric clip), got {method.label!r}")
     RLSDConfig, RLSDTrainer = _import_trainer()
     hf = hf_tokenizer(tok)
     bos = tok.itos[BOS]
