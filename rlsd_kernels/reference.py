@@ -152,13 +152,18 @@ def rlsd_token_terms(
     old = lp_s if lp_old is None else lp_old
     delta = _log_diff(lp_teacher, old if credit_base == "old" else lp_s)
     sign = torch.sign(advantages)
-    # sign(0) = 0 gives w = 1 whatever delta is: never 0 * (+-inf) = NaN (a -inf teacher or student
-    # log-prob at A = 0, the commonest advantage); a NaN delta stays NaN.
-    x = torch.where((sign == 0) & ~torch.isnan(delta), torch.zeros_like(delta), sign * delta)
+    # sign(0) = 0 gives w = 1 whatever delta is: an infinite delta (a -inf teacher or student log-prob)
+    # is made the largest finite value first, never 0 * (+-inf) = NaN at A = 0, the commonest
+    # advantage; the clip below gives the same w and clip flags as the infinite one. NaN stays NaN.
+    big = torch.finfo(delta.dtype).max
+    x = sign * delta.clamp(-big, big)
     log_lo = math.log1p(-(eps_w if eps_w_low is None else eps_w_low))
     log_hi = math.log1p(eps_w if eps_w_high is None else eps_w_high)
-    on = torch.ones_like(sign, dtype=torch.bool) if credit_on is None else credit_on.bool()
-    weight = torch.where(on, torch.exp(x.clamp(log_lo, log_hi)), torch.ones_like(x))
+    weight = torch.exp(x.clamp(log_lo, log_hi))
+    nonzero = sign != 0
+    if credit_on is not None:
+        weight = torch.where(credit_on.bool(), weight, 1.0)
+        nonzero = nonzero & credit_on.bool()
     credit = (1.0 - lam) + lam * weight
     a_hat = advantages * credit
 
@@ -169,7 +174,7 @@ def rlsd_token_terms(
     ratio = torch.exp(log_ratio.clamp(-RATIO_LOG_CLAMP, RATIO_LOG_CLAMP))
     clipped_ratio = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     in_range = (log_ratio >= -RATIO_LOG_CLAMP) & (log_ratio <= RATIO_LOG_CLAMP) & (lp_s > float("-inf"))
-    dual = torch.zeros_like(on)
+    dual = torch.zeros_like(nonzero)
     if surrogate == "ppo":
         surrogate_value = ratio * a_hat
         clipped_surrogate = clipped_ratio * a_hat
@@ -188,19 +193,18 @@ def rlsd_token_terms(
         loss_pg = -(4.0 / k) * gate * a_hat
         d_pg = torch.where(in_range, -4.0 * gate * (1.0 - gate) * ratio * a_hat, torch.zeros_like(a_hat)).detach()
         # A soft gate: no clip binds.
-        clip_low_hit = clip_high_hit = torch.zeros_like(on)
+        clip_low_hit = clip_high_hit = torch.zeros_like(nonzero)
     else:
         factor = clipped_ratio.detach() * a_hat
         loss_pg = -factor * torch.where(lp_s > float("-inf"), lp_student, torch.zeros_like(lp_s))
         d_pg = torch.where(lp_s > float("-inf"), -factor, torch.zeros_like(factor)).detach()
         clip_low_hit, clip_high_hit = ratio < 1.0 - clip_low, ratio > 1.0 + clip_high
 
-    is_weight = torch.ones_like(lp_s)
+    loss, d_loss, is_weight = loss_pg, d_pg, torch.ones_like(lp_s)
     if log_seq_is is not None or lp_rollout is not None:
         log_is = log_seq_is if log_seq_is is not None else _log_diff(old, lp_rollout)
         is_weight = torch.exp(log_is.clamp(max=math.log(tis_cap)))
-    loss = is_weight * loss_pg
-    d_loss = is_weight * d_pg
+        loss, d_loss = is_weight * loss_pg, is_weight * d_pg
 
     kl = torch.zeros_like(lp_s)
     if lp_ref is not None:
@@ -216,10 +220,9 @@ def rlsd_token_terms(
             kl, d_kl = torch.exp(d) - d - 1.0, 1.0 - torch.exp(dd)
         loss = loss + kl_coef * kl
         d_loss = d_loss + kl_coef * torch.where(kl_in_range, d_kl, torch.zeros_like(d_kl))
-    if entropy is not None:
+    if entropy is not None and entropy_coef != 0:
         loss = loss - entropy_coef * entropy
 
-    nonzero = on & (sign != 0)
     return {
         "loss": loss,
         "d_loss": d_loss,

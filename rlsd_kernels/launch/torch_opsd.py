@@ -12,7 +12,6 @@ import math
 import torch
 
 from .. import reference
-from ..flags import Flag
 from . import common, torch_rows
 from .terms import OUTPUTS
 
@@ -128,7 +127,7 @@ def opsd_fwd(s_rows, t_rows, inputs, params, opsd, grad):
         b = None
         # The chunk's rows ([C, V], or a [b, T, V] view) are read in place; per-row results are flat.
         tok = torch_rows._token_index(y, views[0])
-        rows_s, lse_s, lp_s, _, bad, nonfinite_s = torch_rows._stats(views[0], tok, temperature, on, log_probs=True)
+        rows_s, lse_s, lp_s, _, nonfinite_s = torch_rows._stats(views[0], tok, temperature, on, log_probs=True)
         a = rows_s.log_probs_()
         # The probabilities from the kept exponentials (spent), for the divergences that read them.
         s = t = None
@@ -137,7 +136,7 @@ def opsd_fwd(s_rows, t_rows, inputs, params, opsd, grad):
         nonfinite_t = torch.zeros_like(on)
         lse_t = lse_s
         if t_rows is not None:
-            rows_t, lse_t, lp_t, _, _, nonfinite_t = torch_rows._stats(
+            rows_t, lse_t, lp_t, _, nonfinite_t = torch_rows._stats(
                 views[1], tok, temperature, on, log_probs=code != SAMPLED,
                 scratch=rows if code != FORWARD_KL else None)
             if code != SAMPLED:
@@ -152,9 +151,8 @@ def opsd_fwd(s_rows, t_rows, inputs, params, opsd, grad):
             div, k = (x.reshape(-1) for x in divergence(a, b, code, opsd.beta, s, t, out=products))
         if not grpo:
             out["lse"][sl], out["lp_s"][sl], out["lp_t"][sl] = lse_s, lp_s, lp_t
-            bad = bad if need_lp else torch.zeros_like(bad)
-            flags[sl] = (bad.int() * int(Flag.BAD_TOKEN) + nonfinite_s.int() * int(Flag.NONFINITE_STUDENT)
-                         + nonfinite_t.int() * int(Flag.NONFINITE_TEACHER))
+            # Without log-probs the ids are all 0 here, never a bad token.
+            flags[sl] = torch_rows.error_flags(tok, on.view(tok.ok.shape), nonfinite_s, nonfinite_t)
         out["lse_t"][sl] = torch.where(on, lse_t, 0.0)
         out["div"][sl] = torch.where(on, div, 0.0)
         out["k"][sl] = torch.where(on, k, 0.0)

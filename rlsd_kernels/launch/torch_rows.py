@@ -114,8 +114,9 @@ class RowSoftmax(NamedTuple):
 
 def _stats(chunk, tok, temperature, active, want_entropy=False, log_probs=False, scratch=None):
     """``RowSoftmax`` of a chunk of rows (``[C, V]``, or a ``[b, T, V]`` view read in place), then flat
-    ``[C]`` logsumexp, log-prob, entropy and error masks; ``tok`` is the rows' ``TokenIndex``, ``active``
-    is flat. With ``log_probs`` (or the entropy) the centred logits stay alive for the rows' log-probs.
+    ``[C]`` logsumexp, log-prob, entropy and non-finite mask (for ``error_flags``); ``tok`` is the
+    rows' ``TokenIndex``, ``active`` is flat. With ``log_probs`` (or the entropy) the centred logits
+    stay alive for the rows' log-probs.
     ``scratch``: float32 rows shaped like the chunk to form the exponentials in, instead of new ones
     (without ``log_probs`` and the entropy, the centred logits too).
 
@@ -153,10 +154,24 @@ def _stats(chunk, tok, temperature, active, want_entropy=False, log_probs=False,
         # p * log p is 0 where p is 0 (a -inf logit), never 0 * -inf.
         plogp = torch.where(e > 0, e * (shifted - log_s[..., None]), 0.0)
         entropy = torch.where(active, -plogp.sum(-1) / total, 0.0).reshape(-1)
-    # |lse| < inf is false at NaN too.
-    flat = (torch.where(active, lse, 0.0), lp, active & ~tok.ok, active & (lse.abs() < float("inf")).logical_not_())
-    lse, lp, bad, nonfinite = (x.reshape(-1) for x in flat)
-    return RowSoftmax(shifted, e, total, log_s, m.reshape(-1)), lse, lp, entropy, bad, nonfinite
+    # |lse| < inf is false at NaN too (three ops; torch.isfinite is five).
+    flat = (torch.where(active, lse, 0.0), lp, active & (lse.abs() < float("inf")).logical_not_())
+    lse, lp, nonfinite = (x.reshape(-1) for x in flat)
+    return RowSoftmax(shifted, e, total, log_s, m.reshape(-1)), lse, lp, entropy, nonfinite
+
+
+def error_flags(tok, active, nonfinite_s, nonfinite_t=None):
+    """A chunk's flat int32 error flags: ``BAD_TOKEN`` where an active row's id lies outside
+    ``[0, V)`` (``tok``, a ``TokenIndex``; ``active`` shaped like its rows), ``NONFINITE_STUDENT``
+    and ``NONFINITE_TEACHER`` where the flat masks ``_stats`` returns hold (the teacher's if given)."""
+    masks = [(active & ~tok.ok).reshape(-1), nonfinite_s] + ([] if nonfinite_t is None else [nonfinite_t])
+    return (torch.stack(masks) * _error_bits(len(masks), nonfinite_s.device)[:, None]).sum(0, dtype=torch.int32)
+
+
+@functools.cache
+def _error_bits(count, device):
+    bits = (Flag.BAD_TOKEN, Flag.NONFINITE_STUDENT, Flag.NONFINITE_TEACHER)[:count]
+    return torch.tensor([int(bit) for bit in bits], dtype=torch.int32, device=device)
 
 
 def _softmax_grad(rows, tok, coef, coef_h=None, entropy=None, out=None):
@@ -192,11 +207,11 @@ def logprobs_fwd(rows: Rows, tokens, temperature, want_entropy):
     for sl, (chunk,) in _row_chunks(rows, rows.tensor):
         y = tokens[sl]
         active = y != reference.IGNORE_INDEX
-        _, lse[sl], lp[sl], e, bad, nonfinite = _stats(chunk, _token_index(y, chunk), temperature, active,
-                                                       want_entropy)
+        tok = _token_index(y, chunk)
+        _, lse[sl], lp[sl], e, nonfinite = _stats(chunk, tok, temperature, active, want_entropy)
         if want_entropy:
             ent[sl] = e
-        flags[sl] = bad.int() * int(Flag.BAD_TOKEN) + nonfinite.int() * int(Flag.NONFINITE_STUDENT)
+        flags[sl] = error_flags(tok, active.view(tok.ok.shape), nonfinite)
     return lp, lse, ent, flags
 
 
@@ -213,7 +228,7 @@ def partial_stats(rows: Rows, tokens, vocab_start, temperature, want_entropy):
         local = y - vocab_start
         in_shard = active & (local >= 0) & (local < rows.vocab)
         chunk = _flat(chunk)
-        soft, lse, lp, entropy, _, _ = _stats(chunk, _token_index(torch.where(in_shard, local, -1), chunk),
+        soft, lse, lp, entropy, _ = _stats(chunk, _token_index(torch.where(in_shard, local, -1), chunk),
                                               temperature, active, want_entropy)
         total = soft.total.reshape(-1)
         stats[0, sl] = torch.where(active, soft.ref, 0.0)
@@ -286,17 +301,16 @@ def rlsd_fwd(s_rows: Rows, t_rows, inputs, params, grad):
     for sl, views in chunks:
         tok, on = _token_index(inputs.tokens[sl], views[0]), active[sl]
         if t_rows is not None:
-            _, _, out["lp_t"][sl], _, _, nonfinite_t = _stats(views[1], tok, temperature, on,
+            _, _, out["lp_t"][sl], _, nonfinite_t = _stats(views[1], tok, temperature, on,
                                                               scratch=views[-1] if scratch and not in_place else None)
         else:
             out["lp_t"][sl] = torch.where(on, inputs.lp_t[sl], 0.0)
         student_scratch = views[-1] if scratch and (len(chunks) == 1 or not in_place) else None
-        rows, out["lse"][sl], out["lp_s"][sl], entropy, bad, nonfinite_s = _stats(
+        rows, out["lse"][sl], out["lp_s"][sl], entropy, nonfinite_s = _stats(
             views[0], tok, temperature, on, want_entropy=bool(params.want_entropy), scratch=student_scratch)
         kept = (rows, tok) if len(chunks) == 1 else None
         out["entropy"][sl] = entropy if entropy is not None else 0.0
-        bits = bad.int() * int(Flag.BAD_TOKEN) + nonfinite_s.int() * int(Flag.NONFINITE_STUDENT)
-        flags[sl] = bits if t_rows is None else bits + nonfinite_t.int() * int(Flag.NONFINITE_TEACHER)
+        flags[sl] = error_flags(tok, on.view(tok.ok.shape), nonfinite_s, None if t_rows is None else nonfinite_t)
 
     if needs_sequence_pass(inputs, params):
         inputs = sequence_terms(out["lp_s"], inputs, params)
