@@ -23,7 +23,8 @@ from .train import RLConfig
 SWEEP = ["rlsd:lam=1", "rlsd:eps_w=0.8", "rlsd:lam=1:eps_w=0.8"]
 PRESETS = {
     "default": dict(tasks="add3", methods="grpo,rlsd,opsd,grpo+opsd", seeds=1, steps=200, workers=2),
-    "ci": dict(tasks="add3", methods="grpo,rlsd", seeds=1, steps=40, num_eval=100, warm_target=0.25, workers=2),
+    "ci": dict(tasks="add3", methods="grpo,rlsd", seeds=1, steps=40, num_eval=100, warm_target=0.25,
+               warm_check_every=10, workers=2),
     "study": dict(tasks="add3", methods=",".join(["grpo", "rlsd", "opsd", "grpo+opsd", *SWEEP]), seeds=3,
                   steps=200, workers=2),
 }
