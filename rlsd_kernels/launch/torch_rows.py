@@ -165,13 +165,8 @@ def error_flags(tok, active, nonfinite_s, nonfinite_t=None):
     ``[0, V)`` (``tok``, a ``TokenIndex``; ``active`` shaped like its rows), ``NONFINITE_STUDENT``
     and ``NONFINITE_TEACHER`` where the flat masks ``_stats`` returns hold (the teacher's if given)."""
     masks = [(active & ~tok.ok).reshape(-1), nonfinite_s] + ([] if nonfinite_t is None else [nonfinite_t])
-    return (torch.stack(masks) * _error_bits(len(masks), nonfinite_s.device)[:, None]).sum(0, dtype=torch.int32)
-
-
-@functools.cache
-def _error_bits(count, device):
-    bits = (Flag.BAD_TOKEN, Flag.NONFINITE_STUDENT, Flag.NONFINITE_TEACHER)[:count]
-    return torch.tensor([int(bit) for bit in bits], dtype=torch.int32, device=device)
+    bits = _bits((Flag.BAD_TOKEN, Flag.NONFINITE_STUDENT, Flag.NONFINITE_TEACHER)[:len(masks)], nonfinite_s.device)
+    return (torch.stack(masks) * bits[:, None]).sum(0, dtype=torch.int32)
 
 
 def _softmax_grad(rows, tok, coef, coef_h=None, entropy=None, out=None):
@@ -351,9 +346,10 @@ def rlsd_token_epilogue(out, flags, inputs, params):
     flags &= int(ERRORS)
     # The bits are distinct powers of two: their sum over the terms is their OR.
     hits = torch.stack([terms[name] for name, _ in FLAG_TERMS]).logical_and_(active)
-    flags |= (hits * _flag_bits(flags.device)[:, None]).sum(0, dtype=torch.int32)
+    flags |= (hits * _bits(tuple(bit for _, bit in FLAG_TERMS), flags.device)[:, None]).sum(0, dtype=torch.int32)
 
 
 @functools.cache
-def _flag_bits(device):
-    return torch.tensor([int(bit) for _, bit in FLAG_TERMS], dtype=torch.int32, device=device)
+def _bits(flags, device):
+    """The int32 values of a tuple of ``Flag`` bits on ``device``, made once."""
+    return torch.tensor([int(bit) for bit in flags], dtype=torch.int32, device=device)
