@@ -6,4 +6,6 @@ cd "$(dirname "$0")"
 bash scripts/setup.sh
 . .venv/bin/activate
 ruff check .
-python -m pytest -q "$@"
+# One worker process per core (pytest-xdist; PYTEST_WORKERS=0 runs in this process): the suite is
+# mostly the single-threaded Triton interpreter.
+python -m pytest -q -n "${PYTEST_WORKERS:-auto}" "$@"

@@ -23,6 +23,12 @@ from rlsd_kernels.launch import common as _utils  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
+# Under pytest-xdist (test.sh runs one worker per core) each worker takes its share of the cores:
+# more torch threads than cores, on cores that are all busy, run many times slower.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:

@@ -6,6 +6,7 @@ and this checks that all of them compiled, none spills more than a few bytes, an
 are 16 bytes wide.
 """
 
+import fcntl
 import json
 import os
 import subprocess
@@ -20,12 +21,22 @@ SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "kernel_resources.py"
 
 
 @pytest.fixture(scope="module")
-def report():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, str(SCRIPT), "--capability", "90"], capture_output=True, text=True,
-                         env=env, timeout=2400)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return [json.loads(line) for line in out.stdout.splitlines()]
+def report(tmp_path_factory):
+    # Under pytest-xdist (test.sh) the workers' temporary folders lie in the run's: the first worker
+    # to take the lock builds the report there, and any other reads it.
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    path = shared / "sm90_report.jsonl"
+    with open(shared / "sm90_report.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+            out = subprocess.run([sys.executable, str(SCRIPT), "--capability", "90"], capture_output=True,
+                                 text=True, env=env, timeout=2400)
+            assert out.returncode == 0, out.stderr[-3000:]
+            path.write_text(out.stdout)
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_every_variant_compiled(report):
