@@ -68,7 +68,12 @@ def _shape(x, case):
     return x[:, :case["t"]].reshape(-1, *x.shape[2:])
 
 
-@pytest.mark.parametrize("seed", range(CASES))
+# Beyond the first CASES: draws whose loss sums terms of both signs to about 0 (|loss| 1.7e-3 from
+# terms of order 1; exactly 0 in float64).
+CANCELLING = [167, 261]
+
+
+@pytest.mark.parametrize("seed", [*range(CASES), *CANCELLING])
 def test_random_case_matches_reference(seed, backend):
     case = _draw(seed)
     packed = case["layout"] == "packed"
@@ -97,7 +102,14 @@ def test_random_case_matches_reference(seed, backend):
     (loss * upstream.float()).sum().backward()
     assert torch.isfinite(loss).all(), "the loss is finite for finite inputs with -inf entries"
     assert torch.isfinite(student.grad).all()
-    assert_close(loss, ref_loss, what=f"case {seed} loss", **FP32)
+    # The loss sums per-token terms of both signs (advantages of both signs; exact cancellations to
+    # 0 happen): its tolerance is relative to the same aggregation of the terms' magnitudes.
+    with torch.no_grad():
+        terms = reference.rlsd_loss(ref_student, None if teacher is None else teacher.double(), flat(case["tokens"]),
+                                    adv.double(), **dict(ref_kwargs, mask=None, loss_agg="none"))
+        mask = torch.ones_like(terms) if kwargs["mask"] is None else kwargs["mask"].double()
+        magnitude = reference.aggregate_loss(terms.abs(), mask, case["agg"], cu_seqlens=kwargs.get("cu_seqlens"))
+    assert_close(loss, ref_loss, what=f"case {seed} loss", scale=magnitude.abs().max(), **FP32)
     for key, value in ref_metrics.items():
         if key == "delta_mean" and not torch.isfinite(value):
             continue  # a -inf teacher log-prob makes the mean delta -inf in both

@@ -80,13 +80,17 @@ CHUNKED_LOGPROBS = dict(rtol=1e-5, atol=1e-5)
 MEAN_ABS = dict(rtol=2e-5, atol=1e-6)
 
 
-def assert_close(actual, expected, *, rtol, atol, what=""):
-    """Elementwise closeness, with ``atol`` relative to the largest expected magnitude."""
+def assert_close(actual, expected, *, rtol, atol, what="", scale=None):
+    """Elementwise closeness, with ``atol`` relative to ``scale``: by default the largest expected
+    magnitude. A loss that sums terms of both signs is rounded term by term, so its error is relative
+    to the terms, not to their sum (which may be 0): pass the same aggregation of their magnitudes."""
     actual = actual.detach().double().cpu()
     expected = expected.detach().double().cpu()
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert not torch.isnan(actual).any(), f"{what}: NaN in the result"
-    scale = expected.abs().max().clamp(min=1e-30) if expected.numel() else torch.tensor(1.0)
+    if scale is None:
+        scale = expected.abs().max() if expected.numel() else torch.tensor(1.0)
+    scale = torch.as_tensor(scale, dtype=torch.float64).clamp(min=1e-30)
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * float(scale), msg=lambda m: f"{what}: {m}")
 
 
