@@ -22,6 +22,21 @@ OPTIONS = [
 AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "sum", "none"]
 
 
+def padded_logits(g, pick, b, t, v, scale):
+    """Student logits ``[b, t + 1, v]`` of std ``scale``, teacher logits near them, sampled ids
+    ``[b, t]``, drawn from ``g`` (``pick`` chooses from a list with it); then -inf at the same entries
+    of both models in a few rows (a padded or filtered vocabulary), never at a sampled token or at a
+    row's first entry, so that no row is all -inf and every divergence stays finite."""
+    student = torch.randn(b, t + 1, v, generator=g) * scale
+    teacher = student + torch.randn(b, t + 1, v, generator=g) * pick([0.1, 1.0])
+    tokens = torch.randint(0, v, (b, t), generator=g)
+    pad = torch.rand(b, t + 1, v, generator=g) < 0.2
+    pad[..., :1] = False
+    hit = torch.zeros_like(pad)
+    hit[:, :t].scatter_(2, tokens[..., None], True)
+    return student.masked_fill(pad & ~hit, -math.inf), teacher.masked_fill(pad & ~hit, -math.inf), tokens
+
+
 def _draw(seed):
     g = torch.Generator().manual_seed(seed)
     pick = lambda seq: seq[int(torch.randint(len(seq), (1,), generator=g))]  # noqa: E731
@@ -32,17 +47,7 @@ def _draw(seed):
     # Logit scales up to 8: larger ones give log-probs of tens of nats, whose float32 rounding alone
     # passes the metrics' absolute tolerance. Precision at large logits and offsets is tested in
     # test_reliability_numerics.py.
-    scale = pick([0.5, 3.0, 8.0])
-    student = torch.randn(b, t + 1, v, generator=g) * scale
-    teacher = student + torch.randn(b, t + 1, v, generator=g) * pick([0.1, 1.0])
-    tokens = torch.randint(0, v, (b, t), generator=g)
-    # -inf logits away from the sampled token (a padded or filtered vocabulary) in a few rows.
-    pad = torch.rand(b, t + 1, v, generator=g) < 0.2
-    pad[..., :1] = False
-    hit = torch.zeros_like(pad)
-    hit[:, :t].scatter_(2, tokens[..., None], True)
-    student = student.masked_fill(pad & ~hit, -math.inf)
-    teacher = teacher.masked_fill(pad & ~hit, -math.inf)
+    student, teacher, tokens = padded_logits(g, pick, b, t, v, pick([0.5, 3.0, 8.0]))
     adv = torch.randn(b, generator=g).round()  # exact zeros among them
     mask = pick([None, torch.rand(b, t, generator=g) > 0.3, torch.rand(b, t, generator=g)])
     options = dict(pick(OPTIONS))

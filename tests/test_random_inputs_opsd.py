@@ -4,11 +4,9 @@ divergence (β of the JSD, the sampled-token surrogate with teacher logits or lo
 clips, temperatures and aggregations, on both backends, against the float64 reference: the loss,
 its metrics and the gradient of the student's logits."""
 
-import math
-
 import pytest
 import torch
-from test_random_inputs import AGGS, _shape
+from test_random_inputs import AGGS, _shape, padded_logits
 from tolerances import DIVERGENCE_ULPS, FP32, GRAD, MEAN_ABS, assert_within_float32_error
 
 import rlsd_kernels
@@ -25,18 +23,7 @@ def _draw(seed):
     pick = lambda seq: seq[int(torch.randint(len(seq), (1,), generator=g))]  # noqa: E731
     b, t = int(torch.randint(1, 4, (1,), generator=g)), int(torch.randint(1, 7, (1,), generator=g))
     v = pick([3, 15, 16, 17, 40])
-    scale = pick([0.5, 3.0, 8.0])
-    student = torch.randn(b, t + 1, v, generator=g) * scale
-    teacher = student + torch.randn(b, t + 1, v, generator=g) * pick([0.1, 1.0])
-    tokens = torch.randint(0, v, (b, t), generator=g)
-    # A padded vocabulary: -inf at the same entries of both models (never the sampled token, never a
-    # whole row), so that every divergence is finite.
-    pad = torch.rand(b, t + 1, v, generator=g) < 0.2
-    pad[..., :1] = False
-    hit = torch.zeros_like(pad)
-    hit[:, :t].scatter_(2, tokens[..., None], True)
-    student = student.masked_fill(pad & ~hit, -math.inf)
-    teacher = teacher.masked_fill(pad & ~hit, -math.inf)
+    student, teacher, tokens = padded_logits(g, pick, b, t, v, pick([0.5, 3.0, 8.0]))
     tokens = tokens.masked_fill(torch.rand(b, t, generator=g) < 0.15, reference.IGNORE_INDEX)
     divergence, beta = pick(DIVERGENCES)
     options = dict(divergence=divergence, beta=0.5 if beta is None else beta, temperature=pick([1.0, 0.7]),
