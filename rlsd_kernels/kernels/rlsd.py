@@ -127,30 +127,8 @@ def _rlsd_fwd_kernel(
             sapo_tau_pos, sapo_tau_neg,
             HAS_OLD, HAS_DUAL, CISPO, SAPO, CREDIT_OLD, HAS_CREDIT, SEQ_RATIO, IS_MODE, KL, ENTROPY_GRAD, row < n_rows,
         )
-        # The outputs are the rows of ``out`` ([10, N] float32), in the order of ``launch/terms.py: OUTPUTS``.
-        # Each store's address from the previous one's: a product of the loop-invariant stride would
-        # be hoisted out of the row loop and held in registers through it.
-        o = out + row
-        tl.store(o, tl.where(active, loss, 0.0))
-        o += stride_out
-        tl.store(o, tl.where(active, lp_s, 0.0))
-        o += stride_out
-        tl.store(o, tl.where(active, lp_t, 0.0))
-        o += stride_out
-        tl.store(o, tl.where(active, lse2_s * LN2, 0.0))
-        o += stride_out
-        tl.store(o, tl.where(active, d_lp, 0.0))
-        o += stride_out
-        tl.store(o, tl.where(active, w, 0.0))
-        o += stride_out
-        tl.store(o, tl.where(active, ratio, 0.0))
-        o += stride_out
-        tl.store(o, tl.where(active, is_w, 0.0))
-        o += stride_out
-        tl.store(o, tl.where(active, kl, 0.0))
-        o += stride_out
-        tl.store(o, entropy)
-        tl.store(flags_out + row, flags | tl.where(active, clip_flags, 0))
+        store_row_outputs(out, stride_out, flags_out, row, active, loss, lp_s, lp_t, lse2_s, d_lp, w, ratio, is_w, kl,
+                          entropy, flags | tl.where(active, clip_flags, 0))
 
         if WRITE_GRAD:
             d_row = dS + b * stride_db + t * stride_dt
@@ -171,6 +149,36 @@ def _rlsd_fwd_kernel(
                                        ENTROPY_GRAD)
                 tl.store(d_row + cols, (g * inv_temp).to(dS.dtype.element_ty), mask=cols < V,
                          eviction_policy="evict_first")
+
+
+@triton.jit
+def store_row_outputs(out, stride_out, flags_out, row, active, loss, lp_s, lp_t, lse2_s, d_lp, w, ratio, is_w, kl,
+                      entropy, flags):
+    """One token row's outputs: the rows of ``out`` ([10, N] float32), in the order of
+    ``launch/terms.py: OUTPUTS`` (0 for a masked row), and its flags."""
+    # Each store's address from the previous one's: a product of the loop-invariant stride would
+    # be hoisted out of the row loop and held in registers through it.
+    o = out + row
+    tl.store(o, tl.where(active, loss, 0.0))
+    o += stride_out
+    tl.store(o, tl.where(active, lp_s, 0.0))
+    o += stride_out
+    tl.store(o, tl.where(active, lp_t, 0.0))
+    o += stride_out
+    tl.store(o, tl.where(active, lse2_s * LN2, 0.0))
+    o += stride_out
+    tl.store(o, tl.where(active, d_lp, 0.0))
+    o += stride_out
+    tl.store(o, tl.where(active, w, 0.0))
+    o += stride_out
+    tl.store(o, tl.where(active, ratio, 0.0))
+    o += stride_out
+    tl.store(o, tl.where(active, is_w, 0.0))
+    o += stride_out
+    tl.store(o, tl.where(active, kl, 0.0))
+    o += stride_out
+    tl.store(o, entropy)
+    tl.store(flags_out + row, flags)
 
 
 @triton.jit
