@@ -30,14 +30,15 @@ from rlsd_kernels.kernels.logprobs import _logprobs_bwd_kernel, _logprobs_fwd_ke
 from rlsd_kernels.kernels.opsd import _opsd_bwd_kernel, _opsd_fwd_kernel  # noqa: E402
 from rlsd_kernels.kernels.opsd_shard import _jsd_sums_kernel, _opsd_stats_kernel  # noqa: E402
 from rlsd_kernels.kernels.rlsd import _rlsd_fwd_kernel, _rlsd_token_kernel, _scale_kernel  # noqa: E402
+from rlsd_kernels.kernels.rlsd_seg import _rlsd_seg_kernel  # noqa: E402
 from rlsd_kernels.launch.tuning import _candidates  # noqa: E402
 
 FLOAT_ARGS = {"scale2", "inv_temp", "log_w_lo", "log_w_hi", "lam", "clip_lo", "clip_hi", "dual_clip", "log_tis_cap",
               "sapo_tau_pos", "sapo_tau_neg",
               "kl_coef", "entropy_coef", "alpha", "beta", "token_clip"}
-OTHER_POINTERS = {"tokens": "*i64", "flags_out": "*i32"}
+OTHER_POINTERS = {"tokens": "*i64", "flags_out": "*i32", "counts": "*i32"}
 LOGIT_POINTERS = {"S", "T", "dS", "X", "dX"}
-INT_ARGS = {"V", "n_rows", "seqlen", "n", "vocab_start"}
+INT_ARGS = {"V", "n_rows", "seqlen", "n", "vocab_start", "n_seg", "seg_len", "lag"}
 
 
 def compile_kernel(kernel, constexprs, *, logits="bf16", num_warps=8, capability=90):
@@ -56,7 +57,7 @@ def compile_kernel(kernel, constexprs, *, logits="bf16", num_warps=8, capability
             signature[name] = "i32"
         else:
             signature[name] = "*fp32"
-        if signature[name].startswith("*") or name.startswith("stride") or name == "V":
+        if signature[name].startswith("*") or name.startswith("stride") or name in ("V", "seg_len"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
@@ -100,6 +101,10 @@ def variants():
             for entropy in (False, True):
                 yield _logprobs_bwd_kernel, dict(HAS_ENTROPY=entropy, BLOCK_V=block), logits, warps
     yield _rlsd_token_kernel, dict(TOKEN_FLAGS, BLOCK=1024), "bf16", 4
+    # The segmented strategy (opt-in): its default configuration and its neighbours.
+    for (block, warps), flags in itertools.product(((4096, 8), (2048, 4), (8192, 16)), (RLSD_OFF, RLSD_ALL)):
+        seg_flags = {k: v for k, v in flags.items() if k != "WRITE_GRAD"}
+        yield _rlsd_seg_kernel, dict(seg_flags, BLOCK_V=block, BLOCK_SEG=16), "bf16", warps
     yield _rlsd_token_kernel, dict(TOKEN_FLAGS, SAPO=True, BLOCK=1024), "bf16", 4
     yield _scale_kernel, dict(BLOCK_V=4096), "bf16", 4
     yield from opsd_variants()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from rlsd_kernels.launch.rlsd_seg import CONFIG
 from rlsd_kernels.launch.tuning import _candidates
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "kernel_resources.py"
@@ -43,13 +44,18 @@ def test_every_variant_compiled(report):
     kernels = {row["kernel"] for row in report}
     assert kernels == {"_rlsd_fwd_kernel", "_rlsd_token_kernel", "_logprobs_fwd_kernel", "_logprobs_bwd_kernel",
                        "_scale_kernel", "_opsd_fwd_kernel", "_opsd_bwd_kernel", "_opsd_stats_kernel",
-                       "_jsd_sums_kernel"}
+                       "_jsd_sums_kernel", "_rlsd_seg_kernel"}
     assert sum(row["kernel"].startswith(("_opsd", "_jsd")) for row in report) > 140
     for logits, itemsize in (("bf16", 2), ("fp32", 4)):
         configs = {(c.block_v, c.num_warps) for c in _candidates(151936, itemsize) + _candidates(4096)}
         tested = {(row["BLOCK_V"], row["num_warps"]) for row in report
                   if row["kernel"] == "_rlsd_fwd_kernel" and row["logits"] == logits}
         assert configs <= tested, logits
+    # The segmented strategy's default configuration (opt-in, launch/rlsd_seg.py: CONFIG), with every
+    # option off and on.
+    segmented = {(row["BLOCK_V"], row["num_warps"], row["ENTROPY"]) for row in report
+                 if row["kernel"] == "_rlsd_seg_kernel"}
+    assert {(CONFIG.block_v, CONFIG.num_warps, False), (CONFIG.block_v, CONFIG.num_warps, True)} <= segmented
 
 
 def test_nothing_spills(report):

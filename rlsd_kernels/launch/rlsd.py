@@ -5,19 +5,25 @@ the student-logit gradient), the token epilogue over known log-probs, and the gr
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple
 
 import torch
 import triton
 
 from ..kernels.rlsd import _rlsd_fwd_kernel, _rlsd_token_kernel, _scale_kernel
-from . import common, torch_rows, tuning
+from . import common, rlsd_seg, torch_rows, tuning
 from .common import rows_of, use_triton
 from .logprobs import bwd_launcher, fused_or_split, logprobs_bwd, trial_destination
 from .terms import OUTPUTS, kernel_flags, kernel_scalars, needs_sequence_pass, optional, sequence_terms
 from .tuning import TRIAL_ROWS, pick_row_config
 
 TOKEN_BLOCK = 1024
+# The segmented strategy (``rlsd_seg.py``: rows split into vocabulary segments over a cooperative grid,
+# three passes over the logits) for every call that writes a gradient without a sequence pass, instead
+# of timing "fused" against "split". Opt-in until a GPU run shows it faster (bench/gpu_check.sh,
+# SEGMENTED_CHECK=1); ``tuning.force_choice("segmented")`` takes it inside a block.
+SEGMENTED = os.environ.get("RLSD_KERNELS_SEGMENTED", "0") == "1"
 
 
 class _Plan(NamedTuple):
@@ -46,7 +52,7 @@ def _plan_key(student, teacher, inputs, params, grad):
     t = None if teacher is None else (teacher.shape, teacher.stride(), teacher.dtype)
     g = None if grad is None else (grad is student, grad.dtype, grad.shape, grad.stride())
     return (student.shape, student.stride(), student.dtype, student.device, t, g, params, _presence(inputs),
-            tuning.state())
+            tuning.state(), SEGMENTED)
 
 
 def _per_token(inputs, packed, n, flags):
@@ -132,6 +138,11 @@ def rlsd_fwd(student, teacher, inputs, params, grad):
             _row_backward(student, inputs, params, out, grad)
         return out, flags
 
+    g_rows = rows_of(grad)
+    if SEGMENTED or tuning.known_choice(key + ("strategy",), device, ("segmented",), None) == "segmented":
+        config = tuning.fixed_row_config(s_rows.vocab, device, rlsd_seg.CONFIG)
+        rlsd_seg.launch(config, n, head, grad, (g_rows.stride_b, g_rows.stride_t), per_token, tail, meta)
+        return out, flags
     trial_dest = trial_destination(grad, s_rows)
     fused = pick_row_config(key + (True,), s_rows.vocab, device, lambda c: run(c, trial_rows, *trial_dest()),
                             itemsize)
@@ -150,7 +161,6 @@ def rlsd_fwd(student, teacher, inputs, params, grad):
 
     fused_or_split(key, device, grad, n, trial_rows, trial_dest, lambda *a: run(fused, *a), split)
     if tuning.known_choice(key + ("strategy",), device, ("fused", "split"), "fused") == "fused":
-        g_rows = rows_of(grad)
         _keep_plan(plan_key, device, _Plan(strides, (g_rows.stride_b, g_rows.stride_t), tail, fused, meta))
     return out, flags
 

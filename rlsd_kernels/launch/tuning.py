@@ -148,6 +148,16 @@ def pick_row_config(key: tuple, vocab: int, device: torch.device, trial, itemsiz
     return pick_choice((vocab,) + tuple(key), device, options, _heuristic(vocab))
 
 
+def fixed_row_config(vocab: int, device: torch.device, default: RowConfig) -> RowConfig:
+    """The configuration of a kernel the tuner does not time: the forced one, else ``default`` on CUDA
+    (with its block at most the vocabulary's power of two) and the heuristic elsewhere."""
+    if _forced is not None:
+        return _forced
+    if device.type != "cuda":
+        return _heuristic(vocab)
+    return default._replace(block_v=max(16, min(default.block_v, triton.next_power_of_2(vocab))))
+
+
 def tuned_configs() -> dict:
     """What the tuner picked so far, by key (benchmarks print it)."""
     return dict(_cache)
