@@ -437,3 +437,21 @@ $LINEAR_SLAB_PY"
   part "linear schedule" "${LINEAR_S:-150}" "$PY" -c "$LINEAR_SETUP
 $LINEAR_CHUNK_PY"
 fi
+
+# ---------------------------------------------------------------------------------------------------
+# 7. The segmented strategy of the logits form (issue 14), with SEGMENTED_CHECK=1 only, after the parts
+#    above (time box SEGMENTED_S, default 200 s). NOT YET RUN ON A GPU: written and run on CPU under the
+#    interpreter (one program, DRY_RUN=1) only. bench/segmented_check.py at N = 8192 and 1024,
+#    V = 151,936, bf16, 10% masked rows: its values against float64 on sampled rows; fwd+bwd time of the
+#    fused and split strategies and of the segmented one at 8k / 16k / 32k columns per segment and
+#    three launch configurations; the best one with validate=True and "deferred"; the three-pass floor
+#    at the copy bandwidth of the same run; DRAM bytes per strategy when ncu is on the image. The gpu
+#    tests of part 2 include tests/test_gpu_segmented.py (waits between programs, memory ordering,
+#    grids smaller than a row's segments, CUDA graphs). Writes $OUT/segmented.csv.
+#    SEGMENTED_CHECK=1 QUICK=1 TESTS_S=240 bash bench/gpu_check.sh: about 400 s + 200 s (the gpu tests
+#    with the segmented ones need about 100 s more than part 2's default box).
+if [ "${SEGMENTED_CHECK:-0}" != 0 ]; then
+  SEGMENTED_ARGS=(--out "$OUT" --ncu)
+  [ "${DRY_RUN:-0}" != 0 ] && SEGMENTED_ARGS=(--out "$OUT" --dry-run)
+  part "segmented strategy" "${SEGMENTED_S:-200}" "$PY" bench/segmented_check.py "${SEGMENTED_ARGS[@]}"
+fi
