@@ -32,9 +32,9 @@ def segmented():
         yield
 
 
-@pytest.mark.parametrize("columns, grid_cap", [(16384, None), (4096, None), (4096, 3), (65536, 1), (2048, 64)])
+@pytest.mark.parametrize("columns, grid_cap", [(16384, None), (4096, None), (4096, 3), (65536, 1), (4096, 20)])
 def test_segments_and_grids(columns, grid_cap, monkeypatch):
-    """Segment sizes, and grids smaller than a row's segments (LAG > 1), down to one program."""
+    """Segment sizes, and grids smaller than a row's segments (LAG 13, 2 and 2 at 3, 1 and 20 programs)."""
     monkeypatch.setattr(rlsd_seg, "SEGMENT_COLUMNS", columns)
     monkeypatch.setattr(rlsd_seg, "GRID_CAP", grid_cap)
     n, vocab = 512, 151936

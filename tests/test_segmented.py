@@ -303,6 +303,21 @@ def test_schedule_model_finds_a_deadlock():
     assert not _simulate(2, 3, 1, 1, rng)
 
 
+def test_occupancy_of_a_hopper_multiprocessor():
+    """sm_90: 65,536 registers, 2,048 threads and 228 KB of shared memory per multiprocessor. The
+    default configuration (8 warps) compiles to 102-108 registers (bench/kernel_resources.py): two
+    programs; over 128 registers one; 80 registers: three (6 at 4 warps, capped)."""
+    hopper = dict(regs=65536, threads=2048, shared=228 << 10)
+    assert rlsd_seg.occupancy(102, 1024, 8, **hopper) == 2
+    assert rlsd_seg.occupancy(128, 1024, 8, **hopper) == 2
+    assert rlsd_seg.occupancy(129, 1024, 8, **hopper) == 1
+    assert rlsd_seg.occupancy(80, 1024, 8, **hopper) == 3
+    assert rlsd_seg.occupancy(80, 1024, 4, **hopper) == rlsd_seg.MAX_PROGRAMS_PER_SM
+    assert rlsd_seg.occupancy(32, 0, 4, **hopper) == rlsd_seg.MAX_PROGRAMS_PER_SM
+    assert rlsd_seg.occupancy(32, 200 << 10, 4, **hopper) == 1
+    assert rlsd_seg.occupancy(255, 1024, 16, **hopper) == 1  # nothing fits: the launch reports it
+
+
 def test_segments_cover_the_vocabulary():
     for vocab, block, columns in itertools.product((1, 15, 16, 17, 151936), (16, 1024, 4096), (16, 1000, 16384)):
         seg_len, n_seg = rlsd_seg.segments(vocab, block, columns)

@@ -43,15 +43,25 @@ def lag(n_seg: int, programs: int) -> int:
 
 
 def programs_per_sm(compiled, num_warps: int, device: torch.device) -> int:
-    """How many programs of ``compiled`` one multiprocessor holds at once (registers, threads, shared
-    memory), at most ``MAX_PROGRAMS_PER_SM`` and at least 1: a cooperative launch larger than what
-    fits fails with an error instead of waiting forever."""
+    """How many programs of ``compiled`` one multiprocessor of ``device`` holds at once."""
+    compiled._init_handles()  # the register count is known once the binary is loaded
     props = torch.cuda.get_device_properties(device)
-    warp_regs = triton.cdiv(max(compiled.n_regs, 1) * 32, 256) * 256  # allocated per warp, by 256
-    by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (warp_regs * num_warps)
-    by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * num_warps)
-    shared = compiled.metadata.shared
-    by_shared = getattr(props, "shared_memory_per_multiprocessor", 228 << 10) // shared if shared else by_threads
+    return occupancy(compiled.n_regs, compiled.metadata.shared, num_warps,
+                     regs=getattr(props, "regs_per_multiprocessor", 65536),
+                     threads=getattr(props, "max_threads_per_multi_processor", 2048),
+                     shared=getattr(props, "shared_memory_per_multiprocessor", 228 << 10))
+
+
+def occupancy(n_regs: int, shared_bytes: int, num_warps: int, *, regs: int, threads: int, shared: int) -> int:
+    """Programs per multiprocessor from a kernel's registers per thread and shared memory, and the
+    multiprocessor's registers, threads and shared memory: at most ``MAX_PROGRAMS_PER_SM`` and at
+    least 1. Registers are allocated per warp in units of 256, and each program reserves 1 KB of
+    shared memory besides its own. A cooperative launch larger than what fits fails with an error
+    instead of waiting forever, so an estimate too high is reported, never a hang."""
+    warp_regs = -(-max(n_regs, 1) * 32 // 256) * 256
+    by_regs = regs // (warp_regs * num_warps)
+    by_threads = threads // (32 * num_warps)
+    by_shared = shared // (shared_bytes + 1024)
     return max(1, min(by_regs, by_threads, by_shared, MAX_PROGRAMS_PER_SM))
 
 
