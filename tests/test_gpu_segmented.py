@@ -34,7 +34,8 @@ def segmented():
 
 @pytest.mark.parametrize("columns, grid_cap", [(16384, None), (4096, None), (4096, 3), (65536, 1), (4096, 20)])
 def test_segments_and_grids(columns, grid_cap, monkeypatch):
-    """Segment sizes, and grids smaller than a row's segments (LAG 13, 2 and 2 at 3, 1 and 20 programs)."""
+    """Segment sizes, and grids smaller than a row's segments: a lag of 13 steps with 3 programs, 2 with one
+    program, 2 with 20."""
     monkeypatch.setattr(rlsd_seg, "SEGMENT_COLUMNS", columns)
     monkeypatch.setattr(rlsd_seg, "GRID_CAP", grid_cap)
     n, vocab = 512, 151936

@@ -7,9 +7,11 @@ collected again here (imported below) and run under the same strategy; the tests
 what is particular to segments: their sizes, segments without a finite logit, segments that need
 the exact pass, the sampled token in every segment, and the schedule's freedom from deadlock.
 
-Under the interpreter the kernel runs as one program (every wait already met): the waits between
-programs of a real grid are checked by ``test_schedule_never_deadlocks`` (a model of the schedule)
-and by the ``gpu`` tests of ``test_gpu.py``.
+Under the interpreter the launcher runs one program (every wait already met when reached). Grids of
+several programs that wait for one another run in threads (``concurrent_programs.py``:
+``test_programs_waiting_for_one_another``); ``test_schedule_never_deadlocks`` checks a model of the
+schedule under random interleavings; what only a GPU shows (memory ordering, the cooperative launch)
+is in ``test_gpu_segmented.py``.
 """
 
 import itertools
@@ -324,3 +326,39 @@ def test_segments_cover_the_vocabulary():
         assert seg_len % block == 0 and seg_len >= block
         assert (n_seg - 1) * seg_len < vocab <= n_seg * seg_len
 
+
+
+# -- Programs that really wait for one another (threads under the interpreter) -------------------------
+
+@pytest.mark.parametrize("programs", [2, 3, 5, 16])
+@pytest.mark.parametrize("columns", [16, 32])
+def test_programs_waiting_for_one_another(programs, columns, device, backend, monkeypatch):
+    """The grid of a GPU: several programs at once, each finishing items whose other segments other
+    programs publish. Five segments (three at 32 columns): a lag of 2 steps with 2 and 3 programs,
+    where a lag of 1 can deadlock; 1 with 5 and 16."""
+    if device.type == "cuda":
+        pytest.skip("the compiled kernel's grid: tests/test_gpu_segmented.py")
+    from concurrent_programs import concurrent_programs
+
+    monkeypatch.setattr(rlsd_seg, "SEGMENT_COLUMNS", columns)
+    monkeypatch.setattr(rlsd_seg, "interpreter_grid", lambda n_items, n_seg: min(programs, n_items))
+    launches = _launches(monkeypatch)
+    with concurrent_programs(monkeypatch), tuning.force_row_config(tuning.RowConfig(BLOCK, 1)):
+        check_against_reference(make_case(device, vocab=5 * BLOCK, mask="seq", entropy_coef=0.05),
+                                torch.float32, inplace=programs == 3)
+    assert launches
+
+
+def test_a_wait_never_met_is_reported(device, backend, monkeypatch):
+    """The threaded interpreter reports a deadlock instead of hanging: with no lag, a program waits for
+    segments that it publishes itself later."""
+    if device.type == "cuda":
+        pytest.skip("a deadlock on a GPU hangs the device")
+    from concurrent_programs import concurrent_programs
+
+    monkeypatch.setattr(rlsd_seg, "interpreter_grid", lambda n_items, n_seg: 1)
+    monkeypatch.setattr(rlsd_seg, "lag", lambda n_seg, programs: 1)
+    s = torch.randn(2, 3 * BLOCK + 5, requires_grad=True)
+    with concurrent_programs(monkeypatch, timeout_s=5.0), tuning.force_row_config(tuning.RowConfig(BLOCK, 1)):
+        with pytest.raises(Exception, match="a wait that is never met"):
+            rlsd_kernels.rlsd_loss(s, torch.randn(2, 3 * BLOCK + 5), torch.tensor([1, 2]), torch.ones(2))

@@ -34,6 +34,13 @@ def segments(vocab: int, block_v: int, columns: int | None = None) -> tuple[int,
     return seg_len, triton.cdiv(vocab, seg_len)
 
 
+def interpreter_grid(n_items: int, n_seg: int) -> int:
+    """Programs of a launch under the Triton interpreter, which runs them one after another: one
+    (every wait is then met when reached), or ``GRID_CAP`` where each row is one segment (no program
+    then waits for another)."""
+    return max(1, min(n_items, GRID_CAP)) if GRID_CAP and n_seg == 1 else 1
+
+
 def lag(n_seg: int, programs: int) -> int:
     """Steps between publishing an item and finishing it: enough that every segment of the finished
     item's row was published at this step or before, by this program or by another of the grid
@@ -83,9 +90,7 @@ def launch(config: RowConfig, n_rows: int, head, dest, dest_strides, per_token, 
     const = dict(BLOCK_V=config.block_v, BLOCK_SEG=triton.next_power_of_2(n_seg), num_warps=config.num_warps,
                  **meta)
     if device.type != "cuda":
-        # The interpreter runs programs one after another: one program, every wait met when reached;
-        # several (GRID_CAP) only where a row is one segment, so that no program waits for another.
-        programs = max(1, min(n_items, GRID_CAP)) if GRID_CAP and n_seg == 1 else 1
+        programs = interpreter_grid(n_items, n_seg)
         _rlsd_seg_kernel[(programs,)](*args, lag(n_seg, programs), **const)
         return
     key = (device.index, student.dtype, dest.dtype, head[3].dtype, tuple(sorted(const.items())))
