@@ -17,16 +17,19 @@ import argparse
 import csv
 import os
 import shutil
-import statistics
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import torch
 
 import rlsd_kernels
 from rlsd_kernels import reference
-from rlsd_kernels.launch import common, rlsd_seg, tuning
+from rlsd_kernels.launch import common as launch_common
+from rlsd_kernels.launch import rlsd_seg, tuning
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 COLUMNS = (8192, 16384, 32768)
 CONFIGS = ((4096, 8), (2048, 4), (8192, 16))
@@ -42,19 +45,9 @@ def inputs(n, vocab, device, seed=0):
     return student, teacher, tokens, adv
 
 
-def timed(fn, cuda):
-    """Median milliseconds of ``fn`` (Triton's do_bench on CUDA, a few calls elsewhere)."""
-    if cuda:
-        from triton.testing import do_bench
-
-        return do_bench(fn, warmup=10, rep=100, return_mode="median")
-    fn()
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        fn()
-        times.append(1e3 * (time.perf_counter() - t))
-    return statistics.median(times)
+def timed(fn, device):
+    """Median milliseconds of ``fn`` (``common.measure``: CUDA events on a GPU, the clock elsewhere)."""
+    return common.measure(fn, torch.device(device))["ms"]
 
 
 def fwd_bwd(student, teacher, tokens, adv, validate):
@@ -80,15 +73,6 @@ def reference_error(student, teacher, tokens, adv):
     loss_err = ((loss[rows].double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
     grad_err = ((x.grad[rows].double() - y.grad).abs().max() / y.grad.abs().max().clamp_min(1e-30)).item()
     return loss_err, grad_err
-
-
-def copy_bandwidth(device, cuda):
-    """Bytes per millisecond of a 2 GB (tiny off CUDA) device copy: read plus write."""
-    n = (1 << 30) if cuda else (1 << 16)
-    a = torch.empty(n, dtype=torch.bfloat16, device=device)
-    b = torch.empty_like(a)
-    ms = timed(lambda: b.copy_(a), cuda)
-    return 2 * a.numel() * a.element_size() / ms
 
 
 def ncu_bytes(n, vocab, strategy):
@@ -140,7 +124,7 @@ def main():
     ns = [int(n) for n in args.ns.split(",")] if cuda else [32]
     columns, configs = (COLUMNS, CONFIGS) if cuda else ((64, 256), ((64, 1),))
     print(f"device {torch.cuda.get_device_name() if cuda else 'cpu (interpreter)'}, V = {vocab}, bf16", flush=True)
-    bandwidth = copy_bandwidth(device, cuda)
+    bandwidth = common.copy_bandwidth_tbps(device) * 1e9  # bytes per millisecond
     print(f"copy bandwidth {bandwidth / 1e9:.2f} TB/s", flush=True)
     rows = []
     for n in ns:
@@ -164,13 +148,13 @@ def main():
         run, _ = fwd_bwd(student, teacher, tokens, adv, validate=False)
         for strategy in ("fused", "split"):
             with tuning.force_choice(strategy):
-                record(strategy, timed(run, cuda), False)
+                record(strategy, timed(run, device), False)
         best = None
         for col in columns:
             for config in configs:
                 rlsd_seg.SEGMENT_COLUMNS, rlsd_seg.CONFIG = col, tuning.RowConfig(*config)
                 with tuning.force_choice("segmented"):
-                    ms = timed(run, cuda)
+                    ms = timed(run, device)
                 record("segmented", ms, False, col, config)
                 if best is None or ms < best[0]:
                     best = (ms, col, config)
@@ -178,9 +162,9 @@ def main():
         for validate in (True, "deferred"):
             run_v, _ = fwd_bwd(student, teacher, tokens, adv, validate=validate)
             with tuning.force_choice("segmented"):
-                record("segmented", timed(run_v, cuda), validate, best[1], best[2])
+                record("segmented", timed(run_v, device), validate, best[1], best[2])
             with tuning.force_choice("fused"):
-                record("fused", timed(run_v, cuda), validate)
+                record("fused", timed(run_v, device), validate)
         if args.ncu and cuda:
             for strategy in ("fused", "segmented"):
                 dram = ncu_bytes(n, vocab, strategy)
@@ -188,18 +172,13 @@ def main():
                     record(strategy + " (ncu)", float("nan"), False, dram=dram)
                     print(f"  {strategy}: DRAM read {dram[0] / 1e9:.2f} GB, written {dram[1] / 1e9:.2f} GB "
                           f"(S + T + dS of live rows: {3 * live * vocab * 2 / 1e9:.2f} GB)", flush=True)
+        common.write_csv(rows, "segmented", args.out, device)  # what a time box cuts keeps the N before
         del student, teacher, run
         if cuda:
             torch.cuda.empty_cache()
     print(f"programs per multiprocessor by compiled variant: {list(rlsd_seg._per_sm.values())}")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "segmented.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {os.path.join(args.out, 'segmented.csv')}")
-
+    print(f"wrote {common.write_csv(rows, 'segmented', args.out, device)}")
 
 if __name__ == "__main__":
-    with common.backend("triton"):
+    with launch_common.backend("triton"):
         main()
