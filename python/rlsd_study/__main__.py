@@ -16,6 +16,7 @@ import sys
 import time
 
 from .methods import BASES
+from .model import ATTENTION, resolve_attention, resolve_device
 from .report import write_report
 from .study import StudyConfig, run_study
 from .train import RLConfig
@@ -31,7 +32,7 @@ PRESETS = {
 DEFAULTS = dict(prompts=16, group=8, lr=1e-4, temperature=1.0, teacher_every=20, eval_every=10, num_eval=200,
                 chain_steps=13, sum_terms=4, num_train=20000, num_test=200, warm_target=0.3, warm_max_steps=1500,
                 warm_lr=1e-3, warm_lr_end=None, warm_check_every=50,
-                out=None, rollout="builtin", trainer="native", first_seed=0)
+                out=None, rollout="builtin", trainer="native", first_seed=0, device="auto", attention="auto")
 
 
 def parse_args(argv=None):
@@ -67,6 +68,11 @@ def parse_args(argv=None):
     p.add_argument("--rollout", choices=["builtin", "vllm"], help="rollout engine (vllm: one worker)")
     p.add_argument("--trainer", choices=["native", "trl"],
                    help="training loop: native (this package's) or trl (RLSDTrainer; grpo and rlsd methods)")
+    p.add_argument("--device", help="where the models train and sample: auto (a GPU when torch sees one, else the "
+                                    "CPU), cpu, cuda, cuda:1 (on a GPU: one worker)")
+    p.add_argument("--attention", choices=ATTENTION,
+                   help="the model's attention: auto (flash-attn on a GPU where it is installed, under bfloat16 "
+                        "autocast; else SDPA), sdpa, eager, flash_attention_2")
     p.add_argument("--out", help="output folder (default results/<preset>)")
     p.add_argument("--warm-only", action="store_true", help="only train (and cache) the warm starts")
     p.add_argument("--report-only", action="store_true", help="only rewrite the table and plot from --out's runs")
@@ -89,7 +95,10 @@ def main(argv=None):
     rl = RLConfig(steps=a["steps"], prompts_per_step=a["prompts"], group=a["group"], lr=a["lr"],
                   temperature=a["temperature"], teacher_every=a["teacher_every"], eval_every=a["eval_every"],
                   num_eval=a["num_eval"])
-    workers = 1 if a["rollout"] == "vllm" else a["workers"]
+    device = resolve_device(a["device"])
+    resolve_attention(a["attention"], device)  # an attention the device cannot run fails here, not in a worker
+    # One process drives a GPU (and vLLM's engine): the worker pool forks, which CUDA does not survive.
+    workers = 1 if a["rollout"] == "vllm" or device.type == "cuda" else a["workers"]
     cfg = StudyConfig(
         tasks=a["tasks"].split(","), methods=a["methods"].split(","),
         seeds=list(range(a["first_seed"], a["first_seed"] + a["seeds"])), rl=rl, out=a["out"],
@@ -97,6 +106,7 @@ def main(argv=None):
         warm_target=a["warm_target"], warm_max_steps=a["warm_max_steps"], warm_lr=a["warm_lr"],
         warm_lr_end=a["warm_lr_end"], warm_check_every=a["warm_check_every"],
         warm_per_seed=a["warm_per_seed"], workers=workers, rollout=a["rollout"], trainer=a["trainer"],
+        device=str(device), attention=a["attention"],
     )
     t0 = time.perf_counter()
     if a["report_only"]:

@@ -26,10 +26,14 @@ def response_logits(model, prompt_ids: torch.Tensor, response_ids: torch.Tensor)
     """``[N, T, V]`` logits that score ``response_ids`` after ``prompt_ids``.
 
     The response sits at the end of the input, so the student (question) and the teacher (question
-    and reference) score each response token at the same distance from the end.
+    and reference) score each response token at the same distance from the end. The ids go to the
+    model's device; the logits come back there.
     """
-    ids = torch.cat([prompt_ids, response_ids], dim=1)
-    logits = model(input_ids=ids).logits
+    from .model import autocast, model_device
+
+    ids = torch.cat([prompt_ids, response_ids.to(prompt_ids.device)], dim=1).to(model_device(model))
+    with autocast(model):
+        logits = model(input_ids=ids).logits
     p = prompt_ids.shape[1]
     return logits[:, p - 1 : p - 1 + response_ids.shape[1]]
 

@@ -61,17 +61,68 @@ def make_config(vocab_size: int, *, hidden: int = 128, layers: int = 2, heads: i
     )
 
 
-def make_model(config, seed: int = 0, attn_implementation: str = "sdpa"):
-    """The model from ``config`` with weights drawn from ``seed``.
+ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
 
-    ``attn_implementation="flash_attention_2"`` needs a GPU, the flash-attn package and a half-precision
-    model (``model.to(torch.bfloat16)``); the study's float32 model uses PyTorch's SDPA.
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"``: the GPU when torch sees one, else the CPU; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:<index>, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device")
+    return device
+
+
+def resolve_attention(name: str, device: torch.device) -> str:
+    """The attention of the model: ``"auto"`` is flash-attn (``flash_attention_2``) on a GPU where the
+    flash-attn package is installed, else PyTorch's SDPA. ``flash_attention_2`` elsewhere raises."""
+    import importlib.util
+
+    if name not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {name!r}")
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    if name == "auto":
+        return "flash_attention_2" if device.type == "cuda" and has_flash else "sdpa"
+    if name == "flash_attention_2" and (device.type != "cuda" or not has_flash):
+        raise ValueError(f"attention 'flash_attention_2' needs a CUDA device and the flash-attn package "
+                         f"(device {device}, flash-attn {'installed' if has_flash else 'not installed'})")
+    return name
+
+
+def make_model(config, seed: int = 0, attn_implementation: str = "sdpa", device="cpu"):
+    """The model from ``config`` with weights drawn from ``seed`` (on the CPU, then moved to ``device``).
+
+    The weights stay in float32 whatever the attention; with ``flash_attention_2`` (half precision
+    only) the forward passes run under ``autocast`` (bfloat16).
     """
     from transformers import Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     config._attn_implementation = attn_implementation
-    return Qwen2ForCausalLM(config)
+    return Qwen2ForCausalLM(config).to(device)
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def autocast(model):
+    """The context of the model's forward passes: bfloat16 autocast where its attention takes half
+    precision only (flash-attn), else nothing."""
+    import contextlib
+
+    if getattr(model.config, "_attn_implementation", None) != "flash_attention_2":
+        return contextlib.nullcontext()
+    return torch.autocast(model_device(model).type, dtype=torch.bfloat16)
+
+
+def generator(model, seed: int) -> torch.Generator:
+    """A random generator on the model's device (sampling draws on the device of the logits)."""
+    return torch.Generator(device=model_device(model)).manual_seed(seed)
 
 
 def num_params(model) -> int:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import model as M
 from .model import EOS, PAD
 
 
@@ -14,6 +15,9 @@ class Rollout:
     tokens: torch.Tensor  # [N, T] sampled ids; PAD after the end of sequence
     logprobs: torch.Tensor  # [N, T] float32 log-probs of the sampled ids under softmax(z / temperature)
     mask: torch.Tensor  # [N, T] bool: response tokens up to and including the end of sequence
+
+    def to(self, device) -> Rollout:
+        return Rollout(self.tokens.to(device), self.logprobs.to(device), self.mask.to(device))
 
 
 def response_mask(tokens: torch.Tensor) -> torch.Tensor:
@@ -26,7 +30,8 @@ def response_mask(tokens: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def sample(model, prompts: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0, greedy: bool = False,
            generator: torch.Generator | None = None) -> Rollout:
-    """Samples ``max_new_tokens`` per row of ``prompts`` ``[N, P]`` (same length, no padding).
+    """Samples ``max_new_tokens`` per row of ``prompts`` ``[N, P]`` (same length, no padding), on the
+    model's device (``generator`` must be there too).
 
     Decoding stops early once every row has ended; ids after a row's EOS are ``PAD``.
     """
@@ -38,9 +43,11 @@ def sample(model, prompts: torch.Tensor, max_new_tokens: int, *, temperature: fl
         raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
     was_training = model.training
     model.eval()
+    prompts = prompts.to(M.model_device(model))
     n = prompts.shape[0]
     cache = DynamicCache()
-    out = model(input_ids=prompts, past_key_values=cache, use_cache=True)
+    with M.autocast(model):
+        out = model(input_ids=prompts, past_key_values=cache, use_cache=True)
     logits = out.logits[:, -1]
     tokens, logprobs = [], []
     done = torch.zeros(n, dtype=torch.bool, device=prompts.device)
@@ -57,7 +64,8 @@ def sample(model, prompts: torch.Tensor, max_new_tokens: int, *, temperature: fl
         done = done | (y == EOS)
         if bool(done.all()):
             break
-        out = model(input_ids=y[:, None], past_key_values=cache, use_cache=True)
+        with M.autocast(model):
+            out = model(input_ids=y[:, None], past_key_values=cache, use_cache=True)
         logits = out.logits[:, -1]
     model.train(was_training)
     tokens = torch.stack(tokens, 1)

@@ -24,9 +24,9 @@ def sft_loss(model, tok, problems) -> torch.Tensor:
         if not group:
             continue
         ref = references(tok, group)
-        logits = response_logits(model, prompts(tok, group, teacher=teacher), ref)
-        total = total + torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ref.reshape(-1),
-                                                          reduction="sum")
+        logits = response_logits(model, prompts(tok, group, teacher=teacher), ref).float()
+        total = total + torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                          ref.to(logits.device).reshape(-1), reduction="sum")
         count += ref.numel()
     return total / count
 
@@ -42,8 +42,10 @@ def warm_start(model, tok, split, *, target: float, max_steps: int, batch: int =
     Returns a dict: steps, seconds, sampled and greedy held-out accuracy, and the teacher
     context's greedy accuracy (how well the model reads the reference).
     """
+    from .model import generator
+
     rng = random.Random(seed)
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(model, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     check = split.test[:num_check]
     t0 = time.perf_counter()

@@ -40,6 +40,8 @@ class StudyConfig:
     workers: int = 1
     rollout: str = "builtin"
     trainer: str = "native"
+    device: str = "cpu"  # where the models train and sample ("cuda": one worker)
+    attention: str = "auto"  # model.resolve_attention: flash-attn on a GPU where it is installed, else SDPA
     extra: dict = field(default_factory=dict)
 
 
@@ -62,6 +64,14 @@ def _setup(cfg: StudyConfig, task_name: str):
     return split, tok, make_config(tok.vocab_size, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads)
 
 
+def _model(cfg: StudyConfig, config, seed: int = 0):
+    """The model of ``config`` on the study's device with its attention (``model.make_model``)."""
+    from .model import make_model, resolve_attention, resolve_device
+
+    device = resolve_device(cfg.device)
+    return make_model(config, seed=seed, attn_implementation=resolve_attention(cfg.attention, device), device=device)
+
+
 def _warm_path(cfg: StudyConfig, task: str, seed: int) -> str:
     return os.path.join(cfg.out, "warm", f"{task}-seed{seed if cfg.warm_per_seed else 0}")
 
@@ -76,7 +86,6 @@ def warm_job(cfg: StudyConfig, task: str, seed: int, progress=None) -> dict:
     """Trains (or loads) the warm start of ``task`` for ``seed``; returns its summary."""
     import torch
 
-    from .model import make_model
     from .sft import warm_start
 
     _one_thread()
@@ -85,7 +94,7 @@ def warm_job(cfg: StudyConfig, task: str, seed: int, progress=None) -> dict:
         with open(path + ".json") as f:
             return json.load(f)
     split, tok, config = _setup(cfg, task)
-    model = make_model(config, seed=seed if cfg.warm_per_seed else 0)
+    model = _model(cfg, config, seed=seed if cfg.warm_per_seed else 0)
     info = warm_start(model, tok, split, target=cfg.warm_target, max_steps=cfg.warm_max_steps, lr=cfg.warm_lr,
                       lr_end=cfg.warm_lr_end, check_every=cfg.warm_check_every,
                       temperature=cfg.rl.temperature, seed=seed if cfg.warm_per_seed else 0,
@@ -117,13 +126,12 @@ def rl_job(cfg: StudyConfig, task: str, method_spec: str, seed: int, progress=No
     """One RL run from the warm start; writes its CSV and returns the path."""
     import torch
 
-    from .model import make_model
     from .train import train
 
     _one_thread()
     split, tok, config = _setup(cfg, task)
-    model = make_model(config)
-    model.load_state_dict(torch.load(_warm_path(cfg, task, seed) + ".pt"))
+    model = _model(cfg, config)
+    model.load_state_dict(torch.load(_warm_path(cfg, task, seed) + ".pt", map_location=next(model.parameters()).device))
     method = parse_method(method_spec)
     rollout = None
     if cfg.rollout == "vllm":

@@ -14,6 +14,7 @@ import torch
 
 from .data import accuracy, prompts, response_length, response_logits
 from .methods import Method, method_loss
+from .model import generator, model_device
 from .tasks import verify
 
 
@@ -45,7 +46,7 @@ class BuiltinRollout:
 
     def __init__(self, policy, seed: int):
         self.policy = policy
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = generator(policy, seed)
 
     def sample(self, prompt_ids, max_new_tokens, temperature):
         from .sampler import sample
@@ -61,6 +62,7 @@ def train(policy, tok, split, method: Method, cfg: RLConfig, *, seed: int, rollo
     torch.manual_seed(seed)
     rng = random.Random(seed)
     rollout = rollout or BuiltinRollout(policy, seed)
+    device = model_device(policy)
     opt = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
     budget = response_length(split.train) + 4
     teacher = None
@@ -73,7 +75,7 @@ def train(policy, tok, split, method: Method, cfg: RLConfig, *, seed: int, rollo
         scores = {"step": step, "accuracy": acc}
         if cfg.eval_sampled:
             # The same sampling noise at every evaluation of every run.
-            gen = torch.Generator().manual_seed(12345)
+            gen = generator(policy, 12345)
             scores["sampled_accuracy"] = accuracy(policy, tok, split.test[: cfg.num_eval], greedy=False,
                                                   temperature=cfg.temperature, generator=gen)
         means = {k: sum(w[k] for w in window) / len(window) for k in window[0]} if window else {}
@@ -96,10 +98,10 @@ def train(policy, tok, split, method: Method, cfg: RLConfig, *, seed: int, rollo
         prompt_ids = prompts(tok, problems)
 
         t0 = time.perf_counter()
-        ro = rollout.sample(prompt_ids, budget, cfg.temperature)
+        ro = rollout.sample(prompt_ids, budget, cfg.temperature).to(device)
         rewards = torch.tensor([float(verify(p, tok.decode(r))) for p, r in zip(problems, ro.tokens.tolist(),
                                                                                   strict=True)])
-        adv = grpo_advantages(rewards, cfg.group)
+        adv = grpo_advantages(rewards, cfg.group).to(device)
         sel = ro.mask
         tokens = ro.tokens[sel]
         token_adv = adv[:, None].expand_as(ro.tokens)[sel]

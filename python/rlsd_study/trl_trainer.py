@@ -83,13 +83,16 @@ def train_trl(policy, tok, split, method, cfg, *, seed: int, progress=None, log=
                 evaluate(state.global_step, state)
 
     evaluate(0)
+    on_cpu = next(policy.parameters()).device.type == "cpu"
+    # flash-attn takes half precision only: the Trainer's bfloat16 autocast, as the native loop's.
+    flash = policy.config._attn_implementation == "flash_attention_2"
     with tempfile.TemporaryDirectory() as out:
         args = RLSDConfig(
             output_dir=os.path.join(out, "trl"), per_device_train_batch_size=cfg.prompts_per_step * cfg.group,
             num_generations=cfg.group, max_completion_length=response_length(split.train) + 4,
             max_steps=cfg.steps, learning_rate=cfg.lr, lr_scheduler_type="constant", weight_decay=0.0,
             temperature=cfg.temperature, beta=0.0, loss_type="dapo", logging_steps=1, report_to=[],
-            save_strategy="no", use_cpu=True, seed=seed, bf16=False, dataloader_num_workers=0,
+            save_strategy="no", use_cpu=on_cpu, seed=seed, bf16=flash, dataloader_num_workers=0,
             lam=0.0 if method.base == "grpo" else method.lam, lam_start=method.lam0, lam_decay_steps=method.decay,
             eps_w=method.eps_w, teacher_refresh_steps=cfg.teacher_every, context_column="solution",
             teacher_template="{question}" + TEACHER_TAG + "{context}\n", max_context_tokens=None,
