@@ -88,7 +88,8 @@ def logits_form(student_logits, teacher_logits, *, inplace, temporary, process_g
     for its base where nothing could tell (``logits.slice_of_base``)."""
     rows = as_rows(student_logits, "student_logits")
     if teacher_logits is not None:
-        same_rows(rows, teacher_logits, "teacher_logits", "student_logits")
+        # The checked rows' tensor: a copy where the vocabulary stride is not 1 (with a warning).
+        teacher_logits = same_rows(rows, teacher_logits, "teacher_logits", "student_logits").tensor
         teacher_logits = teacher_logits.detach() if teacher_logits.requires_grad else teacher_logits
     if inplace and torch.compiler.is_compiling():
         raise ValueError("inplace_backward=True is not supported under torch.compile")

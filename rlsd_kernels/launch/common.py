@@ -185,11 +185,17 @@ def as_rows(logits: torch.Tensor, name: str) -> Rows:
 
 def rows_of(x: torch.Tensor) -> Rows:
     """``as_rows`` without its checks, for the launchers: their tensors come checked from an entry
-    point (a vocabulary stride other than 1 still goes through ``as_rows``, which copies)."""
+    point (a vocabulary stride other than 1 still goes through ``as_rows``, which copies: a launcher
+    reads ``Rows.tensor``, never the tensor it was given, so that pointer and strides agree)."""
     shape, strides = x.shape, x.stride()
     if strides[-1] != 1:
         return as_rows(x, "logits")
     return _rows(x, shape, strides)
+
+
+def unit_stride(x: torch.Tensor | None) -> torch.Tensor | None:
+    """``x`` itself where its vocabulary stride is 1 (or it is None), else ``rows_of``'s copy."""
+    return x if x is None or x.stride(-1) == 1 else rows_of(x).tensor
 
 
 def _rows(x, shape, strides):

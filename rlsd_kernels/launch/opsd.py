@@ -54,6 +54,8 @@ def opsd_fwd(student, teacher, inputs, params, opsd, grad):
     t_rows = None if teacher is None else rows_of(teacher)
     if not use_triton(student):
         return torch_opsd.opsd_fwd(s_rows, t_rows, inputs, params, opsd, grad)
+    # Pointers from the tensors whose strides the rows hold (a copy where the vocabulary stride is not 1).
+    student, teacher = s_rows.tensor, None if t_rows is None else t_rows.tensor
     n, device, code, grpo = s_rows.n, student.device, opsd.div, opsd.grpo
     out, flags = common.outputs(output_names(grpo), n, device)
     temperature = params.temperature
@@ -153,6 +155,7 @@ def opsd_bwd(student, teacher, tokens, stats, coefs, temperature, opsd, out=None
     grad = out if out is not None else common.empty(student.shape, dtype=student.dtype, device=student.device)
     if not use_triton(student):
         return torch_opsd.opsd_grad(s_rows, t_rows, tokens, stats, *coefs, temperature, opsd, grad)
+    student, teacher = s_rows.tensor, None if t_rows is None else t_rows.tensor
     launch, key = _bwd_launcher(s_rows, t_rows, tokens, stats, coefs, temperature, opsd, grad.dtype)
     trial_dest = trial_destination(grad, s_rows)
     config = pick_config(key, s_rows, lambda c: launch(c, min(s_rows.n, TRIAL_ROWS), *trial_dest()))
@@ -168,6 +171,7 @@ def partial_stats(student, teacher, tokens, vocab_start, temperature, code, need
     the shard), the student's entropy, and for the KLs the shard's own KL. Rows whose token is
     ``IGNORE_INDEX`` are not read."""
     s_rows, t_rows = rows_of(student), rows_of(teacher)
+    student, teacher = s_rows.tensor, t_rows.tensor
     tokens = tokens.reshape(-1)
     if not use_triton(student):
         return torch_opsd.partial_stats(s_rows, t_rows, tokens, vocab_start, temperature, code, need_lp, entropy)
@@ -194,6 +198,7 @@ def jsd_sums(student, teacher, tokens, frame_s, frame_t, temperature, beta):
     columns, with ``S`` and ``T`` the whole rows' softmaxes, each given by its frame ``(reference,
     base-2 log-sum)`` (``collectives.combine``); 0 where the token is ``IGNORE_INDEX``."""
     s_rows, t_rows = rows_of(student), rows_of(teacher)
+    student, teacher = s_rows.tensor, t_rows.tensor
     tokens = tokens.reshape(-1)
     if not use_triton(student):
         return torch_opsd.jsd_sums(s_rows, t_rows, tokens, frame_s, frame_t, temperature, beta)

@@ -13,7 +13,7 @@ import triton
 
 from ..kernels.rlsd import _rlsd_fwd_kernel, _rlsd_token_kernel, _scale_kernel
 from . import common, rlsd_seg, torch_rows, tuning
-from .common import rows_of, use_triton
+from .common import rows_of, unit_stride, use_triton
 from .logprobs import bwd_launcher, fused_or_split, logprobs_bwd, trial_destination
 from .terms import OUTPUTS, kernel_flags, kernel_scalars, needs_sequence_pass, optional, sequence_terms
 from .tuning import TRIAL_ROWS, pick_row_config
@@ -97,6 +97,8 @@ def rlsd_fwd(student, teacher, inputs, params, grad):
     if not use_triton(student):
         return torch_rows.rlsd_fwd(rows_of(student), None if teacher is None else rows_of(teacher), inputs, params,
                                    grad)
+    # The kernels take rows of vocabulary stride 1 (entry points copy others; see rows_of).
+    teacher = unit_stride(teacher)
     plan_key = _plan_key(student, teacher, inputs, params, grad)
     plan = _PLANS.get(plan_key)
     if plan is not None:
