@@ -50,6 +50,16 @@ def finish_sum(ref, acc):
 
 
 @triton.jit
+def finish_sums(ref, acc, acc_e):
+    """``finish_sum`` with the entropy's per-lane sums ``acc_e`` (zeros without the entropy):
+    ``(lse2, s, t, ok)``; ``ok`` is also False where ``t`` overflows, which ``exp2(d) * d`` does some
+    7 bits of ``d`` before ``exp2(d)`` does (a logit ~85 above the reference, in natural units)."""
+    lse2, s, ok = finish_sum(ref, acc)
+    t = tl.sum(acc_e, axis=0)
+    return lse2, s, t, ok & (t < float("inf"))
+
+
+@triton.jit
 def entropy_terms(d):
     """Per-lane ``exp2(d)`` and ``exp2(d) * d`` (0 where d is -inf) for the entropy sums, from the
     centred base-2 logits: with ``row_centre``'s ``c`` the entropy is ``entropy_finish(c, s, t)``,

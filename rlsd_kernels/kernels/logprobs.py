@@ -14,7 +14,7 @@ from .common import (
     LOG2E,
     entropy_finish,
     entropy_terms,
-    finish_sum,
+    finish_sums,
     is_finite,
     row_centre,
     row_lse_exact,
@@ -63,8 +63,7 @@ def _logprobs_fwd_kernel(
                 acc_t += ez
             else:
                 acc += tl.exp2(z)
-        lse2, s, ok = finish_sum(ref * scale2, acc)
-        t = tl.sum(acc_t, axis=0)
+        lse2, s, t, ok = finish_sums(ref * scale2, acc, acc_t)
         exact = active & ~ok
         if exact:
             lse2, s, t = row_lse_exact(x_row, V, scale2, BLOCK_V, ENTROPY)

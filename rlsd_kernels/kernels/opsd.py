@@ -152,6 +152,11 @@ def _pair_sweep(s_row, t_row, V, read_end, active, scale2, DIV: tl.constexpr, EN
         ok = ok & ok_t
     x = tl.sum(acc_x, axis=0)
     sum_e = tl.sum(acc_e, axis=0)
+    # The KL's and the entropy's sums multiply exponentials by differences: they overflow before
+    # the sums of exponentials do, and then the row is redone too.
+    ok = ok & (sum_e < float("inf"))
+    if DIV == DIV_FORWARD_KL or DIV == DIV_REVERSE_KL:
+        ok = ok & is_finite(x)
     exact = active & ~ok
     # The fast path's sums are all centred: no correction between the two references.
     shift = 0.0

@@ -20,6 +20,7 @@ from .common import (
     entropy_finish,
     entropy_terms,
     finish_sum,
+    finish_sums,
     is_finite,
     log_diff,
     rlsd_epilogue,
@@ -94,8 +95,7 @@ def _rlsd_fwd_kernel(
                 acc_s += tl.exp2(zs)
             if HAS_T_LOGITS:
                 acc_t += tl.exp2((zt.to(tl.float32) - ref_t) * scale2)
-        lse2_s, sum_s, ok = finish_sum(ref_s * scale2, acc_s)
-        sum_e = tl.sum(acc_e, axis=0)
+        lse2_s, sum_s, sum_e, ok = finish_sums(ref_s * scale2, acc_s, acc_e)
         exact = active & ~ok
         if exact:
             lse2_s, sum_s, sum_e = row_lse_exact(s_row, V, scale2, BLOCK_V, ENTROPY)

@@ -50,13 +50,14 @@ def segment_sums(x_row, start, end, scale2, BLOCK_V: tl.constexpr, ENTROPY: tl.c
     ``exp2(d)`` and ``t`` of ``exp2(d) * d`` with ``d = (x - ref) * scale2`` (``t`` only with ``ENTROPY``).
 
     Per-lane sums against the first block's max, as the row kernels stream; a segment whose sum is
-    not in [1, inf) (an overflow above the reference, a first block without a finite logit, NaN or
-    inf) is redone against its max by ``segment_sums_exact``. A segment without a finite logit has
-    ``ref = -inf`` and ``s = 0``."""
+    not in [1, inf) or whose ``t`` overflows (a logit far above the reference, a first block without
+    a finite logit, NaN or inf) is redone against its max by ``segment_sums_exact``. A segment
+    without a finite logit has ``ref = -inf`` and ``s = 0``."""
     x_first = _first_block(x_row, start, end, BLOCK_V)
     ref = row_reference(x_first.to(tl.float32))
     s, t = lane_sums(x_row, start, end, ref, x_first, scale2, BLOCK_V, ENTROPY)
-    redo = ~((s >= 1.0) & (s < float("inf")))
+    # exp2(d) * d overflows some 7 bits of d before exp2(d) does.
+    redo = ~((s >= 1.0) & (s < float("inf")) & (t < float("inf")))
     if redo:
         ref, s, t = segment_sums_exact(x_row, start, end, scale2, BLOCK_V, ENTROPY)
     return ref, s, t
@@ -109,17 +110,25 @@ def lane_sums(x_row, start, end, ref, x_first, scale2, BLOCK_V: tl.constexpr, EN
 def merge_segments(ref, s, t, scale2, ENTROPY: tl.constexpr):
     """``(r, c, sum, t)`` of a row from its segments' ``segment_sums`` (blocks of them, ``s = 0`` for
     none): a logit ``x`` has the base-2 log-prob ``(x - r) * scale2 - c``, as from ``row_centre``, and
-    ``entropy_finish(c, sum, t)`` is the entropy. Empty segments take no part; a NaN stays."""
+    ``entropy_finish(c, sum, t)`` is the entropy. Empty segments take no part; a NaN stays.
+
+    Several segments' sums can each lie near the float32 maximum (a logit far above its segment's
+    first block), so they are added in the frame of the largest segment mass ``2^m``: ``sum`` and
+    ``t`` come back scaled by ``2^-m`` alike (the entropy takes their ratio). No term is larger than
+    its segment's own finite sums: ``s >= 1`` for a segment with a finite logit, so ``d - m <= 0``."""
     r = tl.max(ref, axis=0)
     r = tl.where(r == float("-inf"), 0.0, r)
     empty = s == 0.0
-    d = (ref - r) * scale2
-    e = tl.exp2(d)
-    total = tl.sum(tl.where(empty, 0.0, e * s), axis=0)
+    d = tl.where(empty, 0.0, (ref - r) * scale2)
+    log_mass = tl.where(empty, float("-inf"), d + tl.log2(s))
+    m = tl.max(log_mass, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    mass = tl.exp2(log_mass - m)
+    total = tl.sum(mass, axis=0)
     t_total = 0.0
     if ENTROPY:
-        t_total = tl.sum(tl.where(empty, 0.0, e * (t + d * s)), axis=0)
-    return r, tl.log2(total), total, t_total
+        t_total = tl.sum(tl.where(empty, 0.0, tl.exp2(d - m) * t + d * mass), axis=0)
+    return r, m + tl.log2(total), total, t_total
 
 
 @triton.jit
