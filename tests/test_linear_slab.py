@@ -253,3 +253,42 @@ def test_policy_loss_takes_the_slab_chunk_size(monkeypatch):
     assert compose.linear_form(hidden, weight, None, None, **kw)[0].chunk == chunk_default
     kw["chunk_size"] = 128
     assert compose.linear_form(hidden, weight, None, None, loss=True, **kw)[0].chunk == 128
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_combined_entropy_of_an_invalid_row_stays_non_finite(bad):
+    """``collectives.combine`` (slabs and vocabulary shards alike): a shard whose statistics are NaN
+    (a NaN or +inf logit in it) makes the row's entropy NaN, never a finite mixture of the others."""
+    from rlsd_kernels.forms.collectives import combine
+
+    stats = torch.randn(3, 4, 5)  # [shards, (reference, log-sum, token log-prob, entropy), tokens]
+    stats[:, 2] = float("-inf")
+    stats[1, 2] = -1.0
+    stats[2, 1, 3] = bad
+    stats[2, 3, 3] = float("nan")
+    _, _, lse_all, entropy, _ = combine(stats, torch.ones(5, dtype=torch.bool), 1.0)
+    assert torch.isfinite(entropy[[0, 1, 2, 4]]).all()
+    assert not torch.isfinite(entropy[3]) and not torch.isfinite(lse_all[3])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("schedule", ["chunk", "slab"])
+def test_invalid_hidden_row_gives_non_finite_entropy(bad, schedule, device, backend, slabs, monkeypatch):
+    """A NaN or +inf in one hidden row with ``validate=False``: the loss, and every metric that
+    averages the row in, are non-finite on both schedules (the slab schedule's entropy was finite)."""
+    if schedule == "slab":
+        slabs(16)
+    else:
+        monkeypatch.setattr(linear, "SCHEDULE", "chunk")
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 5, 12, generator=g).to(device)
+    w = (torch.randn(37, 12, generator=g) * 0.5).to(device)
+    tokens = torch.randint(0, 37, (2, 5), generator=g).to(device)
+    h[1, 2, 3] = bad
+    with force_row_config(RowConfig(BLOCK, 1)):
+        loss, m = rlsd_kernels.rlsd_linear_loss(h, w, tokens, torch.randn(2).to(device),
+                                                teacher_hidden=torch.randn(2, 5, 12).to(device), validate=False,
+                                                return_metrics=True, chunk_size=4, entropy_coef=0.1)
+        _, entropy = rlsd_kernels.token_logprobs_linear(h, w, tokens, return_entropy=True, validate=False)
+    assert not torch.isfinite(loss) and not torch.isfinite(m["entropy_mean"])
+    assert not torch.isfinite(entropy[1, 2]) and torch.isfinite(entropy[0]).all()

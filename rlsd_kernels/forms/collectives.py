@@ -133,7 +133,8 @@ def combine(stats, active, temperature):
     if stats.shape[1] > 3:
         log_share = frame.shard - frame.c
         share = torch.exp2(log_share)
-        mixture = torch.where(share > 0, share * (stats[:, 3] - log_share), 0.0).sum(0)
+        # share == 0, not share > 0: a NaN share (an invalid row) must stay NaN.
+        mixture = torch.where(share == 0, 0.0, share * (stats[:, 3] - log_share)).sum(0)
         entropy = torch.where(active, mixture * LN2, 0.0)
     return lp, torch.where(active, lse_all, 0.0), lse_all, entropy, frame
 
