@@ -130,3 +130,40 @@ def test_non_unit_vocabulary_stride_warns_and_copies(case):
     with pytest.warns(UserWarning, match="vocabulary stride"):
         loss = call(case, student_logits=transposed)
     torch.testing.assert_close(loss, call(case))
+
+
+def _validated_calls(device):
+    """One call of every public function that takes ``validate``: ``name -> fn(validate)``."""
+    s, t = torch.randn(2, 3, 11, device=device), torch.randn(2, 3, 11, device=device)
+    h, w = torch.randn(2, 3, 8, device=device), torch.randn(11, 8, device=device)
+    y, a = torch.randint(0, 11, (2, 3), device=device), torch.randn(2, device=device)
+    return {
+        "rlsd_loss": lambda v: rlsd_kernels.rlsd_loss(s, t, y, a, validate=v),
+        "opsd_loss": lambda v: rlsd_kernels.opsd_loss(s, t, y, validate=v),
+        "grpo_opsd_loss": lambda v: rlsd_kernels.grpo_opsd_loss(s, t, y, a, validate=v),
+        "token_logprobs": lambda v: rlsd_kernels.token_logprobs(s, y, validate=v),
+        "rlsd_linear_loss": lambda v: rlsd_kernels.rlsd_linear_loss(h, w, y, a, teacher_hidden=h, validate=v),
+        "opsd_linear_loss": lambda v: rlsd_kernels.opsd_linear_loss(h, w, y, teacher_hidden=h, validate=v),
+        "grpo_opsd_linear_loss": lambda v: rlsd_kernels.grpo_opsd_linear_loss(h, w, y, a, teacher_hidden=h,
+                                                                              validate=v),
+        "token_logprobs_linear": lambda v: rlsd_kernels.token_logprobs_linear(h, w, y, validate=v),
+    }
+
+
+def test_every_validated_function_is_covered():
+    import inspect
+
+    takes = {n for n in rlsd_kernels.__all__ if callable(getattr(rlsd_kernels, n))
+             and "validate" in inspect.signature(getattr(rlsd_kernels, n)).parameters}
+    assert takes == set(_validated_calls(torch.device("cpu")))
+
+
+@pytest.mark.parametrize("value", [None, "false", "Deferred", 1, 0])
+def test_validate_takes_only_its_three_values(value, device):
+    """``validate=None`` once switched the checks off and ``"false"`` on, silently."""
+    for name, fn in _validated_calls(device).items():
+        with pytest.raises(ValueError, match="validate must be True, False or 'deferred'"):
+            fn(value)
+        for good in (True, False, "deferred"):
+            out = fn(good)
+            assert torch.isfinite(out[0] if isinstance(out, tuple) else out).all(), (name, good)

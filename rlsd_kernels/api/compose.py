@@ -49,6 +49,7 @@ def describe(kwargs, token_shape, device, tokens, advantages, *, distill=None, g
              no_teacher=False):
     """``(loss, call)`` from a public function's keywords (its ``locals()``); ``no_teacher`` for GRPO
     without a teacher (``check_teacher``)."""
+    check_validate(kwargs["validate"])
     options = policy_options(kwargs, want_entropy)
     per_token = {k: kwargs.get(k) for k in PER_TOKEN_KEYWORDS}
     has_teacher = not no_teacher
@@ -181,6 +182,13 @@ def is_deferred(validate):
     return isinstance(validate, str) and validate == DEFERRED
 
 
+def check_validate(validate):
+    """``validate`` is ``True``, ``False`` or ``"deferred"``: anything else (``None``, ``"false"``) once
+    switched the checks off or on silently."""
+    if validate is not True and validate is not False and not is_deferred(validate):
+        raise ValueError(f"validate must be True, False or {DEFERRED!r}, got {validate!r}")
+
+
 def check_deferred(wait=True, keep=0):
     """Raises the first error found by an earlier call made with ``validate="deferred"``, naming the
     argument and the flat position, as ``validate=True`` would have in that call. With ``wait`` it
@@ -245,6 +253,7 @@ def run_loss(form, tensors, loss, call, *, return_metrics, validate):
 
 def run_logprobs(form, tensors, tokens, token_shape, *, temperature, return_entropy, validate):
     """Token log-probs over ``form``; ``validate="deferred"`` is ``True`` here (no flags come back)."""
+    check_validate(validate)
     validate = bool(validate)
     check_tokens(tokens, token_shape, tensors[0].device)
     temperature = PolicyOptions(temperature=temperature).temperature
