@@ -31,7 +31,8 @@ def response_logits(model, prompt_ids: torch.Tensor, response_ids: torch.Tensor)
     """
     from .model import autocast, model_device
 
-    ids = torch.cat([prompt_ids, response_ids.to(prompt_ids.device)], dim=1).to(model_device(model))
+    device = model_device(model)
+    ids = torch.cat([prompt_ids.to(device), response_ids.to(device)], dim=1)
     with autocast(model):
         logits = model(input_ids=ids).logits
     p = prompt_ids.shape[1]

@@ -126,12 +126,13 @@ def rl_job(cfg: StudyConfig, task: str, method_spec: str, seed: int, progress=No
     """One RL run from the warm start; writes its CSV and returns the path."""
     import torch
 
+    from .model import model_device
     from .train import train
 
     _one_thread()
     split, tok, config = _setup(cfg, task)
     model = _model(cfg, config)
-    model.load_state_dict(torch.load(_warm_path(cfg, task, seed) + ".pt", map_location=next(model.parameters()).device))
+    model.load_state_dict(torch.load(_warm_path(cfg, task, seed) + ".pt", map_location=model_device(model)))
     method = parse_method(method_spec)
     rollout = None
     if cfg.rollout == "vllm":

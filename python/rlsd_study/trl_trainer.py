@@ -17,7 +17,7 @@ import tempfile
 import time
 
 from .data import accuracy, response_length
-from .model import BOS, EOS, PAD
+from .model import BOS, EOS, PAD, model_device
 from .tasks import TEACHER_TAG, verify
 
 
@@ -83,7 +83,7 @@ def train_trl(policy, tok, split, method, cfg, *, seed: int, progress=None, log=
                 evaluate(state.global_step, state)
 
     evaluate(0)
-    on_cpu = next(policy.parameters()).device.type == "cpu"
+    on_cpu = model_device(policy).type == "cpu"
     # flash-attn takes half precision only: the Trainer's bfloat16 autocast, as the native loop's.
     flash = policy.config._attn_implementation == "flash_attention_2"
     with tempfile.TemporaryDirectory() as out:
