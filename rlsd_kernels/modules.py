@@ -11,7 +11,7 @@ from torch import nn
 from . import rlsd_linear_loss, rlsd_loss
 
 _PER_CALL = {"teacher_logprobs", "teacher_hidden", "bias", "old_logprobs", "mask", "normalizer", "credit_mask",
-             "rollout_logprobs", "ref_logprobs", "cu_seqlens", "process_group"}
+             "rollout_logprobs", "ref_logprobs", "is_weights", "cu_seqlens", "process_group"}
 
 
 def _option_names(fn):

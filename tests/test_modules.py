@@ -89,6 +89,21 @@ def test_unknown_and_per_call_options_are_rejected():
         RLSDLinearLoss(teacher_hidden=torch.ones(2, 2))
 
 
+@pytest.mark.parametrize("module", [RLSDLoss, RLSDLinearLoss])
+def test_every_per_token_input_is_per_call(module):
+    """A per-token tensor fixed at construction would apply to every later batch: ``is_weights`` once
+    was, and a call without it then used the first batch's."""
+    import inspect
+
+    from rlsd_kernels.api.compose import PER_TOKEN_KEYWORDS
+
+    taken = [k for k in PER_TOKEN_KEYWORDS if k in inspect.signature(module._fn).parameters]
+    assert "is_weights" in taken and "teacher_logprobs" in taken
+    for name in taken:
+        with pytest.raises(TypeError, match=f"'{name}'.* are per-call inputs"):
+            module(**{name: torch.ones(2)})
+
+
 def test_bad_values_reach_the_functional_checks():
     x = _inputs()
     z = x["hidden"] @ x["weight"].T
