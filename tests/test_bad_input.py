@@ -132,38 +132,76 @@ def test_non_unit_vocabulary_stride_warns_and_copies(case):
     torch.testing.assert_close(loss, call(case))
 
 
-def _validated_calls(device):
-    """One call of every public function that takes ``validate``: ``name -> fn(validate)``."""
+def _public_calls(device):
+    """One call of every public function that takes ``validate``: ``name -> fn(**keywords)``."""
     s, t = torch.randn(2, 3, 11, device=device), torch.randn(2, 3, 11, device=device)
     h, w = torch.randn(2, 3, 8, device=device), torch.randn(11, 8, device=device)
     y, a = torch.randint(0, 11, (2, 3), device=device), torch.randn(2, device=device)
     return {
-        "rlsd_loss": lambda v: rlsd_kernels.rlsd_loss(s, t, y, a, validate=v),
-        "opsd_loss": lambda v: rlsd_kernels.opsd_loss(s, t, y, validate=v),
-        "grpo_opsd_loss": lambda v: rlsd_kernels.grpo_opsd_loss(s, t, y, a, validate=v),
-        "token_logprobs": lambda v: rlsd_kernels.token_logprobs(s, y, validate=v),
-        "rlsd_linear_loss": lambda v: rlsd_kernels.rlsd_linear_loss(h, w, y, a, teacher_hidden=h, validate=v),
-        "opsd_linear_loss": lambda v: rlsd_kernels.opsd_linear_loss(h, w, y, teacher_hidden=h, validate=v),
-        "grpo_opsd_linear_loss": lambda v: rlsd_kernels.grpo_opsd_linear_loss(h, w, y, a, teacher_hidden=h,
-                                                                              validate=v),
-        "token_logprobs_linear": lambda v: rlsd_kernels.token_logprobs_linear(h, w, y, validate=v),
+        "rlsd_loss": lambda **k: rlsd_kernels.rlsd_loss(s, t, y, a, **k),
+        "opsd_loss": lambda **k: rlsd_kernels.opsd_loss(s, t, y, **k),
+        "grpo_opsd_loss": lambda **k: rlsd_kernels.grpo_opsd_loss(s, t, y, a, **k),
+        "token_logprobs": lambda **k: rlsd_kernels.token_logprobs(s, y, **k),
+        "rlsd_linear_loss": lambda **k: rlsd_kernels.rlsd_linear_loss(h, w, y, a, teacher_hidden=h, **k),
+        "opsd_linear_loss": lambda **k: rlsd_kernels.opsd_linear_loss(h, w, y, teacher_hidden=h, **k),
+        "grpo_opsd_linear_loss": lambda **k: rlsd_kernels.grpo_opsd_linear_loss(h, w, y, a, teacher_hidden=h, **k),
+        "token_logprobs_linear": lambda **k: rlsd_kernels.token_logprobs_linear(h, w, y, **k),
     }
 
 
-def test_every_validated_function_is_covered():
+def _signature(name):
     import inspect
 
-    takes = {n for n in rlsd_kernels.__all__ if callable(getattr(rlsd_kernels, n))
-             and "validate" in inspect.signature(getattr(rlsd_kernels, n)).parameters}
-    assert takes == set(_validated_calls(torch.device("cpu")))
+    return inspect.signature(getattr(rlsd_kernels, name)).parameters
+
+
+def test_every_validated_function_is_covered():
+    takes = {n for n in rlsd_kernels.__all__ if callable(getattr(rlsd_kernels, n)) and "validate" in _signature(n)}
+    assert takes == set(_public_calls(torch.device("cpu")))
+
+
+def _finite(out):
+    return torch.isfinite(out[0] if isinstance(out, tuple) else out).all()
 
 
 @pytest.mark.parametrize("value", [None, "false", "Deferred", 1, 0])
 def test_validate_takes_only_its_three_values(value, device):
     """``validate=None`` once switched the checks off and ``"false"`` on, silently."""
-    for name, fn in _validated_calls(device).items():
+    for name, fn in _public_calls(device).items():
         with pytest.raises(ValueError, match="validate must be True, False or 'deferred'"):
-            fn(value)
+            fn(validate=value)
         for good in (True, False, "deferred"):
-            out = fn(good)
-            assert torch.isfinite(out[0] if isinstance(out, tuple) else out).all(), (name, good)
+            assert _finite(fn(validate=good)), (name, good)
+
+
+@pytest.mark.parametrize("value", [None, "false", "no", 1, 0, 1.0])
+def test_switches_take_only_true_or_false(value, device):
+    """Every on/off keyword (a bool default in a public signature): ``inplace_backward="false"`` once
+    wrote the gradient into the logits, ``return_metrics="no"`` returned metrics, and ``1`` or ``0``
+    passed for ``credit_negative_only``."""
+    checked = 0
+    for name, fn in _public_calls(device).items():
+        switches = [k for k, p in _signature(name).items() if isinstance(p.default, bool) and k != "validate"]
+        for switch in switches:
+            with pytest.raises(ValueError, match=f"{switch} must be"):
+                fn(**{switch: value})
+            for good in (True, False):
+                assert _finite(fn(**{switch: good})), (name, switch, good)
+            checked += 1
+    assert checked >= 14  # inplace_backward, return_metrics, credit_negative_only, return_entropy
+
+
+def test_distillation_without_a_teacher_names_the_divergence(device):
+    """With ``lam=0`` (``grpo_opsd_loss``'s default) the message once said that the credit weight
+    (lam > 0) needed the teacher."""
+    s, y, a = torch.randn(2, 3, 11, device=device), torch.randint(0, 11, (2, 3), device=device), torch.randn(2)
+    h, w = torch.randn(2, 3, 8, device=device), torch.randn(11, 8, device=device)
+    calls = [
+        lambda: rlsd_kernels.opsd_loss(s, None, y, divergence="sampled_token"),
+        lambda: rlsd_kernels.grpo_opsd_loss(s, None, y, a.to(device), divergence="sampled_token"),
+        lambda: rlsd_kernels.opsd_linear_loss(h, w, y, divergence="sampled_token"),
+        lambda: rlsd_kernels.grpo_opsd_linear_loss(h, w, y, a.to(device), divergence="sampled_token"),
+    ]
+    for fn in calls:
+        with pytest.raises(ValueError, match="give teacher_(logits|hidden) or teacher_logprobs: the divergence"):
+            fn()

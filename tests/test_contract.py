@@ -92,6 +92,32 @@ def test_no_tokens_with_empty_boundaries_give_zero(device, backend):
     assert float(loss) == 0.0 and student.grad.shape == (0, V)
 
 
+def _empty_layouts(device):
+    """Student logits without a row, in the layouts torch gives them: plain, no sequence, no token per
+    sequence, and strides with a 0 (an elementwise result of an empty transposed tensor)."""
+    yield torch.randn(0, V, device=device)
+    yield torch.randn(0, 4, V, device=device)
+    yield torch.randn(2, 0, V, device=device)
+    zero_stride = torch.randn(4, 0, V, device=device).transpose(0, 1).contiguous() * 1
+    assert 0 in zero_stride.stride()
+    yield zero_stride
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_empty_batches_give_zero_in_every_layout(inplace, device, backend):
+    """``inplace_backward=True`` once refused an empty batch with a 0 stride: "rows share storage"."""
+    for layout in _empty_layouts(device):
+        shape = layout.shape[:-1]
+        tokens = torch.zeros(shape, dtype=torch.long, device=device)
+        adv = torch.zeros(shape[0], device=device)
+        for fn, extra in ((rlsd_kernels.rlsd_loss, (adv,)), (rlsd_kernels.opsd_loss, ()),
+                          (rlsd_kernels.grpo_opsd_loss, (adv,))):
+            student = layout.clone().requires_grad_()
+            loss = fn(student, layout, tokens, *extra, inplace_backward=inplace)
+            loss.backward()
+            assert float(loss.detach()) == 0.0 and student.grad.shape == layout.shape, (tuple(layout.shape), inplace)
+
+
 @pytest.mark.parametrize("value", [0.0, -4.0, float("inf"), float("nan")])
 @pytest.mark.parametrize("form", ["number", "tensor"])
 def test_bad_normalizers_raise_or_give_nan(value, form, device, backend):

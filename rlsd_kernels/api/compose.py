@@ -72,6 +72,8 @@ def check_teacher(teacher, teacher_logprobs, loss, teacher_name, lam=None):
     if teacher is not None and teacher_logprobs is not None:
         raise ValueError(f"give exactly one of {teacher_name} and teacher_logprobs")
     if teacher is None and teacher_logprobs is None:
+        if isinstance(loss, DistillLoss):
+            raise ValueError(f"give {teacher_name} or teacher_logprobs: the divergence needs the teacher")
         if lam is None or PolicyOptions(lam=lam).lam != 0:
             raise ValueError(f"give {teacher_name} or teacher_logprobs: the credit weight (lam > 0) needs the "
                              "teacher (with lam=0, plain GRPO, neither is needed)")
@@ -87,6 +89,7 @@ def check_eager(form, what):
 def logits_form(student_logits, teacher_logits, *, inplace, temporary, process_group, scalar):
     """``(form, tensors)`` for given logits; a scalar loss writes a ``logits[:, :-1]`` view's gradient
     for its base where nothing could tell (``logits.slice_of_base``)."""
+    check_switch(inplace, "inplace_backward")
     rows = as_rows(student_logits, "student_logits")
     if teacher_logits is not None:
         # The checked rows' tensor: a copy where the vocabulary stride is not 1 (with a warning).
@@ -110,7 +113,10 @@ def logits_form(student_logits, teacher_logits, *, inplace, temporary, process_g
 
 
 def _overlaps(x):
-    """Whether distinct rows of ``x`` (``[..., V]``, unit vocabulary stride) share memory."""
+    """Whether distinct rows of ``x`` (``[..., V]``, unit vocabulary stride) share memory (an empty
+    ``x`` has none to share, whatever its strides)."""
+    if x.numel() == 0:
+        return False
     sizes, strides = x.shape[:-1], x.stride()[:-1]
     dims = sorted((s, n) for s, n in zip(strides, sizes, strict=True) if n > 1)
     extent = x.shape[-1]
@@ -189,6 +195,12 @@ def check_validate(validate):
         raise ValueError(f"validate must be True, False or {DEFERRED!r}, got {validate!r}")
 
 
+def check_switch(value, name):
+    """An on/off keyword is ``True`` or ``False``: a truthy string such as ``"false"`` once switched it on."""
+    if value is not True and value is not False:
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
 def check_deferred(wait=True, keep=0):
     """Raises the first error found by an earlier call made with ``validate="deferred"``, naming the
     argument and the flat position, as ``validate=True`` would have in that call. With ``wait`` it
@@ -229,6 +241,7 @@ def run_loss(form, tensors, loss, call, *, return_metrics, validate):
     """The loss (and its metrics) of a described call over ``form``. ``validate="deferred"`` runs it
     unchecked and checks its error bits at the next such call (``check_deferred``); under
     torch.compile and for a sharded form it is ``True``."""
+    check_switch(return_metrics, "return_metrics")
     deferred = is_deferred(validate) and not torch.compiler.is_compiling() and not isinstance(form, ShardedForm)
     validate = False if deferred else bool(validate)
     if deferred:
@@ -254,12 +267,13 @@ def run_loss(form, tensors, loss, call, *, return_metrics, validate):
 def run_logprobs(form, tensors, tokens, token_shape, *, temperature, return_entropy, validate):
     """Token log-probs over ``form``; ``validate="deferred"`` is ``True`` here (no flags come back)."""
     check_validate(validate)
+    check_switch(return_entropy, "return_entropy")
     validate = bool(validate)
     check_tokens(tokens, token_shape, tensors[0].device)
     temperature = PolicyOptions(temperature=temperature).temperature
     if tokens.numel() == 0:
         lp = empty_loss(tensors).expand(tokens.shape)
         return (lp, lp.clone()) if return_entropy else lp
-    lp, ent = LogprobsFunction.apply(form, tokens.reshape(-1), temperature, bool(return_entropy), validate, *tensors)
+    lp, ent = LogprobsFunction.apply(form, tokens.reshape(-1), temperature, return_entropy, validate, *tensors)
     lp = lp.view(tokens.shape)
     return (lp, ent.view(tokens.shape)) if return_entropy else lp

@@ -73,7 +73,8 @@ class _Checked:
                 continue
             value = getattr(self, name)
             if meta.get("choices") is not None:
-                if value not in meta["choices"]:
+                # By type too: 1 == True, so a plain ``in`` let 0 and 1 stand for a switch.
+                if not any(type(value) is type(c) and value == c for c in meta["choices"]):
                     raise ValueError(f"{name} must be one of {meta['choices']}, got {value!r}")
             elif meta.get("ok") is not None:
                 value = real_number(name, value, allow_none=meta["nullable"])
