@@ -198,6 +198,39 @@ def test_a_second_backward_raises(form, device, backend):
         loss.backward()
 
 
+def _first_order_calls(device):
+    """``name -> (differentiable input, fn(x) -> a tensor to differentiate)`` for every public
+    function and both kinds of autograd Function (a scalar loss, per-token losses)."""
+    student, teacher, tokens, adv = _inputs(device)
+    h, w = torch.randn(3, 4, 6, device=device), torch.randn(V, 6, device=device)
+    th = torch.randn(3, 4, 6, device=device)
+    return {
+        "rlsd_loss": (student, lambda x: rlsd_kernels.rlsd_loss(x, teacher, tokens, adv)),
+        "rlsd_loss none": (student, lambda x: rlsd_kernels.rlsd_loss(x, teacher, tokens, adv, loss_agg="none")),
+        "opsd_loss": (student, lambda x: rlsd_kernels.opsd_loss(x, teacher, tokens)),
+        "grpo_opsd_loss": (student, lambda x: rlsd_kernels.grpo_opsd_loss(x, teacher, tokens, adv)),
+        "token_logprobs": (student, lambda x: rlsd_kernels.token_logprobs(x, tokens, return_entropy=True)[0]),
+        "rlsd_linear_loss": (h, lambda x: rlsd_kernels.rlsd_linear_loss(x, w, tokens, adv, teacher_hidden=th)),
+        "opsd_linear_loss none": (h, lambda x: rlsd_kernels.opsd_linear_loss(x, w, tokens, teacher_hidden=th,
+                                                                             loss_agg="none")),
+        "grpo_opsd_linear_loss": (h, lambda x: rlsd_kernels.grpo_opsd_linear_loss(x, w, tokens, adv,
+                                                                                  teacher_hidden=th)),
+        "token_logprobs_linear": (h, lambda x: rlsd_kernels.token_logprobs_linear(x, w, tokens)),
+    }
+
+
+def test_second_order_gradients_raise(device, backend):
+    """A gradient taken with ``create_graph=True`` once came back without a graph: a gradient
+    penalty's own gradient was silently dropped (off by 2.78 against the reference), or the
+    log-probs' backward crashed inside. Now it raises, naming the option; the plain gradient holds."""
+    for name, (x0, fn) in _first_order_calls(device).items():
+        x = x0.clone().requires_grad_()
+        with pytest.raises(RuntimeError, match="create_graph=True"):
+            torch.autograd.grad(fn(x).sum(), x, create_graph=True)
+        (grad,) = torch.autograd.grad(fn(x).sum(), x)
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+
+
 def test_per_token_losses_carry_the_float_mask(device, backend):
     student, teacher, tokens, adv = _inputs(device)
     mask = torch.rand(3, 4, device=device)

@@ -1,7 +1,8 @@
 """The autograd Functions: a scalar loss, per-token losses, and log-probs. None of them knows which
 loss or which input form it runs: ``form`` (``forms/``) computes, ``loss`` (``call/losses.py``) says
 what. The differentiable inputs are the form's ``tensors`` (the logits, or hidden states, weight and
-bias); the per-token outputs and flags come back detached.
+bias); the per-token outputs and flags come back detached. Every backward is first-order only and
+refuses ``create_graph=True`` (``first_order``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,16 @@ def _outputs(ctx, loss, out, flags):
     packed = pack_outputs(out, loss.outputs)
     ctx.mark_non_differentiable(packed, flags)
     return packed, flags
+
+
+def first_order():
+    """Raises under ``create_graph=True`` (grad mode on in a backward): the gradients are formed by the
+    kernels, outside autograd, so a graph of them would be empty and a second-order term (a gradient
+    penalty) silently missing. ``once_differentiable`` would not tell: it marks a gradient only when
+    an incoming gradient requires grad, which ``autograd.grad(loss, x, create_graph=True)``'s does not."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("rlsd_kernels' losses and log-probs are differentiable once: a gradient with "
+                           "create_graph=True (second-order terms, a gradient penalty) is not supported")
 
 
 def _scale(grad, scale):
@@ -44,6 +55,7 @@ class ScalarLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_value, *unused):
+        first_order()
         if ctx.used:
             raise RuntimeError("the gradients of this loss were computed in its forward pass and are already "
                                "used: backward through it twice is not supported (recompute the loss)")
@@ -74,6 +86,7 @@ class TokenLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_value, *unused):
+        first_order()
         saved = ctx.saved_tensors
         tensors, (tokens, weight, *stats) = saved[: ctx.count], saved[ctx.count:]
         if grad_value is None:
@@ -97,6 +110,7 @@ class LogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_lp, grad_ent):
+        first_order()
         saved = ctx.saved_tensors
         tensors, (tokens, lse, ent) = saved[: ctx.count], saved[ctx.count:]
         if grad_lp is None and grad_ent is None:
