@@ -51,3 +51,57 @@ def test_token_logprobs_compiles_fullgraph(device, backend):
         results.append((out, x.grad))
     for name, eager, compiled in zip(("value", "grad"), *results, strict=True):
         assert_close(compiled, eager, what=name, **FP32)
+
+
+def _policy_step(student, teacher, tokens, advantages, lam, temperature, normalizer=None):
+    agg = "token-mean" if normalizer is None else "seq-mean-token-sum"
+    return rlsd_kernels.rlsd_loss(student, teacher, tokens, advantages, lam=lam, temperature=temperature,
+                                  normalizer=normalizer, loss_agg=agg)
+
+
+def _policy_inputs(device):
+    g = torch.Generator().manual_seed(3)
+    student, teacher = torch.randn(2, 5, 19, generator=g).to(device), torch.randn(2, 5, 19, generator=g).to(device)
+    return student, teacher, torch.randint(0, 19, (2, 5), generator=g).to(device), torch.tensor([1.0, -1.0]).to(device)
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_hyperparameters_that_change_between_calls_compile(dynamic, device):
+    """A ``lam`` from ``lam_schedule`` changes every step: its second value (a symbolic float for
+    torch.compile) once failed in ``math.isnan``, and ``dynamic=True`` failed on the first call."""
+    student, teacher, tokens, adv = _policy_inputs(device)
+    torch._dynamo.reset()
+    compiled = torch.compile(_policy_step, fullgraph=True, dynamic=dynamic)
+    for lam, temperature in ((0.5, 1.0), (0.25, 0.9), (0.0, 0.8)):
+        results = []
+        for fn in (_policy_step, compiled):
+            x = student.clone().requires_grad_()
+            loss = fn(x, teacher, tokens, adv, lam, temperature)
+            loss.backward()
+            results.append((loss, x.grad))
+        for name, eager, got in zip(("loss", "grad"), *results, strict=True):
+            assert_close(got, eager, what=f"{name} at lam={lam}", **FP32)
+
+
+def test_tensor_hyperparameters_under_fullgraph_name_themselves(device):
+    """A one-element tensor ``lam`` works in eager mode; under ``fullgraph=True`` it once failed with a
+    data-dependent guard error that named nothing."""
+    student, teacher, tokens, adv = _policy_inputs(device)
+    lam = torch.tensor(0.5)
+    eager = _policy_step(student, teacher, tokens, adv, lam, 1.0)
+    assert_close(eager, _policy_step(student, teacher, tokens, adv, 0.5, 1.0), what="tensor lam, eager", **FP32)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="lam is a tensor: under torch.compile pass a Python number"):
+        torch.compile(_policy_step, fullgraph=True)(student, teacher, tokens, adv, lam, 1.0)
+
+
+def test_tensor_normalizers_compile_and_bad_ones_give_nan(device):
+    """With ``validate=True`` a tensor normalizer was checked by a host read, which fullgraph cannot trace:
+    under torch.compile a bad one gives a NaN loss instead (as with ``validate=False``)."""
+    student, teacher, tokens, adv = _policy_inputs(device)
+    torch._dynamo.reset()
+    compiled = torch.compile(_policy_step, fullgraph=True)
+    good = torch.tensor(4.0, device=device)
+    assert_close(compiled(student, teacher, tokens, adv, 0.5, 1.0, good),
+                 _policy_step(student, teacher, tokens, adv, 0.5, 1.0, good), what="normalizer 4", **FP32)
+    assert torch.isnan(compiled(student, teacher, tokens, adv, 0.5, 1.0, torch.zeros((), device=device)))

@@ -64,7 +64,8 @@ def check_tokens(tokens, token_shape, device, name="tokens"):
 def check_normalizer(loss_agg, normalizer, validate):
     """The normalizer as given, or None. A number must be positive and finite; so must a one-element
     tensor, checked on the device: with ``validate`` by one sync (which the call makes anyway), else
-    a bad value becomes NaN, so that the loss is NaN and never a silently finite wrong value."""
+    (and under torch.compile, which cannot read it while tracing) a bad value becomes NaN, so that
+    the loss is NaN and never a silently finite wrong value."""
     if loss_agg not in LOSS_AGG_MODES:
         raise ValueError(f"loss_agg must be one of {LOSS_AGG_MODES}, got {loss_agg!r}")
     if normalizer is None:
@@ -77,7 +78,7 @@ def check_normalizer(loss_agg, normalizer, validate):
                              f"{normalizer.dtype}")
         value = normalizer.detach().float()
         ok = (value > 0) & torch.isfinite(value)
-        if validate:
+        if validate and not torch.compiler.is_compiling():
             if not bool(ok.all()):
                 raise ValueError(f"normalizer must be positive and finite, got {float(value.reshape(()))}")
             return value
