@@ -205,3 +205,16 @@ def test_distillation_without_a_teacher_names_the_divergence(device):
     for fn in calls:
         with pytest.raises(ValueError, match="give teacher_(logits|hidden) or teacher_logprobs: the divergence"):
             fn()
+
+
+def test_linear_forms_refuse_an_empty_hidden_size(device):
+    """H = 0 once crashed inside the chunking ("cannot reshape tensor of 0 elements")."""
+    h, w = torch.randn(2, 3, 0, device=device), torch.randn(11, 0, device=device)
+    y, a = torch.randint(0, 11, (2, 3), device=device), torch.randn(2, device=device)
+    calls = [lambda: rlsd_kernels.rlsd_linear_loss(h, w, y, a, teacher_hidden=h),
+             lambda: rlsd_kernels.opsd_linear_loss(h, w, y, teacher_hidden=h),
+             lambda: rlsd_kernels.grpo_opsd_linear_loss(h, w, y, a, teacher_hidden=h),
+             lambda: rlsd_kernels.token_logprobs_linear(h, w, y)]
+    for fn in calls:
+        with pytest.raises(ValueError, match="empty hidden dimension"):
+            fn()

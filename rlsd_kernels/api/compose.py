@@ -138,6 +138,9 @@ def check_linear(hidden, weight, bias, teacher, chunk_size, name="student_hidden
                          f"{tuple(weight.shape)} ([V, H])")
     if weight.shape[0] == 0:
         raise ValueError("weight has an empty vocabulary dimension")
+    if weight.shape[1] == 0:
+        raise ValueError(f"{name} and weight have an empty hidden dimension (H = 0): the logits would be the "
+                         "bias alone")
     if teacher is not None:
         check_tensor(teacher, "teacher_hidden", kinds=("logits",), device=hidden.device)
         if teacher.shape != hidden.shape or teacher.dtype != hidden.dtype:
