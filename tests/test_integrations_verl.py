@@ -2,6 +2,7 @@
 teacher log-probs through verl's DataProto / TensorDict round trip."""
 
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,8 +19,12 @@ from verl import DataProto  # noqa: E402
 from verl.trainer.ppo.core_algos import get_policy_loss_fn  # noqa: E402
 from verl.utils import tensordict_utils as tu  # noqa: E402
 from verl.utils.config import omega_conf_to_dataclass  # noqa: E402
+from verl.utils.metric import Metric, reduce_metrics  # noqa: E402
+from verl.utils.py_functional import append_to_dict  # noqa: E402
 from verl.workers.config import FSDPActorConfig  # noqa: E402
 from verl.workers.config.actor import PolicyLossConfig  # noqa: E402
+from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead  # noqa: E402
+from verl.workers.engine.utils import postprocess_batch_func  # noqa: E402
 from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding  # noqa: E402
 
 import rlsd_kernels  # noqa: E402
@@ -149,27 +154,58 @@ def test_config_through_target():
     assert [schedule.lam_at(s) for s in (1, 30, 60, 61)] == pytest.approx([0.5 * 59 / 60, 0.25, 0.0, 0.0])
 
 
+def test_rlsd_without_target_runs_the_documented_defaults():
+    """``loss_mode=rlsd`` in verl's own ``PolicyLossConfig`` (no ``_target_``, so no RLSD fields) runs
+    the documented schedule and ``eps_w``, not ``lam = 0`` (plain GRPO); a mapping keeps its fields."""
+    _, _, old, teacher, adv, mask, _ = inputs()
+    plain = omega_conf_to_dataclass(OmegaConf.create({"loss_mode": "rlsd"}), PolicyLossConfig)
+    assert type(plain) is PolicyLossConfig
+    results = []
+    for policy in (plain, rlsd_verl.RLSDPolicyLossConfig()):
+        config = FSDPActorConfig(strategy="fsdp", ppo_micro_batch_size_per_gpu=2, ppo_mini_batch_size=4, rollout_n=1,
+                                 clip_ratio_low=0.2, clip_ratio_high=0.28, policy_loss=policy)
+        results.append(rlsd_verl.compute_policy_loss_rlsd(old, old + 0.1, adv, mask, "token-mean", config,
+                                                          teacher_log_prob=teacher))
+    (loss, metrics), (documented, documented_metrics) = results
+    assert metrics["actor/rlsd_lam"] == pytest.approx(0.5 * 59 / 60)
+    torch.testing.assert_close(loss, documented, **FLOAT64_SAME)
+    assert metrics == documented_metrics
+    assert rlsd_verl.rlsd_policy(plain) == rlsd_verl.RLSDPolicyLossConfig()
+    assert rlsd_verl.rlsd_policy({"lam": 0.3, "max_context_tokens": None}) == rlsd_verl.RLSDPolicyLossConfig(
+        lam=0.3, max_context_tokens=None)
+    assert rlsd_verl.rlsd_policy(OmegaConf.create({"loss_mode": "rlsd", "eps_w": 0.1})).eps_w == 0.1
+    with pytest.raises(ValueError, match="eps_w"):
+        rlsd_verl.rlsd_policy({"eps_w": 1.5})
+
+
 def _engine_log_probs(model):
-    """What verl's engine returns for a no-padding batch: per sequence, the log-prob of each next token."""
+    """verl's FSDP engine on a no-padding batch, as its forward_step runs it (prepare_model_inputs, the
+    model, prepare_model_outputs) without FSDP or a device: it reads what the real engine reads (the
+    batch's ``temperature`` among them) and scales the logits by the temperature."""
+    engine = object.__new__(FSDPEngineWithLMHead)
+    engine.module, engine.pad_to_length = model, False
+    engine.engine_config = SimpleNamespace(entropy_checkpointing=False)
 
     def run(td):
-        out = []
-        ids_nested, pos_nested = td["input_ids"], td["position_ids"]
-        for ids, pos in zip(ids_nested.unbind(), pos_nested.unbind(), strict=True):
-            with torch.no_grad():
-                logits = model(input_ids=ids[None], position_ids=pos[None]).logits[0].float()
-            lp = torch.log_softmax(logits[:-1], -1).gather(-1, ids[1:, None])[:, 0]
-            out.append(torch.cat([lp, lp.new_zeros(1)]))
-        return TensorDict({"log_probs": torch.nested.as_nested_tensor(out, layout=torch.jagged)}, batch_size=[])
+        # The packed path (use_remove_padding) needs flash-attn's varlen kernels; verl's worker reads the
+        # flag from the model config.
+        tu.assign_non_tensor(td, use_remove_padding=False)
+        with torch.no_grad():
+            model_inputs, output_args = engine.prepare_model_inputs(td)
+            out = engine.prepare_model_outputs(model(**model_inputs, use_cache=False), output_args, td, None)
+        return TensorDict(out, batch_size=[])
 
     return run
 
 
-def verl_batch(tok, prompts, solutions, responses):
-    """A verl rollout batch: left-padded prompts, right-padded responses, raw chat and extra_info."""
+def verl_batch(tok, prompts, solutions, responses, temperature=1.0, chat_template_kwargs=None):
+    """A verl rollout batch: left-padded prompts (rendered with ``chat_template_kwargs``, as verl's
+    ``data.apply_chat_template_kwargs``), right-padded responses, raw chat, extra_info and the
+    ``temperature`` that ``RayPPOTrainer.fit`` puts in ``meta_info``."""
     b = len(prompts)
     resp_len = max(len(r) for r in responses)
-    texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True, **(chat_template_kwargs or {}))
+             for p in prompts]
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     plen = max(len(i) for i in ids)
     prompt_ids = torch.full((b, plen), tok.pad_token_id)
@@ -190,6 +226,7 @@ def verl_batch(tok, prompts, solutions, responses):
                  "response_mask": response_mask},
         non_tensors={"raw_prompt": np.array(prompts + [None], dtype=object)[:-1],
                      "extra_info": np.array([{"solution": s} for s in solutions], dtype=object)},
+        meta_info={"temperature": temperature},
     )
     return batch
 
@@ -230,37 +267,105 @@ def test_teacher_log_prob_round_trip():
         rlsd_verl.rlsd_ppo_loss(config, {"log_probs": current}, td.exclude(rlsd_verl.TEACHER_KEY))
 
 
+def _rows(batch):
+    """Each row's unpadded input ids."""
+    return [ids[mask.bool()].tolist() for ids, mask in zip(batch.batch["input_ids"], batch.batch["attention_mask"],
+                                                           strict=True)]
+
+
+@pytest.mark.parametrize(("context_key", "available"), [
+    ("extra_info.soluton", "['solution']"),
+    ("extra_inf.solution", "'extra_info'"),
+    ("reward_model.ground_truth", "'raw_prompt'"),
+    ("extra_info.solution.text", "[]"),
+])
+def test_a_context_key_no_row_has_is_a_clear_error(context_key, available):
+    tok = char_tokenizer()
+    prompts = [[{"role": "user", "content": "1+1?"}], [{"role": "user", "content": "2*3?"}]]
+    batch = verl_batch(tok, prompts, ["2 since 1+1=2", "6 as 2*3=6"], ["2", "6!"])
+    with pytest.raises(KeyError, match="context_key") as raised:
+        rlsd_verl.teacher_batch(batch, tok, context_key=context_key)
+    assert context_key in str(raised.value) and available in str(raised.value)
+
+
+def test_rows_without_a_context_get_the_students_prompt():
+    tok = char_tokenizer()
+    prompts = [[{"role": "user", "content": q}] for q in ("1+1?", "2*3?", "8/2?")]
+    batch = verl_batch(tok, prompts, ["2 since 1+1=2", None, None], ["2", "6!", "4"])
+    batch.non_tensor_batch["extra_info"][2] = {}
+    student, teacher = _rows(batch), _rows(rlsd_verl.teacher_batch(batch, tok))
+    assert teacher[0] != student[0] and teacher[1:] == student[1:]
+
+
+THINKING = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and not "
+            "enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def test_teacher_prompt_takes_verls_chat_template_kwargs():
+    """``data.apply_chat_template_kwargs`` renders the teacher's prompt as it rendered the student's:
+    without a context the two inputs are the same."""
+    tok = char_tokenizer(THINKING)
+    model = tiny_qwen2(tok).eval()
+    kwargs = {"enable_thinking": False}
+    prompts = [[{"role": "user", "content": "1+1?"}], [{"role": "user", "content": "2*3?"}]]
+    batch = verl_batch(tok, prompts, [None, "6 as 2*3=6"], ["2", "6!"], chat_template_kwargs=kwargs)
+    built = rlsd_verl.teacher_batch(batch, tok, chat_template_kwargs=kwargs)
+    assert _rows(built)[0] == _rows(batch)[0]
+    assert "reference solution" in tok.decode(_rows(built)[1]) and "</think>" in tok.decode(_rows(built)[1])
+    trainer = _log_prob_trainer(tok, model, data={"apply_chat_template_kwargs": kwargs})
+    trainer._compute_old_log_prob(batch)
+    teacher_td = trainer.actor_rollout_wg.seen[1]
+    assert torch.equal(teacher_td["input_ids"].values(),
+                       left_right_2_no_padding(built.to_tensordict())["input_ids"].values())
+
+
 class _FakeActorGroup:
-    """Stands in for the actor's Ray worker group: runs the model as verl's engine would."""
+    """Stands in for the actor's Ray worker group: verl's engine code on the model; keeps each batch."""
 
     def __init__(self, model):
         self.run = _engine_log_probs(model)
-        self.calls = 0
+        self.seen = []
 
     def compute_log_prob(self, td):
-        self.calls += 1
+        self.seen.append(td)
         out = self.run(td)
-        out["entropy"] = out["log_probs"].clone()
         tu.assign_non_tensor(out, metrics={"mfu": 0.0})
         return out
 
 
-def test_trainer_adds_teacher_next_to_old_log_probs():
-    tok = char_tokenizer()
-    model = tiny_qwen2(tok).eval()
-    prompts = [[{"role": "user", "content": q}] for q in ("1+1?", "2*3?")]
-    batch = verl_batch(tok, prompts, ["2", "6"], ["2", "6!"])
+def _log_prob_trainer(tok, model, policy=None, data=None):
     trainer = object.__new__(rlsd_verl.RLSDRayPPOTrainer)
-    trainer.config = OmegaConf.create({"actor_rollout_ref": {"actor": {"policy_loss": {"teacher_policy": "live"}}}})
+    trainer.config = OmegaConf.create({"actor_rollout_ref": {"actor": {"policy_loss": policy or {"loss_mode": "rlsd"}}},
+                                       "data": data or {}})
     trainer.actor_rollout_wg = _FakeActorGroup(model)
     trainer.tokenizer = tok
     trainer.use_reference_policy = False
+    return trainer
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_trainer_adds_teacher_next_to_old_log_probs(temperature):
+    """The teacher is scored by verl's engine at the rollout temperature (from ``meta_info``, as
+    verl's old log-probs are), through the trainer's ``_compute_old_log_prob``."""
+    tok = char_tokenizer()
+    model = tiny_qwen2(tok).eval()
+    prompts = [[{"role": "user", "content": q}] for q in ("1+1?", "what is 2*3?")]
+    solutions, responses = ["2", "6 since 2*3=6"], ["2", "6!"]
+    batch = verl_batch(tok, prompts, solutions, responses, temperature=temperature)
+    batch.meta_info["global_token_num"] = batch.batch["attention_mask"].sum(-1).tolist()
+    trainer = _log_prob_trainer(tok, model)
     old, _ = trainer._compute_old_log_prob(batch)
-    assert trainer.actor_rollout_wg.calls == 2
-    expected = rlsd_verl.teacher_log_prob(batch, tok, _engine_log_probs(model)).batch[rlsd_verl.TEACHER_KEY]
-    torch.testing.assert_close(old.batch[rlsd_verl.TEACHER_KEY], expected)
-    assert not torch.allclose(old.batch[rlsd_verl.TEACHER_KEY] * batch.batch["response_mask"],
-                              old.batch["old_log_probs"] * batch.batch["response_mask"])
+    assert len(trainer.actor_rollout_wg.seen) == 2
+    responses, response_mask = batch.batch["responses"], batch.batch["response_mask"]
+    direct = build_teacher_inputs(tok, prompts, solutions, responses, response_mask)
+    expected = teacher_logprobs(model, direct["input_ids"], direct["attention_mask"], responses, response_mask,
+                                temperature=temperature)
+    torch.testing.assert_close(old.batch[rlsd_verl.TEACHER_KEY] * response_mask, expected, **MATMUL_FP32)
+    teacher, student = (old.batch[key] * response_mask for key in (rlsd_verl.TEACHER_KEY, "old_log_probs"))
+    assert not torch.allclose(teacher, student)
+    teacher_td = trainer.actor_rollout_wg.seen[1]
+    assert tu.get(teacher_td, "global_token_num") == direct["attention_mask"].sum(-1).tolist()
     trainer.config.actor_rollout_ref.actor.policy_loss.teacher_policy = "frozen"
     with pytest.raises(ValueError, match="use_kl_loss"):
         trainer._compute_old_log_prob(batch)
@@ -298,14 +403,29 @@ def test_docs_recipe_configures_the_rlsd_loss():
 
 
 class _FakeUpdateGroup:
-    def __init__(self):
-        self.seen = None
+    def __init__(self, metrics=None):
+        self.seen, self.metrics = None, metrics or {"mfu": 0.0}
 
     def update_actor(self, td):
         self.seen = td
         out = TensorDict({}, batch_size=[])
-        tu.assign_non_tensor(out, metrics={"mfu": 0.0})
+        tu.assign_non_tensor(out, metrics=self.metrics)
         return out
+
+
+def _update_trainer(metrics=None):
+    trainer = object.__new__(rlsd_verl.RLSDRayPPOTrainer)
+    trainer.config = OmegaConf.create({
+        "actor_rollout_ref": {
+            "rollout": {"multi_turn": {"enable": False}, "temperature": 1.0, "n": 1},
+            "actor": {"calculate_entropy": False, "entropy_coeff": 0.0, "ppo_mini_batch_size": 2, "ppo_epochs": 1,
+                      "data_loader_seed": 0, "shuffle": False},
+        },
+    })
+    trainer.distillation_config = None
+    trainer.global_steps = 7
+    trainer.actor_rollout_wg = _FakeUpdateGroup(metrics)
+    return trainer
 
 
 def test_trainer_keeps_prompts_and_passes_the_step():
@@ -318,15 +438,66 @@ def test_trainer_keeps_prompts_and_passes_the_step():
     assert list(batch.non_tensor_batch[rlsd_verl.PROMPT_KEY]) == prompts
     assert rlsd_verl.teacher_batch(batch, tok).batch["input_ids"].shape[0] == 2
 
-    trainer.config = OmegaConf.create({
-        "actor_rollout_ref": {
-            "rollout": {"multi_turn": {"enable": False}, "temperature": 1.0, "n": 1},
-            "actor": {"calculate_entropy": False, "entropy_coeff": 0.0, "ppo_mini_batch_size": 2, "ppo_epochs": 1,
-                      "data_loader_seed": 0, "shuffle": False},
-        },
-    })
-    trainer.distillation_config = None
-    trainer.global_steps = 7
-    trainer.actor_rollout_wg = _FakeUpdateGroup()
+    trainer = _update_trainer()
     trainer._update_actor(batch)
     assert tu.get_non_tensor_data(trainer.actor_rollout_wg.seen, "global_steps", None) == 7
+
+
+def _worker_metrics(config, run, merged, dp, micro=2):
+    """The actor's metrics as verl's worker returns them for one mini-batch: ``rlsd_ppo_loss`` per
+    micro-batch, gathered per rank by verl's ``postprocess_batch_func``, then over the dp ranks as
+    ``update_actor`` does (``Metric.aggregate_dp``; without a dp group the Metrics pass as they are)."""
+    tokens, rows = int(merged.batch["response_mask"].sum()), len(merged) // dp
+    ranks = []
+    for rank in range(dp):
+        outputs = []
+        for start in range(rank * rows, (rank + 1) * rows, micro):
+            td = left_right_2_no_padding(merged[start:start + micro].to_tensordict())
+            tu.assign_non_tensor(td, dp_size=dp, batch_num_tokens=tokens, global_batch_size=len(merged),
+                                 global_steps=1)
+            outputs.append({"metrics": rlsd_verl.rlsd_ppo_loss(config, run(td), td)[1]})
+        ranks.append(postprocess_batch_func(outputs, None, td)["metrics"])
+    gathered = ranks[0] if dp == 1 else {k: Metric.aggregate_dp([r[k] for r in ranks]) for k in ranks[0]}
+    metrics = {}
+    append_to_dict(metrics, dict(gathered, mfu=0.0))
+    return metrics
+
+
+@pytest.mark.parametrize(("dp", "advantages"), [
+    (1, [0.0, 0.0, 0.0, 1.0, -0.5, 0.8, 0.0, 1.3]),
+    (2, [0.0, 0.0, 0.0, 1.0, -0.5, 0.8, 0.0, 1.3]),
+    (2, [0.0] * 8),
+])
+def test_credit_metrics_are_means_over_the_steps_credit_tokens(dp, advantages):
+    """Micro-batches hold different numbers of tokens with a non-zero advantage (none at all in the
+    first): the logged credit metrics are still the means over all of the step's credit tokens, and
+    are left out of a step (or a direct call of the loss) that has none."""
+    tok = char_tokenizer()
+    model = tiny_qwen2(tok).eval()
+    questions = ("1+1?", "2*3?", "8/2?", "3^2?", "5-1?", "7+2?", "9/3?", "4*4?")
+    batch = verl_batch(tok, [[{"role": "user", "content": q}] for q in questions], ["2"] * 8,
+                       ["2", "6!", "4 ok", "9", "4 it is", "9?", "3", "16 so"])
+    run = _engine_log_probs(model)
+    full = left_right_2_no_padding(batch.to_tensordict())
+    current = no_padding_2_padding(run(full)["log_probs"], full)
+    g = torch.Generator().manual_seed(3)
+    mask = batch.batch["response_mask"]
+    adv = torch.tensor(advantages)[:, None].expand_as(current).contiguous()
+    extra = {"old_log_probs": current + 0.3 * torch.randn(current.shape, generator=g),
+             "teacher_log_prob": current + torch.randn(current.shape, generator=g), "advantages": adv}
+    merged = batch.union(DataProto.from_dict(tensors=extra))
+    config = actor_config(lam=0.6, eps_w=0.15)
+    trainer = _update_trainer(_worker_metrics(config, run, merged, dp))
+    logged = reduce_metrics(trainer._update_actor(batch).meta_info["metrics"])
+    _, whole = rlsd_verl.compute_policy_loss_rlsd(extra["old_log_probs"], current, adv, mask.bool(), "token-mean",
+                                                  config, teacher_log_prob=extra["teacher_log_prob"])
+    credit = [f"actor/rlsd_{name}" for name in rlsd_verl.CREDIT_METRICS]
+    leftovers = [k for k in logged if k.endswith("_sum") or k == rlsd_verl.CREDIT_COUNT]
+    assert leftovers == []
+    if not any(advantages):
+        assert not set(credit) & (set(logged) | set(whole)) and whole[rlsd_verl.CREDIT_COUNT] == 0
+        return
+    assert 0.0 < whole[rlsd_verl.CREDIT_COUNT] < mask.sum()
+    for key in credit:
+        assert logged[key] == pytest.approx(whole[key], abs=1e-6), key
+    assert 0.85 <= logged["actor/rlsd_credit_weight_mean"] <= 1.15

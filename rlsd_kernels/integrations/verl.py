@@ -25,18 +25,22 @@ The pieces:
 from __future__ import annotations
 
 import contextvars
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from functools import partial
 from typing import Any, Optional
 
+import numpy as np
 import ray
 import torch
+from omegaconf import DictConfig, OmegaConf
 from verl import DataProto
 from verl.single_controller.base.decorator import Dispatch, register
 from verl.trainer import main_ppo_v0
 from verl.trainer.ppo.core_algos import agg_loss, register_policy_loss
 from verl.trainer.ppo.ray_trainer import RayPPOTrainer
 from verl.utils import tensordict_utils as tu
+from verl.utils.metric import AggregationType, Metric
 from verl.utils.torch_functional import masked_mean
 from verl.workers.config.actor import PolicyLossConfig
 from verl.workers.engine_workers import ActorRolloutRefWorker
@@ -52,6 +56,9 @@ TEACHER_KEY = "teacher_log_prob"
 PROMPT_KEY = "rlsd_raw_prompt"  # the raw prompts, kept in the batch when verl moves them to generation
 _TEACHER = contextvars.ContextVar("rlsd_teacher_log_prob", default=None)
 _STEP = contextvars.ContextVar("rlsd_global_step", default=None)
+CREDIT_METRICS = ("credit_weight_mean", "credit_clip_low_frac", "credit_clip_high_frac", "delta_mean")
+CREDIT_COUNT = "actor/rlsd_num_credit_tokens"
+_MISSING = object()
 
 
 @dataclass
@@ -95,6 +102,19 @@ class RLSDPolicyLossConfig(PolicyLossConfig):
                                          decay_steps=self.lam_decay_steps, warmup_steps=self.lam_warmup_steps)
 
 
+_RLSD_FIELDS = sorted({f.name for f in fields(RLSDPolicyLossConfig)} - {f.name for f in fields(PolicyLossConfig)})
+
+
+def rlsd_policy(policy) -> RLSDPolicyLossConfig:
+    """``actor.policy_loss`` as an :class:`RLSDPolicyLossConfig`. verl's plain ``PolicyLossConfig``
+    (``loss_mode=rlsd`` without the ``_target_``) or a mapping keeps the RLSD fields it has and takes
+    the documented defaults (the official schedule) for the others, never a silent ``lam = 0``."""
+    if isinstance(policy, RLSDPolicyLossConfig):
+        return policy
+    given = {name: policy.get(name, _MISSING) for name in _RLSD_FIELDS}
+    return RLSDPolicyLossConfig(**{name: value for name, value in given.items() if value is not _MISSING})
+
+
 def _clip_ranges(config):
     clip = config.clip_ratio
     low = config.clip_ratio_low if config.clip_ratio_low is not None else clip
@@ -115,8 +135,9 @@ def compute_policy_loss_rlsd(
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """verl's policy-loss signature, ``[B, R]`` tensors. ``teacher_log_prob`` defaults to the batch's
     (set by :func:`rlsd_ppo_loss`). ``config`` is the actor config: ``clip_ratio*`` and
-    ``clip_ratio_c`` as for ``"vanilla"``, ``policy_loss`` an :class:`RLSDPolicyLossConfig` (or a
-    mapping with ``lam`` and ``eps_w``)."""
+    ``clip_ratio_c`` as for ``"vanilla"``, ``policy_loss`` read by :func:`rlsd_policy`. The credit
+    metrics are means over this call's ``actor/rlsd_num_credit_tokens`` tokens with a non-zero
+    advantage, left out when there are none."""
     if config is None:
         raise ValueError("the rlsd policy loss needs the actor config")
     teacher = teacher_log_prob if teacher_log_prob is not None else _TEACHER.get()
@@ -124,16 +145,16 @@ def compute_policy_loss_rlsd(
         raise ValueError(f"the rlsd policy loss needs {TEACHER_KEY!r} in the batch (RLSDRayPPOTrainer adds it)")
     if teacher.shape != log_prob.shape:
         raise ValueError(f"{TEACHER_KEY} has shape {tuple(teacher.shape)}, expected {tuple(log_prob.shape)}")
-    policy = config.policy_loss
-    lam = policy.lam_at(_STEP.get()) if hasattr(policy, "lam_at") else float(policy.get("lam") or 0.0)
+    policy = rlsd_policy(config.policy_loss)
+    lam = policy.lam_at(_STEP.get())
     low, high, dual = _clip_ranges(config)
     if not dual > 1.0:
         raise ValueError(f"clip_ratio_c must be > 1, got {dual}")
     sapo = {}
-    if policy.get("surrogate", "ppo") == "sapo":
+    if policy.surrogate == "sapo":
         sapo = dict(surrogate="sapo", sapo_tau_pos=config.tau_pos, sapo_tau_neg=config.tau_neg)
     terms = reference.rlsd_token_terms(
-        log_prob, teacher.to(log_prob.dtype), advantages, lp_old=old_log_prob, eps_w=policy.get("eps_w", 0.2),
+        log_prob, teacher.to(log_prob.dtype), advantages, lp_old=old_log_prob, eps_w=policy.eps_w,
         lam=lam, clip_low=low, clip_high=high, dual_clip=dual, **sapo,
     )
     pg_losses = terms["loss"]
@@ -149,55 +170,98 @@ def compute_policy_loss_rlsd(
         "actor/pg_clipfrac_lower": masked_mean(terms["dual_clip"].float(), mask).item(),
         "actor/rlsd_lam": lam,
     }
-    for name, value in reference.rlsd_metrics(dict(terms, advantage=advantages), mask).items():
-        if name in ("credit_weight_mean", "credit_clip_low_frac", "credit_clip_high_frac", "delta_mean"):
-            metrics[f"actor/rlsd_{name}"] = value.item()
+    credit = reference.rlsd_metrics(dict(terms, advantage=advantages), mask)
+    metrics[CREDIT_COUNT] = credit["num_credit_tokens"].item()
+    if metrics[CREDIT_COUNT] > 0:
+        metrics.update({f"actor/rlsd_{name}": credit[name].item() for name in CREDIT_METRICS})
     return pg_loss, metrics
 
 
 def rlsd_ppo_loss(config, model_output, data, dp_group=None):
     """verl's ``ppo_loss`` with the batch's ``teacher_log_prob`` (padded ``[B, R]``) and
-    ``global_steps`` handed to the ``"rlsd"`` policy loss."""
+    ``global_steps`` handed to the ``"rlsd"`` policy loss. The credit metrics leave as sums
+    (``actor/rlsd_<name>_sum``) next to their token count, for :func:`credit_means`."""
     if TEACHER_KEY not in data.keys():
         raise ValueError(f"the batch has no {TEACHER_KEY!r}: train with RLSDRayPPOTrainer, which adds it")
     teacher = data.select(TEACHER_KEY).to_padded_tensor()[TEACHER_KEY]
     tokens = (_TEACHER.set(teacher), _STEP.set(tu.get_non_tensor_data(data, "global_steps", None)))
     try:
-        return ppo_loss(config, model_output, data, dp_group)
+        loss, metrics = ppo_loss(config, model_output, data, dp_group)
     finally:
         _TEACHER.reset(tokens[0])
         _STEP.reset(tokens[1])
+    # verl averages each metric over micro-batches and ranks with equal weights, but each credit mean is
+    # over its own number of credit tokens (none at all where every advantage is 0): sums and the count
+    # reduce exactly (SUM), and credit_means divides them once per step.
+    count = metrics.pop(CREDIT_COUNT).values[0]
+    for name in CREDIT_METRICS:
+        mean = metrics.pop(f"actor/rlsd_{name}").values[0] if count > 0 else 0.0
+        metrics[f"actor/rlsd_{name}_sum"] = Metric(AggregationType.SUM, mean * count)
+    metrics[CREDIT_COUNT] = Metric(AggregationType.SUM, count)
+    return loss, metrics
 
 
-def _context(batch: DataProto, key: str, row: int):
-    """The non-tensor value at the dotted ``key`` (e.g. ``extra_info.solution``) of one row, or None."""
-    first, *rest = key.split(".")
-    column = batch.non_tensor_batch.get(first)
-    value: Any = None if column is None else column[row]
+def credit_means(metrics: dict) -> dict:
+    """The actor's metrics as verl returns them from ``update_actor`` (per key a ``Metric`` or a list
+    over mini-batches), with the credit sums of :func:`rlsd_ppo_loss` replaced by
+    ``actor/rlsd_<name>`` means over the step's credit tokens; left out when the step had none."""
+    if CREDIT_COUNT not in metrics:
+        return metrics
+    keys = [CREDIT_COUNT] + [f"actor/rlsd_{name}_sum" for name in CREDIT_METRICS]
+    # Both reductions verl may leave (Metric.aggregate, or the trainer's mean over mini-batches) are
+    # linear and the same for every key, so the ratios are exact.
+    totals = {k: v.aggregate() if isinstance(v, Metric) else float(np.mean(v))
+              for k, v in ((k, metrics.pop(k)) for k in keys)}
+    if totals[CREDIT_COUNT] > 0:
+        for name in CREDIT_METRICS:
+            metrics[f"actor/rlsd_{name}"] = [totals[f"actor/rlsd_{name}_sum"] / totals[CREDIT_COUNT]]
+    return metrics
+
+
+def _contexts(batch: DataProto, context_key: str) -> list:
+    """Per row, the non-tensor value at the dotted ``context_key`` (e.g. ``extra_info.solution``);
+    None for a row that lacks it. A key that no row of the batch has is a KeyError (a typo would
+    otherwise give the teacher the student's input)."""
+    first, *rest = context_key.split(".")
+    if first not in batch.non_tensor_batch:
+        raise KeyError(f"context_key {context_key!r}: the batch has no {first!r}; its non-tensor keys are "
+                       f"{sorted(batch.non_tensor_batch)}")
+    values, path = list(batch.non_tensor_batch[first]), first
     for part in rest:
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
+        present = {str(k) for v in values if isinstance(v, Mapping) for k in v}
+        if part not in present:
+            raise KeyError(f"context_key {context_key!r}: no row's {path!r} has {part!r}; its keys are "
+                           f"{sorted(present)}")
+        values, path = [v.get(part) if isinstance(v, Mapping) else None for v in values], f"{path}.{part}"
+    return values
 
 
 def teacher_batch(batch: DataProto, tokenizer, *, context_key="extra_info.solution", template=DEFAULT_TEMPLATE,
-                  max_context_tokens=DEFAULT_MAX_CONTEXT_TOKENS) -> DataProto:
+                  max_context_tokens=DEFAULT_MAX_CONTEXT_TOKENS, chat_template_kwargs=None) -> DataProto:
     """The teacher's batch in verl's left/right-padded layout (``prompts``, ``responses``,
     ``input_ids``, ``attention_mask``, ``position_ids``, ``response_mask``): the teacher prompt from
-    ``raw_prompt`` (``data.return_raw_chat=True``) and the context at ``context_key`` (dotted path in
-    the non-tensor batch), with the same responses at the same positions from the end."""
+    ``raw_prompt`` (``data.return_raw_chat=True``), rendered with ``chat_template_kwargs`` (verl's
+    ``data.apply_chat_template_kwargs``), and the context at ``context_key`` (dotted path in the
+    non-tensor batch), with the same responses at the same positions from the end. The batch's
+    ``meta_info`` goes with it (the sampling temperature, read by verl's engine), the token count
+    ``global_token_num`` recounted."""
     key = PROMPT_KEY if PROMPT_KEY in batch.non_tensor_batch else "raw_prompt"
     if key not in batch.non_tensor_batch:
         raise ValueError("the batch has no raw_prompt: set data.return_raw_chat=True")
-    contexts = [_context(batch, context_key, i) for i in range(len(batch))]
+    contexts = _contexts(batch, context_key)
     responses, response_mask = batch.batch["responses"], batch.batch["response_mask"]
     built = build_teacher_inputs(tokenizer, list(batch.non_tensor_batch[key]), contexts, responses,
-                                 response_mask, template=template, max_context_tokens=max_context_tokens)
+                                 response_mask, template=template, max_context_tokens=max_context_tokens,
+                                 chat_template_kwargs=chat_template_kwargs)
     input_ids, attention_mask = built["input_ids"], built["attention_mask"]
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    meta_info = dict(batch.meta_info)
+    if "global_token_num" in meta_info:
+        meta_info["global_token_num"] = attention_mask.sum(-1).tolist()
     return DataProto.from_dict(tensors={
         "prompts": input_ids[:, :-responses.shape[1]], "responses": responses, "input_ids": input_ids,
         "attention_mask": attention_mask, "position_ids": position_ids, "response_mask": response_mask,
-    })
+    }, meta_info=meta_info)
 
 
 def teacher_log_prob(batch: DataProto, tokenizer, compute_log_prob, **options) -> DataProto:
@@ -224,21 +288,25 @@ class RLSDRayPPOTrainer(RayPPOTrainer):
 
     def _update_actor(self, batch: DataProto) -> DataProto:
         batch.meta_info["global_steps"] = self.global_steps
-        return super()._update_actor(batch)
+        output = super()._update_actor(batch)
+        credit_means(output.meta_info["metrics"])
+        return output
 
     def _compute_old_log_prob(self, batch: DataProto):
         old_log_prob, mfu = super()._compute_old_log_prob(batch)
-        policy = self.config.actor_rollout_ref.actor.policy_loss
-        if policy.get("teacher_policy", "live") == "frozen":
+        policy = rlsd_policy(self.config.actor_rollout_ref.actor.policy_loss)
+        if policy.teacher_policy == "frozen":
             if not self.use_reference_policy:
                 raise ValueError("teacher_policy='frozen' uses the reference worker: enable use_kl_loss")
             run = self.ref_policy_wg.compute_ref_log_prob
         else:
             run = self.actor_rollout_wg.compute_log_prob
-        teacher = teacher_log_prob(batch, self.tokenizer, run, context_key=policy.get("context_key",
-                                                                                     "extra_info.solution"),
-                                   template=policy.get("teacher_template", DEFAULT_TEMPLATE),
-                                   max_context_tokens=policy.get("max_context_tokens", DEFAULT_MAX_CONTEXT_TOKENS))
+        # The student's prompts were rendered with these (verl's dataset and agent loop).
+        kwargs = self.config.get("data", {}).get("apply_chat_template_kwargs") or {}
+        kwargs = OmegaConf.to_container(kwargs, resolve=True) if isinstance(kwargs, DictConfig) else dict(kwargs)
+        teacher = teacher_log_prob(batch, self.tokenizer, run, context_key=policy.context_key,
+                                   template=policy.teacher_template, max_context_tokens=policy.max_context_tokens,
+                                   chat_template_kwargs=kwargs)
         return old_log_prob.union(teacher), mfu
 
 
