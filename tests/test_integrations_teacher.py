@@ -14,6 +14,7 @@ from rlsd_kernels.integrations.teacher import (  # noqa: E402
     DEFAULT_TEMPLATE,
     TeacherWeights,
     build_teacher_inputs,
+    check_template,
     fresh_copy,
     teacher_logprobs,
     teacher_prompt,
@@ -167,3 +168,94 @@ def test_docs_teacher_example():
     assert torch.equal(batch["input_ids"][:, -5:], completion_ids)
     expected = teacher_logprobs(model, batch["input_ids"], batch["attention_mask"], completion_ids, completion_mask)
     torch.testing.assert_close(namespace["teacher_lp"], expected)
+
+
+def bos_tokenizer(template=CHATML):
+    """The character tokenizer adding ``<|im_start|>`` as a BOS to every string (Llama/Gemma-style)."""
+    from tokenizers import processors
+
+    tok = char_tokenizer(template)
+    bos = tok.convert_tokens_to_ids("<|im_start|>")
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<|im_start|> $A",
+                                                                  special_tokens=[("<|im_start|>", bos)])
+    assert tok("ab")["input_ids"][0] == bos
+    return tok
+
+
+def _prompt_rows(batch, width):
+    """The unpadded teacher prompt of each row."""
+    return [row[:-width][mask[:-width].bool()].tolist()
+            for row, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)]
+
+
+@pytest.mark.parametrize("bos", [False, True])
+@pytest.mark.parametrize("chat", [False, True])
+def test_teacher_prompt_is_tokenized_as_the_student_prompt(bos, chat):
+    """As TRL tokenizes the student's prompt: strings with the special tokens (a BOS where the
+    tokenizer adds one), chat through the template. With an empty context the ids are the student's."""
+    tok = bos_tokenizer(PLAIN) if bos else char_tokenizer(PLAIN)
+    questions = ["1+1?", "what is 2*3?", "8/2?", "x"]
+    prompts = [[{"role": "user", "content": q}] if chat else q for q in questions]
+    contexts = ["", None, "since 8/2=4", "ref"]
+
+    def as_student(prompt):
+        if chat:
+            return tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                           return_dict=True)["input_ids"]
+        return tok(text=prompt)["input_ids"]
+
+    ids, mask = _completions(tok, ["ab", "c", "def", "g"], 3)
+    rows = _prompt_rows(build_teacher_inputs(tok, prompts, contexts, ids, mask), 3)
+    for prompt, context, row in zip(prompts, contexts, rows, strict=True):
+        expected = as_student(teacher_prompt(prompt, context, tokenizer=tok))
+        assert row == expected
+        if not context:
+            assert row == as_student(prompt)
+        assert (row[0] == tok.convert_tokens_to_ids("<|im_start|>")) == (bos and not chat)
+
+
+def test_trainer_tokenizer_and_template_kwargs_reach_the_teacher_prompt():
+    template = "{% if tools %}[T:{{ tools | length }}]{% endif %}{{ note }}" + CHATML
+    tok = char_tokenizer(template)
+    prompts = [[{"role": "user", "content": "q"}], [{"role": "user", "content": "r"}]]
+    ids, mask = _completions(tok, ["a", "b"], 2)
+    kwargs = {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "note": "N!"}
+    batch = build_teacher_inputs(tok, prompts, ["", "ctx"], ids, mask, chat_template_kwargs=kwargs)
+    texts = [tok.decode(r) for r in _prompt_rows(batch, 2)]
+    assert all(t.startswith("[T:1]N!<|im_start|>user") for t in texts) and "ctx" in texts[1]
+
+    seen = []
+
+    def tokenize(teacher_prompts):
+        seen.append(teacher_prompts)
+        return [[7] * (i + 1) for i in range(len(teacher_prompts))]
+
+    batch = build_teacher_inputs(tok, prompts, ["", "ctx"], ids, mask, tokenize_prompts=tokenize)
+    assert seen == [[prompts[0], teacher_prompt(prompts[1], "ctx", tokenizer=tok)]]
+    assert _prompt_rows(batch, 2) == [[7], [7, 7]]
+    with pytest.raises(ValueError, match="tokenize_prompts"):
+        build_teacher_inputs(tok, prompts, ["", "ctx"], ids, mask, tokenize_prompts=lambda p: [[7]])
+
+
+@pytest.mark.parametrize("template,message", [
+    ("{question} and nothing else", "must contain {context}"),
+    ("Here is the reference: {context}", "must contain {question}"),
+    ("no field at all", "must contain {question} and {context}"),
+    ("{question}\n{solution}\n{context}", "'{solution}'"),
+    ("{question} {context} {}", "'{}'"),
+    ("{question} {context.upper}", "'{context.upper}'"),
+    ("{question} {context", "not a valid format string"),
+])
+def test_template_without_its_fields_is_refused(template, message):
+    tok = char_tokenizer()
+    ids, mask = _completions(tok, ["a"], 2)
+    for call in (lambda: check_template(template, "teacher_template"),
+                 lambda: build_teacher_inputs(tok, ["q"], [None], ids, mask, template=template),
+                 lambda: teacher_prompt("q", "c", tokenizer=tok, template=template)):
+        with pytest.raises(ValueError, match="template") as info:
+            call()
+        assert message in str(info.value)
+    with pytest.raises(TypeError, match="teacher_template"):
+        check_template(3, "teacher_template")
+    check_template("{{literal}} {question}: {context!r}", "teacher_template")
+    check_template(lambda q, c: q + c, "teacher_template")

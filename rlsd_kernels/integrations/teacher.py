@@ -9,6 +9,7 @@ prompts; :class:`TeacherWeights` keeps the teacher's weights under one of four p
 
 from __future__ import annotations
 
+import string
 from collections.abc import Callable, Sequence
 
 import torch
@@ -26,6 +27,30 @@ reference, a blank line, then an instruction to solve the problem in its own way
 
 DEFAULT_MAX_CONTEXT_TOKENS = 12_000
 TEACHER_POLICIES = ("live", "frozen", "snapshot", "ema")
+TEMPLATE_FIELDS = ("question", "context")
+
+
+def check_template(template, name: str = "template"):
+    """Raises for a teacher template that would drop the question or the context or fail to format:
+    a string must name ``{question}`` and ``{context}`` and no other field (``{{`` and ``}}`` are
+    literal braces); a callable ``(question, context) -> str`` is taken as is."""
+    if callable(template):
+        return
+    if not isinstance(template, str):
+        raise TypeError(f"{name} must be a format string or a callable (question, context) -> str, "
+                        f"got {type(template).__name__}")
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise ValueError(f"{name} is not a valid format string ({e}): {template!r}") from None
+    unknown = sorted({repr("{" + f + "}") for f in fields if f not in TEMPLATE_FIELDS})
+    if unknown:
+        raise ValueError(f"{name} may only use the fields {{question}} and {{context}}, found "
+                         f"{', '.join(unknown)} (write a literal brace as {{{{ or }}}})")
+    missing = [f for f in TEMPLATE_FIELDS if f not in fields]
+    if missing:
+        raise ValueError(f"{name} must contain {' and '.join('{' + f + '}' for f in missing)}: without it the "
+                         f"teacher prompt drops the {' and the '.join(missing)}")
 
 
 def truncate_context(tokenizer, context: str, max_tokens: int | None) -> str:
@@ -47,9 +72,10 @@ def teacher_prompt(prompt, context, *, tokenizer, template: str | Callable = DEF
     ``prompt`` is a string or a list of chat messages (``{"role", "content"}`` dicts with string
     content); for chat prompts the context goes into the last user turn and every other turn is
     kept. ``template`` is a format string with ``{question}`` and ``{context}``, or a callable
-    ``(question, context) -> str``. An empty or ``None`` context returns the prompt unchanged (the
-    teacher then sees what the student saw).
+    ``(question, context) -> str`` (:func:`check_template`). An empty or ``None`` context returns
+    the prompt unchanged (the teacher then sees what the student saw).
     """
+    check_template(template)
     if context is None or context == "":
         return prompt
     if not isinstance(context, str):
@@ -73,12 +99,20 @@ def teacher_prompt(prompt, context, *, tokenizer, template: str | Callable = DEF
     return messages
 
 
-def _prompt_ids(tokenizer, prompt, chat_template_kwargs):
-    if isinstance(prompt, str):
-        return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
-                                         **(chat_template_kwargs or {}))
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+def prompt_token_ids(tokenizer, prompts: Sequence, *, chat_template_kwargs: dict | None = None) -> list[list[int]]:
+    """Token ids of each prompt, as TRL's ``GRPOTrainer`` tokenizes the student's: a string with the
+    tokenizer's special tokens (a BOS where it adds one), chat messages by ``apply_chat_template``
+    with the generation prompt and ``chat_template_kwargs`` (e.g. ``tools``, ``chat_template``,
+    ``enable_thinking``), which adds no special tokens the template does not write."""
+    out = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            ids = tokenizer(text=prompt)["input_ids"]
+        else:
+            ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                                **(chat_template_kwargs or {}))["input_ids"]
+        out.append([int(i) for i in ids])
+    return out
 
 
 def build_teacher_inputs(
@@ -92,6 +126,7 @@ def build_teacher_inputs(
     max_context_tokens: int | None = DEFAULT_MAX_CONTEXT_TOKENS,
     chat_template_kwargs: dict | None = None,
     pad_token_id: int | None = None,
+    tokenize_prompts: Callable[[list], Sequence[Sequence[int]]] | None = None,
 ) -> dict:
     """The teacher's batch: ``input_ids`` and ``attention_mask`` ``[B, P + T]``, left-padded.
 
@@ -101,7 +136,13 @@ def build_teacher_inputs(
     line up with the student's. ``completion_mask`` ``[B, T]`` (default all ones) becomes the
     completion part of the attention mask. Also returns ``logits_to_keep`` (``T``) and
     ``prompt_lengths`` (the teacher prompt's token count per row).
+
+    The teacher prompts are tokenized by ``tokenize_prompts`` (a list of prompts to their id lists),
+    by default :func:`prompt_token_ids` with ``chat_template_kwargs``: pass the trainer's own prompt
+    tokenizer so that the teacher's prompt is tokenized exactly as the student's (with an empty
+    context the two are then the same ids).
     """
+    check_template(template)
     if completion_ids.dim() != 2:
         raise ValueError(f"completion_ids must be [B, T], got shape {tuple(completion_ids.shape)}")
     b, t = completion_ids.shape
@@ -114,11 +155,14 @@ def build_teacher_inputs(
     pad = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
     if pad is None:
         raise ValueError("the tokenizer has no pad_token_id: pass pad_token_id")
-    rows = [
-        _prompt_ids(tokenizer, teacher_prompt(p, c, tokenizer=tokenizer, template=template,
-                                              max_context_tokens=max_context_tokens), chat_template_kwargs)
-        for p, c in zip(prompts, contexts, strict=True)
-    ]
+    texts = [teacher_prompt(p, c, tokenizer=tokenizer, template=template, max_context_tokens=max_context_tokens)
+             for p, c in zip(prompts, contexts, strict=True)]
+    if tokenize_prompts is None:
+        rows = prompt_token_ids(tokenizer, texts, chat_template_kwargs=chat_template_kwargs)
+    else:
+        rows = [[int(i) for i in r] for r in tokenize_prompts(texts)] if texts else []
+    if len(rows) != b:
+        raise ValueError(f"tokenize_prompts returned {len(rows)} rows for {b} prompts")
     width = max((len(r) for r in rows), default=0)
     device = completion_ids.device
     prompt_ids = torch.full((b, width), pad, dtype=completion_ids.dtype, device=device)
