@@ -22,6 +22,7 @@ its loss capped at ``-3 * A`` (and no gradient), where TRL's grows with the rati
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -39,8 +40,10 @@ from .teacher import (
     TeacherWeights,
     backbone_and_head,
     build_teacher_inputs,
+    check_template,
     teacher_logprobs,
 )
+from .trl_metrics import MetricLog, clip_indicators
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "luspo", "sapo")
 LOSS_AGG = {
@@ -60,10 +63,17 @@ NO_CAP = 1e30
 
 @dataclass
 class RLSDConfig(GRPOConfig):
-    """``GRPOConfig`` plus the RLSD fields. ``epsilon`` / ``epsilon_high`` are the PPO clip range,
-    ``beta`` the k3 KL to the reference model, ``temperature`` the sampling temperature, and TRL's
-    vLLM importance-sampling correction applies as in GRPO (truncate modes)."""
+    """``GRPOConfig`` plus the RLSD fields, with the official recipe's defaults where GRPOConfig's
+    differ (``epsilon_high=0.28``, ``vllm_importance_sampling_mode="token_truncate"``). ``epsilon`` /
+    ``epsilon_high`` are the PPO clip range, ``beta`` the k3 KL to the reference model,
+    ``temperature`` the sampling temperature, and TRL's vLLM importance-sampling correction applies
+    as in GRPO (truncate modes)."""
 
+    epsilon_high: float | None = field(default=0.28, metadata={"help": "PPO clip above: 1 + epsilon_high "
+                                                                       "(official: 0.28); the ratio cap for cispo."})
+    vllm_importance_sampling_mode: str = field(default="token_truncate", metadata={
+        "help": "vLLM rollout correction: 'token_truncate' (official: min(exp(lp_old - lp_rollout), C) per "
+                "token) or 'sequence_truncate'; GRPOConfig's default 'sequence_mask' is not supported."})
     lam: float | None = field(default=None, metadata={"help": "Constant credit mix in [0, 1]; None follows the "
                                                               "schedule lam_schedule(global_step + 1, ...)."})
     lam_start: float = field(default=0.5, metadata={"help": "Schedule start (official: 0.5)."})
@@ -122,6 +132,31 @@ def check_config(args):
     if args.loss_type == "cispo" and (args.epsilon_high is None or args.epsilon_high < 1.0):
         raise ValueError(f"loss_type='cispo' takes epsilon_high as the ratio cap (>= 1, e.g. 5.0), "
                          f"got {args.epsilon_high}")
+    _check_number(args, "eps_w", lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+    _check_number(args, "dual_clip", lambda v: 1.0 < v < float("inf"), "None or a finite number > 1", none=True)
+    _check_number(args, "teacher_ema_decay", lambda v: 0.0 <= v <= 1.0, "in [0, 1]")
+    _check_integer(args, "teacher_refresh_steps", 1)
+    _check_integer(args, "max_context_tokens", 0, none=True)
+    _check_integer(args, "chunk_size", 1, none=True)
+    if not isinstance(args.context_column, str) or not args.context_column:
+        raise ValueError(f"context_column must be a non-empty column name, got {args.context_column!r}")
+    check_template(args.teacher_template, "teacher_template")
+
+
+def _check_number(args, name, ok, what, none=False):
+    value = getattr(args, name)
+    if value is None and none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not ok(float(value)):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+def _check_integer(args, name, low, none=False):
+    value = getattr(args, name)
+    if value is None and none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be {'None or ' if none else ''}an integer >= {low}, got {value!r}")
 
 
 class _TeacherRefresh(TrainerCallback):
@@ -137,9 +172,12 @@ class RLSDTrainer(GRPOTrainer):
 
     ``teacher`` holds the teacher's weights (:class:`TeacherWeights`); ``last_teacher_inputs`` the
     teacher batch of the latest generation (``input_ids``, ``attention_mask``, ``logits_to_keep``).
-    Metrics are logged as ``rlsd/lam``, ``rlsd/credit_weight_mean``, ``rlsd/credit_clip_low_frac``,
-    ``rlsd/credit_clip_high_frac``, ``rlsd/delta_mean``, ``rlsd/dual_clip_frac``, ``clip_ratio/low_mean``,
-    ``clip_ratio/high_mean``, ``clip_ratio/region_mean``, ``entropy`` and (``beta != 0``) ``kl``.
+    Logged (:mod:`.trl_metrics`): ``rlsd/lam``; the credit metrics ``rlsd/credit_weight_mean``,
+    ``rlsd/credit_clip_low_frac``, ``rlsd/credit_clip_high_frac`` and ``rlsd/delta_mean`` (means over
+    the window's tokens with ``A != 0``, left out when it has none); ``rlsd/dual_clip_frac`` with the
+    dual clip; and what ``GRPOTrainer`` logs for the same batch, with its meaning: ``entropy``,
+    ``kl`` (``beta != 0``), ``clip_ratio/{low_mean,high_mean,region_mean,low_min,high_max}`` (clipped
+    losses, per sequence with ``importance_sampling_level="sequence"``) or ``cispo_clip_ratio``.
     """
 
     def __init__(self, *args, **kwargs):
@@ -159,6 +197,7 @@ class RLSDTrainer(GRPOTrainer):
                                       ema_decay=self.args.teacher_ema_decay)
         self.add_callback(_TeacherRefresh(self.teacher))
         self._rlsd_redirect = _ForwardRedirection()
+        self._rlsd_metrics = MetricLog(self.accelerator)
         self.last_teacher_inputs = None
 
     def current_lam(self) -> float:
@@ -195,13 +234,12 @@ class RLSDTrainer(GRPOTrainer):
             output["teacher_per_token_logps"] = None
             return output
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-        template_kwargs = dict(self.chat_template_kwargs)
-        if self.chat_template is not None:
-            template_kwargs["chat_template"] = self.chat_template
+        # TRL's own prompt tokenizer: special tokens for strings; for chat the tools, the
+        # training chat template and chat_template_kwargs. An empty context gives the student's ids.
         batch = build_teacher_inputs(
             tokenizer, [x["prompt"] for x in inputs], [x.get(column) for x in inputs], completion_ids,
             completion_mask, template=self.args.teacher_template, max_context_tokens=self.args.max_context_tokens,
-            chat_template_kwargs=template_kwargs,
+            tokenize_prompts=lambda prompts: self._tokenize_prompts(prompts)[0],
         )
         teacher = self.teacher.model
         if teacher is not self.teacher.source:
@@ -218,9 +256,21 @@ class RLSDTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         unwrapped = self.accelerator.unwrap_model(model)
         lam = self.current_lam()
-        loss, metrics = self._rlsd_redirect(model, unwrapped, self._rlsd_forward, unwrapped, inputs, lam)
-        self._log_rlsd(metrics, lam)
+        loss, metrics, logprobs = self._rlsd_redirect(model, unwrapped, self._rlsd_forward, unwrapped, inputs, lam)
+        mask = _loss_mask(inputs)
+        clip = clip_indicators(self.loss_type, logprobs, inputs.get("old_per_token_logps"), inputs["advantages"],
+                               mask, level=self.importance_sampling_level, epsilon_low=self.epsilon_low,
+                               epsilon_high=self.epsilon_high)
+        mode = "train" if self.model.training else "eval"
+        self._rlsd_metrics.add(self._metrics[mode], mode, lam=lam, metrics=metrics, clip=clip, mask=mask,
+                               dual_clip=self.loss_type not in ("cispo", "sapo") and self.args.dual_clip is not None,
+                               kl=self.beta != 0.0)
         return loss
+
+    def log(self, logs, start_time=None):
+        mode = "train" if self.model.training else "eval"
+        self._rlsd_metrics.flush(self._metrics[mode], mode)
+        super().log(logs, start_time)
 
     def rlsd_options(self, inputs, mask, lam):
         """The keyword options of the RLSD loss for one micro-batch: TRL's ``loss_type`` as our
@@ -261,10 +311,12 @@ class RLSDTrainer(GRPOTrainer):
         return options
 
     def _rlsd_forward(self, unwrapped, inputs, lam):
+        """``(loss, metrics, logprobs)``: ``logprobs`` are the student's (no gradient) for TRL's clip
+        metrics, scored only when there are old log-probs (else the ratio is 1) and a clip to log."""
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
-        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        mask = _loss_mask(inputs)
         t = completion_ids.shape[1]
         backbone, head = backbone_and_head(unwrapped)
         with self.accelerator.autocast():
@@ -275,33 +327,24 @@ class RLSDTrainer(GRPOTrainer):
         weight, bias = head.weight, head.bias
         with maybe_gather_lm_head_ctx(weight, bias):
             if self.args.fused_linear:
-                return rlsd_kernels.rlsd_linear_loss(hidden.to(weight.dtype), weight, tokens, inputs["advantages"],
-                                                     bias=bias, chunk_size=self.args.chunk_size, **options)
-            return rlsd_kernels.rlsd_loss(head(hidden), None, tokens, inputs["advantages"], **options)
+                loss, metrics = rlsd_kernels.rlsd_linear_loss(hidden.to(weight.dtype), weight, tokens,
+                                                              inputs["advantages"], bias=bias,
+                                                              chunk_size=self.args.chunk_size, **options)
+            else:
+                loss, metrics = rlsd_kernels.rlsd_loss(head(hidden), None, tokens, inputs["advantages"], **options)
+            logprobs = None
+            if inputs.get("old_per_token_logps") is not None and self.loss_type != "sapo":
+                with torch.no_grad():
+                    logprobs = rlsd_kernels.token_logprobs_linear(
+                        hidden.detach().to(weight.dtype), weight.detach(), tokens,
+                        bias=None if bias is None else bias.detach(), temperature=self.temperature,
+                        chunk_size=self.args.chunk_size)
+        return loss, metrics, logprobs
 
-    def _log_rlsd(self, metrics, lam):
-        mode = "train" if self.model.training else "eval"
-        count = metrics["num_tokens"].float()
 
-        def mean(x):
-            totals = self.accelerator.reduce(torch.stack([x.float() * count, count]), reduction="sum")
-            return (totals[0] / totals[1].clamp(min=1.0)).item()
-
-        logged = self._metrics[mode]
-        logged["rlsd/lam"].append(lam)
-        # The credit metrics are left out of steps without a teacher (lam = 0 throughout).
-        for name in ("credit_weight_mean", "credit_clip_low_frac", "credit_clip_high_frac", "delta_mean",
-                     "dual_clip_frac"):
-            if name in metrics:
-                logged[f"rlsd/{name}"].append(mean(metrics[name]))
-        low, high = mean(metrics["ppo_clip_low_frac"]), mean(metrics["ppo_clip_high_frac"])
-        logged["clip_ratio/low_mean"].append(low)
-        logged["clip_ratio/high_mean"].append(high)
-        logged["clip_ratio/region_mean"].append(low + high)
-        if "entropy_mean" in metrics:
-            logged["entropy"].append(mean(metrics["entropy_mean"]))
-        if self.beta != 0.0:
-            logged["kl"].append(mean(metrics["kl_mean"]))
+def _loss_mask(inputs):
+    mask = inputs["completion_mask"]
+    return mask if "tool_mask" not in inputs else mask * inputs["tool_mask"]
 
 
 def _check_plain_head(model):
