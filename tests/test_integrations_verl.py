@@ -371,6 +371,28 @@ def test_trainer_adds_teacher_next_to_old_log_probs(temperature):
         trainer._compute_old_log_prob(batch)
 
 
+@pytest.mark.parametrize("ref_in_actor", [False, True])
+def test_frozen_teacher_runs_where_verl_runs_its_reference(ref_in_actor):
+    """``teacher_policy="frozen"`` scores with verl's reference policy: its own worker group's
+    ``compute_ref_log_prob``, or, with LoRA (``ref_in_actor``, where verl sets ``ref_policy_wg`` to
+    the actor group, which holds no reference model), the actor's ``compute_log_prob`` without the
+    adapter, as verl's ``_compute_ref_log_prob`` does; the actor group was once asked for a
+    reference it does not have."""
+    tok = char_tokenizer()
+    model = tiny_qwen2(tok).eval()
+    prompts = [[{"role": "user", "content": q}] for q in ("1+1?", "what is 2*3?")]
+    batch = verl_batch(tok, prompts, ["2", "6 since 2*3=6"], ["2", "6!"])
+    trainer = _log_prob_trainer(tok, model, policy={"loss_mode": "rlsd", "teacher_policy": "frozen"})
+    trainer.use_reference_policy, trainer.ref_in_actor = True, ref_in_actor
+    reference = _FakeActorGroup(model)
+    reference.compute_ref_log_prob = reference.compute_log_prob
+    trainer.ref_policy_wg = trainer.actor_rollout_wg if ref_in_actor else reference
+    old, _ = trainer._compute_old_log_prob(batch)
+    scored = trainer.actor_rollout_wg.seen[1:] if ref_in_actor else reference.seen
+    assert len(scored) == 1 and rlsd_verl.TEACHER_KEY in old.batch.keys()
+    assert tu.get_non_tensor_data(scored[0], "no_lora_adapter", False) is ref_in_actor
+
+
 def test_task_runner_uses_the_rlsd_worker():
     config = OmegaConf.create({"algorithm": {"use_kl_in_reward": False},
                                "actor_rollout_ref": {"model": {"lora_rank": 0}, "actor": {"use_kl_loss": True}}})

@@ -264,12 +264,16 @@ def teacher_batch(batch: DataProto, tokenizer, *, context_key="extra_info.soluti
     }, meta_info=meta_info)
 
 
-def teacher_log_prob(batch: DataProto, tokenizer, compute_log_prob, **options) -> DataProto:
+def teacher_log_prob(batch: DataProto, tokenizer, compute_log_prob, *, no_lora_adapter=False,
+                     **options) -> DataProto:
     """``DataProto({"teacher_log_prob": [B, R]})`` for ``batch``: builds :func:`teacher_batch`, runs
     ``compute_log_prob`` (a worker group's ``compute_log_prob`` or ``compute_ref_log_prob``) on its
-    no-padding form, and pads the result back, as verl does for the reference log-probs."""
+    no-padding form, and pads the result back, as verl does for the reference log-probs;
+    ``no_lora_adapter`` scores with the base weights of a LoRA actor (verl's reference in the actor)."""
     td = left_right_2_no_padding(teacher_batch(batch, tokenizer, **options).to_tensordict())
     tu.assign_non_tensor(td, calculate_entropy=False, compute_loss=False)
+    if no_lora_adapter:
+        tu.assign_non_tensor(td, no_lora_adapter=True)
     output = compute_log_prob(td)
     lp = no_padding_2_padding(tu.get(output, "log_probs"), td)
     return DataProto.from_tensordict(tu.get_tensordict({TEACHER_KEY: lp.float()}))
@@ -298,15 +302,17 @@ class RLSDRayPPOTrainer(RayPPOTrainer):
         if policy.teacher_policy == "frozen":
             if not self.use_reference_policy:
                 raise ValueError("teacher_policy='frozen' uses the reference worker: enable use_kl_loss")
-            run = self.ref_policy_wg.compute_ref_log_prob
+            # With LoRA verl keeps the reference in the actor: its weights without the adapter.
+            base = getattr(self, "ref_in_actor", False)
+            run = self.actor_rollout_wg.compute_log_prob if base else self.ref_policy_wg.compute_ref_log_prob
         else:
-            run = self.actor_rollout_wg.compute_log_prob
+            base, run = False, self.actor_rollout_wg.compute_log_prob
         # The student's prompts were rendered with these (verl's dataset and agent loop).
         kwargs = self.config.get("data", {}).get("apply_chat_template_kwargs") or {}
         kwargs = OmegaConf.to_container(kwargs, resolve=True) if isinstance(kwargs, DictConfig) else dict(kwargs)
         teacher = teacher_log_prob(batch, self.tokenizer, run, context_key=policy.context_key,
                                    template=policy.teacher_template, max_context_tokens=policy.max_context_tokens,
-                                   chat_template_kwargs=kwargs)
+                                   chat_template_kwargs=kwargs, no_lora_adapter=base)
         return old_log_prob.union(teacher), mfu
 
 
