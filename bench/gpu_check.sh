@@ -8,7 +8,7 @@
 #      CUDA tensors, i.e. the formula, regime, surface and loss-family tests (every option, both
 #      backends, compiled kernels), one pytest per file so a cut keeps what ran  time box MATRIX_S
 #   3. throughput, both forms, fwd and fwd+bwd, with the peers: whatever the 450 s total leaves
-#      after the tests and the memory part (at least 155 s), and 35 s more before it is killed
+#      after the tests and the memory part (160 s if the tests fill their box), and 35 s more before it is killed
 #   4. peak memory on long traces (N up to 128k), both forms            budget 65 s, box 95 s
 #   5. a short table, printed last                                                      ~5 s
 #

@@ -1,6 +1,7 @@
 """rlsd-kernels: fused Triton kernels for RLSD (RL with verifiable rewards through self-distillation).
 
-Public API (keyword-only options, defaults from the official recipe):
+Public API (keyword-only options, defaults from the official recipe; ``lam`` defaults to 1, the recipe
+passes ``lam_schedule(step)``):
 
 - :func:`rlsd_loss`: the RLSD policy loss from student and teacher logits, fused over the vocabulary.
 - :func:`rlsd_linear_loss`: the same from hidden states and the lm_head weight, never materialising

@@ -218,3 +218,18 @@ def test_linear_forms_refuse_an_empty_hidden_size(device):
     for fn in calls:
         with pytest.raises(ValueError, match="empty hidden dimension"):
             fn()
+
+
+def test_linear_forms_name_a_mismatched_teacher(device):
+    """A wrong dtype raises ``TypeError`` and a wrong shape ``ValueError``, as for every other input
+    (a teacher_hidden of another dtype raised ``ValueError``)."""
+    h, w = torch.randn(2, 3, 8, device=device), torch.randn(11, 8, device=device)
+    y, a = torch.randint(0, 11, (2, 3), device=device), torch.randn(2, device=device)
+    calls = [lambda th: rlsd_kernels.rlsd_linear_loss(h, w, y, a, teacher_hidden=th),
+             lambda th: rlsd_kernels.opsd_linear_loss(h, w, y, teacher_hidden=th),
+             lambda th: rlsd_kernels.grpo_opsd_linear_loss(h, w, y, a, teacher_hidden=th)]
+    for fn in calls:
+        with pytest.raises(TypeError, match="teacher_hidden has dtype"):
+            fn(h.bfloat16())
+        with pytest.raises(ValueError, match="teacher_hidden has shape"):
+            fn(h[:, :2])

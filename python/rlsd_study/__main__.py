@@ -2,7 +2,7 @@
 
 Presets (every flag given on the command line overrides the preset):
 
-- ``default``: the short task, one seed per method, about 10 minutes on a 2-core CPU.
+- ``default``: the short task, one seed per method, about 7 minutes on a 2-core CPU.
 - ``ci``: a smaller run for the test suite (GRPO and RLSD, 40 steps).
 - ``study``: the committed study of one task (pass ``--tasks``): three seeds, the four methods,
   and the credit-strength sweep of RLSD.

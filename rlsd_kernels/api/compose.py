@@ -143,9 +143,11 @@ def check_linear(hidden, weight, bias, teacher, chunk_size, name="student_hidden
                          "bias alone")
     if teacher is not None:
         check_tensor(teacher, "teacher_hidden", kinds=("logits",), device=hidden.device)
-        if teacher.shape != hidden.shape or teacher.dtype != hidden.dtype:
-            raise ValueError(f"teacher_hidden is {tuple(teacher.shape)} {teacher.dtype}, {name} is "
-                             f"{tuple(hidden.shape)} {hidden.dtype}; they must match")
+        if teacher.dtype != hidden.dtype:
+            raise TypeError(f"teacher_hidden has dtype {teacher.dtype}, {name} has {hidden.dtype}; they must match")
+        if teacher.shape != hidden.shape:
+            raise ValueError(f"teacher_hidden has shape {tuple(teacher.shape)}, {name} has {tuple(hidden.shape)}; "
+                             "they must match")
     if bias is not None:
         check_tensor(bias, "bias", kinds=("logits",), dims=(1,), device=hidden.device)
         if bias.shape[0] != weight.shape[0]:

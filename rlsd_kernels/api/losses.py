@@ -71,8 +71,8 @@ def rlsd_loss(
         l     = min(l, -dual_clip * A_hat) where A_hat < 0             (dual clip; None disables it)
 
     then aggregated by ``loss_agg`` (see ``reference.aggregate_loss``). Only the student logits get
-    a gradient. ``lam=0`` is plain GRPO/DAPO. Defaults are the official RLSD recipe; every option is
-    specified in ``reference.rlsd_token_terms``.
+    a gradient. ``lam=0`` is plain GRPO/DAPO. Defaults are the official RLSD recipe, except ``lam`` (1; the
+    recipe passes ``lam_schedule(step)``); every option is specified in ``reference.rlsd_token_terms``.
 
     Args:
         student_logits: ``[B, T, V]`` (views such as ``logits[:, :-1]`` are read in place) or packed
@@ -88,7 +88,8 @@ def rlsd_loss(
         normalizer: replaces the mode's denominator (e.g. the global token count under gradient
             accumulation or data parallelism); a number or a one-element tensor.
         inplace_backward: write the student-logit gradient into the logits' storage (saves
-            ``N * V`` elements; the logits must not be used after the backward).
+            ``N * V`` elements; the logits must not be used after the call: a scalar loss writes the
+            gradient in its forward, ``loss_agg="none"`` in its backward).
         return_metrics: also return a dict of detached metrics (masked means and ``num_tokens``).
         surrogate: ``"ppo"`` (clipped, with the dual clip), ``"cispo"`` (``-sg(clip(rho)) * A_hat *
             lp_S``: clipped tokens keep their gradient; the dual clip does not apply) or ``"sapo"``
