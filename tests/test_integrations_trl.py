@@ -337,6 +337,18 @@ def multiply(a: int, b: int) -> int:
     return a * b
 
 
+@pytest.mark.parametrize("key", ["pixel_values", "image_grid_thw", "image_sizes"])
+def test_image_batches_are_refused(tmp_path, monkeypatch, key):
+    """The student's and the teacher's forward passes take token ids only: a vision-language batch
+    was scored without its images, silently."""
+    t = trainer(tmp_path, lam=0.5, teacher_policy="live")
+    completion = {"completion_ids": torch.tensor([[5, 6], [7, 8]]), "completion_mask": torch.ones(2, 2),
+                  key: torch.zeros(2, 3)}
+    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", lambda self, inputs: dict(completion))
+    with pytest.raises(ValueError, match=f"text-only models.*{key}"):
+        t._generate_and_score_completions([{"prompt": QUESTIONS[i], "solution": SOLUTIONS[i]} for i in range(2)])
+
+
 def test_teacher_prompt_has_the_tools_and_template_kwargs(tmp_path, monkeypatch):
     """What TRL passes to the student's chat template (tools, chat_template_kwargs) reaches the
     teacher's: with an empty context the two prompts are the same ids."""

@@ -45,6 +45,9 @@ from .teacher import (
 )
 from .trl_metrics import MetricLog, clip_indicators
 
+# What GRPOTrainer adds to a batch for a vision-language model; the fused loss runs the backbone on
+# token ids alone, so such a batch is refused rather than scored without its images.
+IMAGE_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "image_position_ids")
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "luspo", "sapo")
 LOSS_AGG = {
     "grpo": "seq-mean-token-mean",
@@ -223,6 +226,10 @@ class RLSDTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
+        images = sorted(k for k in IMAGE_KEYS if output.get(k) is not None)
+        if images:
+            raise ValueError(f"RLSDTrainer takes text-only models: this batch holds image inputs {images}, which "
+                             "the fused loss and the teacher pass do not feed to the model")
         column = self.args.context_column
         if not any(column in x for x in inputs):
             raise KeyError(f"the dataset has no column {column!r} with the privileged context "
