@@ -11,14 +11,16 @@ Presets (every flag given on the command line overrides the preset):
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
 
-from .methods import BASES
+from .methods import BASES, OPTIONS, parse_method, same_method
 from .model import ATTENTION, resolve_attention, resolve_device
 from .report import write_report
-from .study import StudyConfig, run_study
+from .study import SettingsMismatch, StudyConfig, run_name, run_study
+from .tasks import FAMILIES, make_task, split_sizes
 from .train import RLConfig
 
 SWEEP = ["rlsd:lam=1", "rlsd:eps_w=0.8", "rlsd:lam=1:eps_w=0.8"]
@@ -84,7 +86,98 @@ def parse_args(argv=None):
     for flag in ("warm_per_seed", "warm_only", "report_only"):
         merged[flag] = getattr(args, flag)
     merged["out"] = merged["out"] or os.path.join("results", args.preset)
+    _validate(p, merged)
     return args.preset, merged
+
+
+# flag -> (accepts, what the value must be); checked before any work, named as on the command line.
+_RANGES = {
+    "seeds": (lambda v: v >= 1, ">= 1"),
+    "steps": (lambda v: v >= 1, ">= 1"),
+    "prompts": (lambda v: v >= 1, ">= 1"),
+    "group": (lambda v: v >= 2, ">= 2 (GRPO advantages compare the rollouts of a group)"),
+    "lr": (lambda v: math.isfinite(v) and v > 0, "a positive finite number"),
+    "temperature": (lambda v: math.isfinite(v) and v > 0, "a positive finite number"),
+    "teacher_every": (lambda v: v >= 1, ">= 1"),
+    "eval_every": (lambda v: v >= 1, ">= 1"),
+    "num_eval": (lambda v: v >= 1, ">= 1"),
+    "chain_steps": (lambda v: v >= 1, ">= 1"),
+    "sum_terms": (lambda v: 2 <= v <= 10, "in [2, 10] (the total must fit in three digits)"),
+    "num_train": (lambda v: v >= 1, ">= 1"),
+    "num_test": (lambda v: v >= 1, ">= 1"),
+    "warm_target": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "warm_max_steps": (lambda v: v >= 0, ">= 0"),
+    "warm_lr": (lambda v: math.isfinite(v) and v > 0, "a positive finite number"),
+    "warm_lr_end": (lambda v: v is None or (math.isfinite(v) and v >= 0), "a finite number >= 0"),
+    "warm_check_every": (lambda v: v >= 1, ">= 1"),
+    "workers": (lambda v: v >= 1, ">= 1"),
+    "first_seed": (lambda v: v >= 0, ">= 0"),
+}
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _split_list(p, a, key: str) -> list[str]:
+    items = a[key].split(",")
+    if any(not item for item in items):
+        p.error(f"{_flag(key)}: empty entry in {a[key]!r} (comma-separated, no spaces)")
+    dup = sorted({item for item in items if items.count(item) > 1})
+    if dup:
+        p.error(f"{_flag(key)}: {', '.join(dup)} given twice")
+    return items
+
+
+def _validate(p, a):
+    """``p.error`` (usage, exit status 2) naming the flag for any value that would fail or mislead later."""
+    for key, (accepts, what) in _RANGES.items():
+        if not accepts(a[key]):
+            p.error(f"{_flag(key)} must be {what}, got {a[key]}")
+    if a["num_eval"] > a["num_test"]:
+        p.error(f"--num-eval ({a['num_eval']}) must be at most --num-test ({a['num_test']}): the held-out "
+                f"problems evaluated are drawn from the test split")
+    tasks = _split_list(p, a, "tasks")
+    for name in tasks:
+        if name not in FAMILIES:
+            p.error(f"--tasks: unknown task {name!r} (one of {', '.join(FAMILIES)})")
+        task = make_task(name, steps=a["chain_steps"], terms=a["sum_terms"])
+        option = {"chain": f" --chain-steps {a['chain_steps']}", "fib": f" --chain-steps {a['chain_steps']}",
+                  "sum": f" --sum-terms {a['sum_terms']}"}.get(name, "")
+        try:
+            train_size, _ = split_sizes(task, a["num_train"], a["num_test"])
+        except ValueError as e:
+            p.error(f"--tasks {name} with --num-train {a['num_train']} --num-test {a['num_test']}{option}: {e}")
+        if train_size < a["prompts"]:
+            p.error(f"--tasks {name}: the {train_size} training problems (--num-train {a['num_train']}, the "
+                    f"{task.size} problems of {name} less --num-test {a['num_test']}) are fewer than --prompts "
+                    f"{a['prompts']} (each step draws --prompts distinct problems)")
+    specs = _split_list(p, a, "methods")
+    methods = []
+    for spec in specs:
+        try:
+            methods.append(parse_method(spec))
+        except ValueError as e:
+            options = "; ".join(f"{b}: {', '.join(o) or 'none'}" for b, o in OPTIONS.items())
+            p.error(f"--methods: {e} (options by method: {options})")
+    for i, m in enumerate(methods):
+        for other in methods[:i]:
+            if same_method(m, other) or run_name("", m.label, 0) == run_name("", other.label, 0):
+                p.error(f"--methods: {other.label!r} and {m.label!r} are the same run")
+    if a["trainer"] == "trl":
+        if a["rollout"] == "vllm":
+            p.error("--rollout vllm with --trainer trl: the TRL trainer generates with model.generate, so the "
+                    "vLLM engine would go unused (use --trainer native)")
+        for m in methods:
+            if m.base not in ("grpo", "rlsd"):
+                p.error(f"--trainer trl runs grpo and rlsd methods only, got {m.label!r} in --methods")
+            if m.eps_w_high is not None:
+                p.error(f"--trainer trl takes eps_w alone (RLSDConfig's symmetric clip), got {m.label!r}")
+    try:
+        device = resolve_device(a["device"])
+        resolve_attention(a["attention"], device)
+    except ValueError as e:
+        p.error(f"--device {a['device']} --attention {a['attention']}: {e}")
 
 
 def main(argv=None):
@@ -95,8 +188,7 @@ def main(argv=None):
     rl = RLConfig(steps=a["steps"], prompts_per_step=a["prompts"], group=a["group"], lr=a["lr"],
                   temperature=a["temperature"], teacher_every=a["teacher_every"], eval_every=a["eval_every"],
                   num_eval=a["num_eval"])
-    device = resolve_device(a["device"])
-    resolve_attention(a["attention"], device)  # an attention the device cannot run fails here, not in a worker
+    device = resolve_device(a["device"])  # parse_args checked the device and its attention
     # One process drives a GPU (and vLLM's engine): the worker pool forks, which CUDA does not survive.
     workers = 1 if a["rollout"] == "vllm" or device.type == "cuda" else a["workers"]
     cfg = StudyConfig(
@@ -112,7 +204,10 @@ def main(argv=None):
     if a["report_only"]:
         print(write_report(cfg.out))
         return
-    _, warm = run_study(cfg, warm_only=a["warm_only"])
+    try:
+        _, warm = run_study(cfg, warm_only=a["warm_only"])
+    except SettingsMismatch as e:
+        sys.exit(f"error: {e}")
     for w in warm:
         print(f"warm start {w['task']}: {w['sft_steps']} steps, {w['sft_seconds']:.0f} s, sampled accuracy "
               f"{w['sft_sampled_acc']:.2f}, greedy {w['sft_greedy_acc']:.2f}, teacher context greedy "

@@ -51,6 +51,7 @@ class Add3:
     """``123+456=`` -> ``3+6+0=09;2+5+0=07;1+4+0=05;>0579`` (digit, digit, carry in, two-digit sum)."""
 
     name = "add3"
+    size = 1000 * 1000  # distinct questions
 
     def __init__(self, **_):
         pass
@@ -82,6 +83,8 @@ class Chain:
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         self.steps = steps
+
+    size = 10 * 8 * 10
 
     def sample(self, rng: random.Random) -> Problem:
         return self.make(rng.randrange(10), rng.randrange(2, 10), rng.randrange(10), self.steps)
@@ -117,6 +120,8 @@ class Fib:
             raise ValueError(f"steps must be >= 1, got {steps}")
         self.steps = steps
 
+    size = 10 * 10 * 10
+
     def sample(self, rng: random.Random) -> Problem:
         return self.make(rng.randrange(10), rng.randrange(10), rng.randrange(10), self.steps)
 
@@ -150,6 +155,7 @@ class RunningSum:
         if not 2 <= terms <= 10:
             raise ValueError(f"terms must be in [2, 10] (the total must fit in three digits), got {terms}")
         self.terms = terms
+        self.size = 100**terms
 
     def sample(self, rng: random.Random) -> Problem:
         return self.make([rng.randrange(100) for _ in range(self.terms)])
@@ -194,17 +200,34 @@ class Split:
     test: list[Problem]
 
 
+def split_sizes(task, num_train: int, num_test: int) -> tuple[int, int]:
+    """The (train, test) sizes ``make_split`` gives; ``ValueError`` where the family's space is too small.
+
+    A family with ``all_problems`` keeps the test problems and up to ``num_train`` of the rest; a
+    sampled family needs ``num_train + num_test`` distinct questions.
+    """
+    if num_train < 1 or num_test < 1:
+        raise ValueError(f"num_train and num_test must be >= 1, got {num_train} and {num_test}")
+    if hasattr(task, "all_problems"):
+        if num_test >= task.size:
+            raise ValueError(f"num_test must be below the {task.size} problems of {task.name}, got {num_test}")
+        return min(num_train, task.size - num_test), num_test
+    if num_train + num_test > task.size:
+        raise ValueError(f"num_train + num_test must be at most the {task.size} problems of {task.name}, "
+                         f"got {num_train} + {num_test}")
+    return num_train, num_test
+
+
 def make_split(task, num_train: int, num_test: int, seed: int = 1234) -> Split:
     """Disjoint train and test problems (by question), drawn with a fixed seed.
 
     A family with a small space (``all_problems``) is shuffled and cut: the test problems first, up
     to ``num_train`` of the rest for training.
     """
+    split_sizes(task, num_train, num_test)
     rng = random.Random(seed)
     if hasattr(task, "all_problems"):
         everything = task.all_problems()
-        if num_test >= len(everything):
-            raise ValueError(f"num_test must be below the {len(everything)} problems of {task.name}, got {num_test}")
         rng.shuffle(everything)
         return Split(everything[num_test : num_test + num_train], everything[:num_test])
     test, seen = [], set()

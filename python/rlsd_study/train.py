@@ -117,7 +117,8 @@ def train(policy, tok, split, method: Method, cfg: RLConfig, *, seed: int, rollo
         policy.train()
         student_logits = response_logits(policy, prompt_ids, ro.tokens)[sel]
         rollout_lp = ro.logprobs[sel] if rollout.name != "builtin" else None
-        loss, metrics, lam = method_loss(method, step, student_logits, teacher_logits, tokens, token_adv, rollout_lp)
+        loss, metrics, lam = method_loss(method, step, student_logits, teacher_logits, tokens, token_adv, rollout_lp,
+                                         temperature=cfg.temperature)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
