@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import rlsd_kernels
-from python.rlsd_study import data, tasks
+from python.rlsd_study import data, report, sft, tasks
 from python.rlsd_study.methods import method_loss, parse_method
-from python.rlsd_study.model import EOS, CharTokenizer, make_config, make_model
+from python.rlsd_study.model import BOS, EOS, PAD, CharTokenizer, make_config, make_model
 from python.rlsd_study.sampler import response_mask, sample
 from python.rlsd_study.train import grpo_advantages
 
@@ -171,6 +171,126 @@ def test_tokenizer_round_trip(tok):
         tok.encode("x")
 
 
+def test_decoded_pad_or_bos_does_not_verify(tok):
+    """A pad or begin-of-sequence id inside a response shows in its text, so the answer is wrong."""
+    p = tasks.Add3.make(123, 456)
+    assert tasks.verify(p, tok.decode(tok.encode(">0579") + [EOS, PAD, PAD]))
+    for ids in (tok.encode(">05") + [PAD] + tok.encode("79"), tok.encode(">0") + [BOS] + tok.encode("579")):
+        text = tok.decode(ids + [EOS])
+        assert ("<pad>" in text or "<s>" in text) and not tasks.verify(p, text)
+
+
+def test_warm_start_reports_each_step(tok, monkeypatch):
+    """The warm start counts its steps: into ``progress`` where given, else into its own tqdm bar."""
+    split = tasks.make_split(tasks.make_task("add3"), 40, 4)
+    kwargs = {"target": 2.0, "max_steps": 3, "batch": 4, "check_every": 100, "num_check": 2, "log": lambda s: None}
+
+    class Bar:
+        made = []
+
+        def __init__(self, total=None, **_):
+            self.total, self.n, self.closed = total, 0, False
+            Bar.made.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def close(self):
+            self.closed = True
+
+    counter = Bar()
+    m = make_model(make_config(tok.vocab_size, hidden=32, layers=1, heads=1), seed=0)
+    assert sft.warm_start(m, tok, split, progress=counter, **kwargs)["sft_steps"] == 3 and counter.n == 3
+    monkeypatch.setattr("tqdm.tqdm", Bar)
+    Bar.made.clear()
+    sft.warm_start(m, tok, split, **kwargs)
+    assert [(b.total, b.n, b.closed) for b in Bar.made] == [(3, 3, True)]
+
+
+FIELDS = ["task", "method", "seed", "rollout", "step", "accuracy", "rollout_s", "teacher_s", "update_s", "lam",
+          "credit_weight_nonzero"]
+
+
+def _write_run(out, method, seed, curve, text=None):
+    """A run CSV of ``(step, accuracy[, lam, credit weight])`` rows (or ``text`` as is) under ``out/runs``."""
+    path = out / "runs" / f"add3__{method}__seed{seed}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if text is not None:
+        path.write_text(text)
+        return path
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        for step, acc, *credit in curve:
+            lam, weight = credit or ("", "")
+            w.writerow({"task": "add3", "method": method, "seed": seed, "rollout": "builtin", "step": step,
+                        "accuracy": acc, "rollout_s": 0.1, "teacher_s": 0.1, "update_s": 0.1, "lam": lam,
+                        "credit_weight_nonzero": weight})
+    return path
+
+
+def _summary(out, method):
+    return next(s for s in report.summarize(report.load_runs(str(out))) if s["method"] == method)
+
+
+def test_report_says_when_there_is_no_grpo_run(tmp_path):
+    _write_run(tmp_path, "rlsd", 0, [(0, 0.5), (10, 0.6), (20, 0.7)])
+    text = report.write_report(str(tmp_path))
+    assert "| no GRPO run |" in text and "not reached" not in text
+
+
+def test_report_final_is_taken_at_the_step_all_seeds_have(tmp_path, capsys):
+    """Seeds of different lengths (a resume with another ``--steps``): every seed's final at the last
+    step they share, never above the seed-mean peak, with a warning and a mark in the table."""
+    _write_run(tmp_path, "grpo", 0, [(0, 0.5), (10, 0.6), (20, 0.7)])
+    _write_run(tmp_path, "grpo", 1, [(0, 0.5), (10, 0.6), (20, 0.7), (30, 0.9), (40, 0.9)])
+    s = _summary(tmp_path, "grpo")
+    assert (s["final_acc"], s["last_step"], s["seed_last_steps"]) == (pytest.approx(0.65), 20, "20/40")
+    assert s["final_acc"] <= s["peak_acc"]
+    text = report.write_report(str(tmp_path))
+    assert "0.650 ± 0.000 †" in text and "seeds end at steps 20/40" in text
+    assert "add3 grpo: seeds end at steps 20/40" in capsys.readouterr().err
+
+
+def test_report_final_leaves_out_the_warm_start(tmp_path):
+    """With few evaluations the final is not pulled towards the step-0 value."""
+    _write_run(tmp_path, "grpo", 0, [(0, 0.5), (40, 0.9)])
+    _write_run(tmp_path, "rlsd", 0, [(0, 0.5), (20, 0.9), (40, 0.9)])
+    for method, reach in (("grpo", 40), ("rlsd", 20)):
+        s = _summary(tmp_path, method)
+        assert (s["start_acc"], s["final_acc"], s["steps_to_grpo_final"]) == (0.5, pytest.approx(0.9), reach)
+
+
+def test_report_credit_weight_only_where_lam_acts(tmp_path):
+    """The credit weight is averaged over the windows with lam > 0; a window without a value is left out."""
+    _write_run(tmp_path, "rlsd", 0, [(0, 0.5), (10, 0.6, 0.5, 1.2), (20, 0.6, 0.25, ""), (30, 0.6, 0.1, 1.1),
+                                     (40, 0.7, 0.0, 1.01), (50, 0.7, 0.0, 1.01)])
+    assert _summary(tmp_path, "rlsd")["credit_weight_nonzero"] == pytest.approx(1.15)
+
+
+def test_report_skips_incomplete_runs_and_rejects_malformed_ones(tmp_path, capsys):
+    good = _write_run(tmp_path, "grpo", 0, [(0, 0.5), (10, 0.6), (20, 0.7)]).read_text()
+    lines = good.splitlines(keepends=True)
+    for method, text, rows in (("cut", good[:-8], 2), ("empty", "", 0), ("header", lines[0], 0)):
+        path = _write_run(tmp_path, method, 0, None, text=text)
+        assert len(report.read_run(str(path))) == rows
+        err = capsys.readouterr().err
+        assert "warning" in err and str(path) in err
+    assert report.read_run(str(tmp_path / "runs" / "add3__grpo__seed0.csv"))[-1]["step"] == 20
+    bad = {
+        "garbage": good.replace(",10,", ",1x,"),
+        "nocolumn": "".join(",".join(c for i, c in enumerate(line.split(",")) if i != 2) for line in lines),
+        "short": lines[0] + lines[1].split(",", 3)[0] + "\r\n" + "".join(lines[2:]),
+        "halfstep": good.replace(",10,", ",10.5,"),
+    }
+    for method, text in bad.items():
+        path = _write_run(tmp_path, method, 0, None, text=text)
+        with pytest.raises(ValueError, match=str(path)):
+            report.read_run(str(path))
+        path.unlink()
+    assert "| add3 | grpo | 1 |" in report.write_report(str(tmp_path))
+
+
 def test_sampler_logprobs_match_forward(tok, model):
     """The KV-cache sampler's log-probs are the full forward pass's, token for token."""
     problems = tasks.make_split(tasks.make_task("add3"), 10, 6).train
@@ -268,3 +388,8 @@ def test_small_study_improves_over_warm_start(tmp_path):
         assert final >= start + 0.03, f"{method}: held-out accuracy {start:.3f} -> {final:.3f}"
     assert (out / "curves.png").stat().st_size > 0
     assert "| add3 | rlsd |" in proc.stdout
+    # RLSD used the teacher's credit (lam > 0 in its first window, weights other than 1); GRPO had none.
+    rlsd = report.read_run(str(out / "runs" / "add3__rlsd__seed0.csv"))
+    assert rlsd[1]["lam"] > 0 and abs(rlsd[1]["credit_weight_nonzero"] - 1) > 1e-4
+    grpo = report.read_run(str(out / "runs" / "add3__grpo__seed0.csv"))
+    assert all(r["lam"] == 0 and r["credit_weight_nonzero"] != r["credit_weight_nonzero"] for r in grpo[1:])

@@ -23,14 +23,14 @@ class CharTokenizer:
             raise ValueError(f"text holds a character outside the vocabulary: {e.args[0]!r}") from None
 
     def decode(self, ids) -> str:
-        """Text of the ids up to the first end-of-sequence (specials dropped)."""
+        """Text of the ids up to the first end-of-sequence. A pad or begin-of-sequence id before it is
+        written as ``<pad>`` / ``<s>``, so that a response holding one never verifies as correct."""
         out = []
         for i in ids:
             i = int(i)
             if i == EOS:
                 break
-            if i > EOS:
-                out.append(self.itos[i])
+            out.append(self.itos[i])
         return "".join(out)
 
     def prompt(self, text: str) -> list[int]:

@@ -33,17 +33,30 @@ def sft_loss(model, tok, problems) -> torch.Tensor:
 
 def warm_start(model, tok, split, *, target: float, max_steps: int, batch: int = 64, lr: float = 3e-3,
                lr_end: float | None = None, check_every: int = 50, num_check: int = 128, temperature: float = 1.0,
-               seed: int = 0, log=print):
+               seed: int = 0, log=None, progress=None):
     """Trains until the sampled accuracy on ``num_check`` held-out problems reaches ``target``.
 
     The learning rate is ``lr`` throughout, or with ``lr_end`` goes linearly from ``lr`` to ``lr_end``
     over ``max_steps`` (a constant rate can stall a long task on a plateau of loss spikes).
 
+    Progress: ``progress.update(1)`` per step where given (as ``train``'s); otherwise, in the main
+    process, a tqdm bar over the steps (shown on a terminal only, removed when done; in a worker
+    process none, since a worker's bar would overwrite the parent's). ``log`` (default: ``tqdm.write``)
+    gets a line at each check.
+
     Returns a dict: steps, seconds, sampled and greedy held-out accuracy, and the teacher
     context's greedy accuracy (how well the model reads the reference).
     """
+    import multiprocessing
+
+    from tqdm import tqdm
+
     from .model import generator
 
+    bar = None
+    if progress is None and multiprocessing.parent_process() is None:
+        bar = progress = tqdm(total=max_steps, desc="warm start", unit="step", disable=None, leave=False)
+    log = log or tqdm.write
     rng = random.Random(seed)
     gen = generator(model, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -60,11 +73,15 @@ def warm_start(model, tok, split, *, target: float, max_steps: int, batch: int =
         loss.backward()
         opt.step()
         step += 1
+        if progress is not None:
+            progress.update(1)
         if step % check_every == 0 or step == max_steps:
             sampled = accuracy(model, tok, check, greedy=False, temperature=temperature, generator=gen)
             log(f"warm start step {step}: loss {loss.item():.3f}, sampled accuracy {sampled:.3f}")
             if sampled >= target:
                 break
+    if bar is not None:
+        bar.close()
     return {
         "sft_steps": step,
         "sft_seconds": time.perf_counter() - t0,
