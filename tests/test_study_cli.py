@@ -11,7 +11,7 @@ import torch
 
 from python.rlsd_study import data, study, tasks
 from python.rlsd_study import train as train_mod
-from python.rlsd_study.__main__ import parse_args
+from python.rlsd_study.__main__ import main, parse_args
 from python.rlsd_study.methods import method_loss, parse_method
 from python.rlsd_study.model import CharTokenizer, make_config, make_model
 from python.rlsd_study.sampler import sample
@@ -212,3 +212,15 @@ def test_train_passes_the_rollout_temperature(monkeypatch):
     cfg = RLConfig(steps=1, prompts_per_step=2, group=2, temperature=0.7, num_eval=2, eval_sampled=False)
     train_mod.train(model, tok, split, parse_method("grpo"), cfg, seed=0)
     assert seen == [0.7]
+
+
+def test_report_only_names_a_bad_folder_without_a_traceback(tmp_path, capsys):
+    """``--report-only`` on a folder without runs, or with a malformed run CSV, ended in a traceback."""
+    with pytest.raises(SystemExit, match="error: no run CSVs"):
+        main(["--out", str(tmp_path), "--report-only"])
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    rows = "task,method,seed,step,accuracy\nadd3,grpo,0,x,0.5\nadd3,grpo,0,1,0.5\n"
+    (runs / "add3__grpo__seed0.csv").write_text(rows)
+    with pytest.raises(SystemExit, match="error: .*add3__grpo__seed0.csv"):
+        main(["--out", str(tmp_path), "--report-only"])

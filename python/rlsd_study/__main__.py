@@ -202,7 +202,10 @@ def main(argv=None):
     )
     t0 = time.perf_counter()
     if a["report_only"]:
-        print(write_report(cfg.out))
+        try:
+            print(write_report(cfg.out))
+        except ValueError as e:  # no runs, or a malformed run CSV (named in the message)
+            sys.exit(f"error: {e}")
         return
     try:
         _, warm = run_study(cfg, warm_only=a["warm_only"])
