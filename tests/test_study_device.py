@@ -25,15 +25,17 @@ def test_device_auto_follows_cuda(monkeypatch, cuda):
     assert M.resolve_device("cpu") == torch.device("cpu")
 
 
-def test_device_errors_name_the_device(monkeypatch):
+def test_device_errors_name_the_device(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="'cuda'.*no CUDA device"):
         M.resolve_device("cuda")
     with pytest.raises(ValueError, match="device must be .*'gpu0'"):
         M.resolve_device("gpu0")
-    # The command line fails before any work starts.
-    with pytest.raises(ValueError, match="no CUDA device"):
-        cli.main(["--device", "cuda:0", "--out", "unused"])
+    # The command line fails before any work starts, as a usage error naming the flag.
+    out = tmp_path / "unused"
+    with pytest.raises(SystemExit):
+        cli.main(["--device", "cuda:0", "--out", str(out)])
+    assert "--device cuda:0" in capsys.readouterr().err and not out.exists()
 
 
 @pytest.mark.parametrize("flash", [False, True])
