@@ -333,19 +333,25 @@ class RLSDTrainer(GRPOTrainer):
         options = self.rlsd_options(inputs, mask, lam)
         weight, bias = head.weight, head.bias
         with maybe_gather_lm_head_ctx(weight, bias):
-            if self.args.fused_linear:
-                loss, metrics = rlsd_kernels.rlsd_linear_loss(hidden.to(weight.dtype), weight, tokens,
-                                                              inputs["advantages"], bias=bias,
-                                                              chunk_size=self.args.chunk_size, **options)
-            else:
-                loss, metrics = rlsd_kernels.rlsd_loss(head(hidden), None, tokens, inputs["advantages"], **options)
+            # Where the clip metrics need the student's log-probs, they come from the same hidden
+            # states (cast once) or, unfused, from the logits already formed: no second matmul.
+            score = inputs.get("old_per_token_logps") is not None and self.loss_type != "sapo"
             logprobs = None
-            if inputs.get("old_per_token_logps") is not None and self.loss_type != "sapo":
-                with torch.no_grad():
-                    logprobs = rlsd_kernels.token_logprobs_linear(
-                        hidden.detach().to(weight.dtype), weight.detach(), tokens,
-                        bias=None if bias is None else bias.detach(), temperature=self.temperature,
-                        chunk_size=self.args.chunk_size)
+            if self.args.fused_linear:
+                h = hidden.to(weight.dtype)
+                loss, metrics = rlsd_kernels.rlsd_linear_loss(h, weight, tokens, inputs["advantages"], bias=bias,
+                                                              chunk_size=self.args.chunk_size, **options)
+                if score:
+                    with torch.no_grad():
+                        logprobs = rlsd_kernels.token_logprobs_linear(
+                            h.detach(), weight.detach(), tokens, bias=None if bias is None else bias.detach(),
+                            temperature=self.temperature, chunk_size=self.args.chunk_size)
+            else:
+                logits = head(hidden)
+                loss, metrics = rlsd_kernels.rlsd_loss(logits, None, tokens, inputs["advantages"], **options)
+                if score:
+                    with torch.no_grad():
+                        logprobs = rlsd_kernels.token_logprobs(logits.detach(), tokens, temperature=self.temperature)
         return loss, metrics, logprobs
 
 
