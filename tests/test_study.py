@@ -4,6 +4,7 @@ accuracy over the warm start.
 """
 
 import csv
+import math
 import os
 import random
 import subprocess
@@ -17,7 +18,7 @@ from python.rlsd_study import data, report, sft, tasks
 from python.rlsd_study.methods import method_loss, parse_method
 from python.rlsd_study.model import BOS, EOS, PAD, CharTokenizer, make_config, make_model
 from python.rlsd_study.sampler import response_mask, sample
-from python.rlsd_study.train import grpo_advantages
+from python.rlsd_study.train import credit_sums, grpo_advantages, window_means
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -266,6 +267,23 @@ def test_report_credit_weight_only_where_lam_acts(tmp_path):
     _write_run(tmp_path, "rlsd", 0, [(0, 0.5), (10, 0.6, 0.5, 1.2), (20, 0.6, 0.25, ""), (30, 0.6, 0.1, 1.1),
                                      (40, 0.7, 0.0, 1.01), (50, 0.7, 0.0, 1.01)])
     assert _summary(tmp_path, "rlsd")["credit_weight_nonzero"] == pytest.approx(1.15)
+
+
+def test_window_credit_weight_counts_each_token_once():
+    """A step without a token of non-zero advantage drops out of its window's credit weight (it once
+    made the window's mean NaN); the others weigh by their token counts. Methods without credit: NaN."""
+    def step(mean, count):
+        metrics = {"credit_weight_nonzero": torch.tensor(mean), "credit_weight_mean": torch.tensor(mean),
+                   "num_credit_tokens": torch.tensor(count)}
+        return {"reward": 0.5, **credit_sums(metrics)}
+
+    window = [step(1.2, 30), step(float("nan"), 0), step(1.0, 10)]
+    means = window_means(window)
+    assert means["credit_weight_nonzero"] == pytest.approx((1.2 * 30 + 1.0 * 10) / 40)
+    assert means["reward"] == pytest.approx(0.5)
+    assert math.isnan(window_means([step(float("nan"), 0)])["credit_weight_nonzero"])
+    grpo = [{"reward": 1.0, **credit_sums({"policy_loss": torch.tensor(0.0)})}]
+    assert math.isnan(window_means(grpo)["credit_weight_nonzero"]) and window_means([]) == {}
 
 
 def test_report_skips_incomplete_runs_and_rejects_malformed_ones(tmp_path, capsys):

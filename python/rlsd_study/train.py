@@ -57,6 +57,27 @@ class BuiltinRollout:
         pass
 
 
+def credit_sums(metrics):
+    """A step's credit weight as its sum and count over the tokens with a non-zero advantage (none
+    for a method without credit), so that a window's mean weighs every such token once and a step
+    with none (every group all-equal) drops out instead of making the window's mean NaN."""
+    if "credit_weight_nonzero" not in metrics:
+        return {"credit_sum": 0.0, "credit_count": 0.0}
+    count = float(metrics["num_credit_tokens"])
+    return {"credit_sum": float(metrics["credit_weight_mean"]) * count if count else 0.0, "credit_count": count}
+
+
+def window_means(window):
+    """The mean of each per-step value over a window, and ``credit_weight_nonzero`` from the steps'
+    credit sums (NaN where no step had a token with a non-zero advantage)."""
+    if not window:
+        return {}
+    means = {k: sum(w[k] for w in window) / len(window) for k in window[0] if not k.startswith("credit_")}
+    count = sum(w["credit_count"] for w in window)
+    means["credit_weight_nonzero"] = sum(w["credit_sum"] for w in window) / count if count else float("nan")
+    return means
+
+
 def train(policy, tok, split, method: Method, cfg: RLConfig, *, seed: int, rollout=None, log=None, progress=None):
     """Trains ``policy`` in place; returns one dict per evaluation (step, accuracy, running metrics)."""
     torch.manual_seed(seed)
@@ -78,7 +99,7 @@ def train(policy, tok, split, method: Method, cfg: RLConfig, *, seed: int, rollo
             gen = generator(policy, 12345)
             scores["sampled_accuracy"] = accuracy(policy, tok, split.test[: cfg.num_eval], greedy=False,
                                                   temperature=cfg.temperature, generator=gen)
-        means = {k: sum(w[k] for w in window) / len(window) for k in window[0]} if window else {}
+        means = window_means(window)
         done = max(step, 1)
         rows.append({**scores, **means, **{k: v / done for k, v in totals.items()}})
         window.clear()
@@ -133,7 +154,7 @@ def train(policy, tok, split, method: Method, cfg: RLConfig, *, seed: int, rollo
             "response_len": sel.sum().item() / sel.shape[0],
             "zero_adv_groups": float((rewards.view(-1, cfg.group).std(1) == 0).float().mean()),
             "lam": lam,
-            "credit_weight_nonzero": float(metrics.get("credit_weight_nonzero", float("nan"))),
+            **credit_sums(metrics),
             "loss": loss.item(),
         })
         if progress is not None:

@@ -69,7 +69,8 @@ def train_trl(policy, tok, split, method, cfg, *, seed: int, progress=None, log=
         last = logs[-1] if logs else {}
         rows.append({"step": step, "accuracy": acc, "reward": last.get("reward", math.nan),
                      "lam": last.get("rlsd/lam", math.nan),
-                     "credit_weight_nonzero": math.nan,
+                     # The trainer's own credit metric: a mean over the logged window's tokens with A != 0.
+                     "credit_weight_nonzero": last.get("rlsd/credit_weight_mean", math.nan),
                      "rollout_s": math.nan, "teacher_s": math.nan,
                      "update_s": (time.perf_counter() - t0) / max(step, 1)})
         if log:
