@@ -57,6 +57,11 @@ class RLSDLoss(_Wrapper):
         loss_fn = RLSDLoss(loss_agg="seq-mean-token-mean", dual_clip=None)
         loss_fn.lam = rlsd_kernels.lam_schedule(step)
         loss = loss_fn(student_logits, teacher_logits, tokens, advantages, old_logprobs=old, mask=mask)
+
+    A ``logits[:, :-1]`` view passed through the module gets its gradient through autograd (a
+    zero-filled ``[B, T+1, V]`` buffer behind the view): the module's frame holds the view, so the
+    functional cannot tell that no one else observes its gradient. ``rlsd_loss(logits[:, :-1], ...)``
+    writes the base's gradient directly.
     """
 
     _fn = staticmethod(rlsd_loss)
