@@ -314,16 +314,42 @@ def test_upstream_gradient_scaled_in_float32(op, dtype, upstream, backend):
 
 # -- 5. Log-probs at large logits ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("offset", [0.0, 100.0, 1e3, 1e4])
+# Where the row's maximum lies decides the kernels' path: "plain" rows have it within a few units of
+# their first block's (the fast path's reference); "jump" rows have logits 120 above it in a later
+# block, "dead_first" rows a first block of -inf (reference 0), and at a large offset both overflow
+# the fast path's sums and take the exact pass. Tokens lie outside the first block, on the jump where
+# there is one (elsewhere a log-prob near -120 and its float32 ulps would make every bound loose).
+LAYOUTS = ("plain", "jump", "dead_first")
+LAYOUT_OFFSETS = [("plain", 0.0), ("plain", 100.0), ("plain", 1e3), ("plain", 1e4), ("jump", 0.0), ("jump", 1e4),
+                  ("dead_first", 1e4)]
+
+
+def _layout(x, layout):
+    """Float32 rows ``x`` (float64 values) with the layout's maximum placed; a copy."""
+    x = x.clone()
+    if layout == "jump":
+        x[:, 2 * BLOCK + 1:2 * BLOCK + 4] += 120.0
+    elif layout == "dead_first":
+        x[:, :BLOCK] = float("-inf")
+    return x.float()
+
+
+def _tokens(n, vocab, layout):
+    if layout == "jump":
+        return torch.randint(2 * BLOCK + 1, 2 * BLOCK + 4, (n,))
+    return torch.randint(BLOCK, vocab, (n,))
+
+
+@pytest.mark.parametrize("layout,offset", LAYOUT_OFFSETS)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_logprobs_precise_at_large_logits(offset, temperature, backend):
+def test_logprobs_precise_at_large_logits(layout, offset, temperature, backend):
     """Log-probs (student and teacher) within 2x the error of float32 ``torch.log_softmax`` (plus
     a few float32 ulps at 1) when every logit is shifted by a large offset: formed from ``z - max``,
-    not from ``z * log2(e) - lse``."""
+    not from ``z * log2(e) - lse``, on the fast path and on the exact pass alike (``LAYOUTS``)."""
     n, vocab = 64, 3 * BLOCK + 5
-    tokens = torch.randint(0, vocab, (n,))
+    tokens = _tokens(n, vocab, layout)
     base = torch.randn(n, vocab) * 3
-    logits = (base.double() + offset).float()
+    logits = _layout(base.double() + offset, layout)
     exact = torch.log_softmax(logits.double() / temperature, -1).gather(1, tokens[:, None]).squeeze(1)
     f32 = torch.log_softmax(logits / temperature, -1).gather(1, tokens[:, None]).squeeze(1)
     bound = 2 * (f32.double() - exact).abs().max().item() + 4e-7 * exact.abs().max().item() + 1e-6
@@ -331,7 +357,7 @@ def test_logprobs_precise_at_large_logits(offset, temperature, backend):
     lp = rlsd_kernels.token_logprobs(logits, tokens, temperature=temperature)
     assert (lp.double() - exact).abs().max().item() <= bound, "token_logprobs"
 
-    teacher = (torch.randn(n, vocab).double() * 3 + offset).float()
+    teacher = _layout(torch.randn(n, vocab).double() * 3 + offset, layout)
     exact_t = torch.log_softmax(teacher.double() / temperature, -1).gather(1, tokens[:, None]).squeeze(1)
     f32_t = torch.log_softmax(teacher / temperature, -1).gather(1, tokens[:, None]).squeeze(1)
     bound_t = 2 * (f32_t.double() - exact_t).abs().max().item() + 4e-7 * exact_t.abs().max().item() + 1e-6
@@ -353,16 +379,17 @@ def test_logprobs_precise_at_large_logits(offset, temperature, backend):
     assert (entropy.double() - exact_h).abs().max().item() <= bound_h, "entropy"
 
 
-@pytest.mark.parametrize("offset", [0.0, 100.0, 1e4])
+@pytest.mark.parametrize("layout,offset", [(lay, off) for lay, off in LAYOUT_OFFSETS if off != 1e3])
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "sampled_token"])
-def test_divergences_precise_at_large_logits(divergence, offset, backend):
+def test_divergences_precise_at_large_logits(divergence, layout, offset, backend):
     """Every OPSD divergence per token (and the sampled token's log-probs behind the last) within 2x
     the error of the float32 reference (``log_softmax``; plus a few float32 ulps) when every logit is
-    shifted by a large offset: the sums take the difference of the two rows' centred logits."""
+    shifted by a large offset: the sums take the difference of the two rows' centred logits, on the
+    fast path and on the exact pass alike."""
     n, vocab = 32, 3 * BLOCK + 5
-    tokens = torch.randint(0, vocab, (n,))
-    student = (torch.randn(n, vocab).double() * 3 + offset).float()
-    teacher = (torch.randn(n, vocab).double() * 3 + offset).float()
+    tokens = _tokens(n, vocab, layout)
+    student = _layout(torch.randn(n, vocab).double() * 3 + offset, layout)
+    teacher = _layout(torch.randn(n, vocab).double() * 3 + offset, layout)
     exact, f32 = (reference.opsd_loss(s, t, tokens, divergence=divergence, loss_agg="none")
                   for s, t in ((student.double(), teacher.double()), (student, teacher)))
     bound = 2 * (f32.double() - exact).abs().max().item() + 4e-7 * exact.abs().max().item() + 1e-6
@@ -370,19 +397,19 @@ def test_divergences_precise_at_large_logits(divergence, offset, backend):
     assert (got.double() - exact).abs().max().item() <= bound
 
 
-@pytest.mark.parametrize("offset", [0.0, 100.0, 1e4])
+@pytest.mark.parametrize("layout,offset", [(lay, off) for lay, off in LAYOUT_OFFSETS if off != 1e3])
 @pytest.mark.parametrize("op", ["rlsd", "opsd_reverse_kl", "opsd_jsd", "grpo_opsd"])
-def test_gradients_precise_at_large_logits(op, offset, backend):
+def test_gradients_precise_at_large_logits(op, layout, offset, backend):
     """The logits' gradient of the fused forward (and of the PyTorch path when the rows are one chunk)
     within a few float32 ulps of the float64 reference, relative to its largest entry, when every
     logit is shifted by a large offset: the probabilities come from centred logits. (The separate
     backward kernel forms them from the stored logsumexp, a relative error of about |lse| * 2**-24:
     README, Precision.)"""
     n, vocab = 32, 3 * BLOCK + 5
-    tokens = torch.randint(0, vocab, (n,))
+    tokens = _tokens(n, vocab, layout)
     adv = torch.linspace(-1.0, 1.0, n)
-    student = (torch.randn(n, vocab).double() * 3 + offset).float()
-    teacher = (torch.randn(n, vocab).double() * 3 + offset).float()
+    student = _layout(torch.randn(n, vocab).double() * 3 + offset, layout)
+    teacher = _layout(torch.randn(n, vocab).double() * 3 + offset, layout)
     calls = {
         "rlsd": lambda m, s, t: m.rlsd_loss(s, t, tokens, adv.to(s.dtype)),
         "opsd_reverse_kl": lambda m, s, t: m.opsd_loss(s, t, tokens, divergence="reverse_kl"),

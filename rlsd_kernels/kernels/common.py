@@ -69,11 +69,12 @@ def entropy_terms(d):
 
 
 @triton.jit
-def row_centre(ref, s, lse2, exact):
+def row_centre(ref, s):
     """``(r, c)`` such that a logit ``x`` of the row has the base-2 log-prob ``(x - r) * scale2 - c``:
-    the reference (logits' units) and ``log2`` of the sum on the fast path, ``(0, lse2)`` after the
-    exact pass."""
-    return tl.where(exact, 0.0, ref), tl.where(exact, lse2, tl.log2(s))
+    the reference (logits' units) the sum ``s`` was taken against, and ``log2`` of that sum. The fast
+    paths' reference is the first block's max, the exact pass's the row's max (``row_lse_exact``):
+    either way the log-prob's error does not grow with the logits' magnitude."""
+    return ref, tl.log2(s)
 
 
 @triton.jit
@@ -83,43 +84,67 @@ def token_logprob(x, r, c, scale2):
 
 
 @triton.jit
-def lse_update(m, s, z):
-    """Fold one block ``z`` (base 2, ``-inf`` padded) into the running max ``m`` and sum ``s``."""
-    m_new = tl.maximum(m, tl.max(z, axis=0))
-    # While every logit seen is -inf, m_new is -inf and z - m_new would be NaN.
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    s = s * tl.exp2(m - m_ref) + tl.sum(tl.exp2(z - m_ref), axis=0)
-    return m_new, s
+def first_block(x_row, start, end, BLOCK_V: tl.constexpr):
+    """The block of ``x_row`` from ``start`` (``-inf`` from ``end`` on)."""
+    offs = start + tl.arange(0, BLOCK_V)
+    return tl.load(x_row + offs, mask=offs < end, other=float("-inf"))
 
 
 @triton.jit
-def lse_entropy_update(m, s, t, z):
-    """As ``lse_update``, also carrying ``t = sum exp2(z - m) * z`` for the entropy."""
-    m_new = tl.maximum(m, tl.max(z, axis=0))
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m - m_ref)
-    e = tl.exp2(z - m_ref)
-    s = s * alpha + tl.sum(e, axis=0)
-    t = t * alpha + tl.sum(tl.where(z > float("-inf"), e * z, 0.0), axis=0)
-    return m_new, s, t
+def lane_sums(x_row, start, end, ref, x_first, scale2, BLOCK_V: tl.constexpr, ENTROPY: tl.constexpr):
+    """``(s, t)``: the sums of ``exp2(d)`` and ``exp2(d) * d`` over ``x_row[start:end]``, with
+    ``d = (x - ref) * scale2``, kept per lane until the end (``t`` only with ``ENTROPY``, else 0);
+    ``x_first`` is the first block, already loaded, and each next block is loaded before the current
+    one is used."""
+    offs = tl.arange(0, BLOCK_V)
+    x_next = x_first
+    acc_s = tl.zeros([BLOCK_V], dtype=tl.float32)
+    acc_e = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for col in tl.range(start, end, BLOCK_V):
+        d = (x_next.to(tl.float32) - ref) * scale2
+        cols = col + BLOCK_V + offs
+        x_next = tl.load(x_row + cols, mask=cols < end, other=float("-inf"))
+        if ENTROPY:
+            e, ez = entropy_terms(d)
+            acc_s += e
+            acc_e += ez
+        else:
+            acc_s += tl.exp2(d)
+    return tl.sum(acc_s, axis=0), tl.sum(acc_e, axis=0)
+
+
+@triton.jit
+def span_max(x_row, start, end, BLOCK_V: tl.constexpr):
+    """The max of ``x_row[start:end]`` in the logits' units, NaN kept; -inf when no logit is finite."""
+    offs = tl.arange(0, BLOCK_V)
+    m = float("-inf")
+    for col in tl.range(start, end, BLOCK_V):
+        cols = col + offs
+        x = tl.load(x_row + cols, mask=cols < end, other=float("-inf")).to(tl.float32)
+        m = nan_max(m, tl.max(x, axis=0))
+    return m
+
+
+@triton.jit
+def max_sums(x_row, start, end, scale2, BLOCK_V: tl.constexpr, ENTROPY: tl.constexpr):
+    """``(m, s, t)``: ``span_max`` by a first pass, then ``lane_sums`` against it (against 0 where
+    it is -inf): no logit lies above the reference, so no sum overflows at any range. NaN and +inf
+    logits give a NaN sum (every logit enters the sum, whatever a max does with NaN)."""
+    m = span_max(x_row, start, end, BLOCK_V)
+    ref = tl.where(m == float("-inf"), 0.0, m)
+    s, t = lane_sums(x_row, start, end, ref, first_block(x_row, start, end, BLOCK_V), scale2, BLOCK_V, ENTROPY)
+    return m, s, t
 
 
 @triton.jit
 def row_lse_exact(x_row, V, scale2, BLOCK_V: tl.constexpr, ENTROPY: tl.constexpr):
-    """``(lse2, s, t)`` of a row by the online logsumexp that rescales at every block: any range of
-    logits; the slow path behind the per-lane sums (and the state the entropy needs)."""
-    offs = tl.arange(0, BLOCK_V)
-    m = float("-inf")
-    s = 0.0
-    t = 0.0
-    for start in tl.range(0, V, BLOCK_V):
-        cols = start + offs
-        z = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * scale2
-        if ENTROPY:
-            m, s, t = lse_entropy_update(m, s, t, z)
-        else:
-            m, s = lse_update(m, s, z)
-    return m + tl.log2(s), s, t
+    """``(ref, lse2, s, t)`` of a row whose per-lane sums against its first block overflowed (or that
+    has no finite logit, or NaN/inf): the sums again against the row's max ``ref`` (logits' units; 0
+    while all -inf), centred as the fast paths' are, so ``row_centre(ref, s)`` and
+    ``entropy_finish`` take them alike."""
+    m, s, t = max_sums(x_row, 0, V, scale2, BLOCK_V, ENTROPY)
+    ref = tl.where(m == float("-inf"), 0.0, m)
+    return ref, ref * scale2 + tl.log2(s), s, t
 
 
 @triton.jit

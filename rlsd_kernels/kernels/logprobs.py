@@ -66,8 +66,8 @@ def _logprobs_fwd_kernel(
         lse2, s, t, ok = finish_sums(ref * scale2, acc, acc_t)
         exact = active & ~ok
         if exact:
-            lse2, s, t = row_lse_exact(x_row, V, scale2, BLOCK_V, ENTROPY)
-        r, c = row_centre(ref, s, lse2, exact)
+            ref, lse2, s, t = row_lse_exact(x_row, V, scale2, BLOCK_V, ENTROPY)
+        r, c = row_centre(ref, s)
         zy = tl.load(x_row + tl.where(y_ok, y, 0), mask=active & y_ok, other=float("-inf")).to(tl.float32)
         if PARTIAL:
             # A logit of -inf (or a token in another shard) is a log-prob of -inf, never -inf - -inf.

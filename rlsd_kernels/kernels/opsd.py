@@ -29,7 +29,6 @@ from .common import (
     divergence_grad_block,
     entropy_finish,
     entropy_terms,
-    finish_sum,
     is_finite,
     jsd_mixture,
     log_diff,
@@ -37,6 +36,7 @@ from .common import (
     row_centre,
     row_reference,
     softmax_grad_block,
+    span_max,
     token_logprob,
 )
 from .rlsd import _token_terms
@@ -59,69 +59,23 @@ def _load_block(row, cols, end, KEEP: tl.constexpr):
 
 
 @triton.jit
-def _pair_exact(s_row, t_row, V, scale2, c, DIV: tl.constexpr, ENTROPY: tl.constexpr, HAS_T: tl.constexpr,
-                BLOCK_V: tl.constexpr):
-    """``(m_s, sum_s, m_t, sum_t, x, sum_e)`` by the online logsumexp that rescales at every block:
-    the slow path for rows whose per-lane sums overflowed. ``x`` is the KL cross sum of the fast path
-    with the same centring ``c``: ``sum exp2(zt - m_t) * (zt - zs - c)`` (forward) or
-    ``sum exp2(zs - m_s) * (zs - zt + c)`` (reverse)."""
+def _pair_sums(s_row, t_row, zs_first, zt_first, ref_s, ref_t, n_blocks, read_end, scale2, DIV: tl.constexpr,
+               ENTROPY: tl.constexpr, HAS_T: tl.constexpr, KEEP_S: tl.constexpr, KEEP_T: tl.constexpr,
+               BLOCK_V: tl.constexpr):
+    """``(sum_s, sum_t, x, sum_e)`` over ``n_blocks`` blocks of a student row and its teacher row, the
+    logits centred on the references ``ref_s``, ``ref_t`` (logits' units): the sums of exponentials,
+    the forward or reverse KL's cross sum and the entropy sum, per lane until the end. ``zs_first``,
+    ``zt_first`` are the first blocks, already loaded; each next block is loaded before the current
+    one is used. The KL cross terms take the difference of the two centred logits,
+    ``(zt - ref_t) - (zs - ref_s)``, so their error does not grow with the logits' magnitude."""
     offs = tl.arange(0, BLOCK_V)
-    m_s = float("-inf")
-    m_t = float("-inf")
-    sum_s = 0.0
-    sum_t = 0.0
-    x = 0.0
-    sum_e = 0.0
-    for start in tl.range(0, V, BLOCK_V):
-        cols = start + offs
-        zs = tl.load(s_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * scale2
-        new_s = tl.maximum(m_s, tl.max(zs, axis=0))
-        ref_s = tl.where(new_s == float("-inf"), 0.0, new_s)
-        rescale_s = tl.exp2(m_s - ref_s)
-        es = tl.exp2(zs - ref_s)
-        sum_s = sum_s * rescale_s + tl.sum(es, axis=0)
-        if ENTROPY:
-            sum_e = sum_e * rescale_s + tl.sum(tl.where(zs > float("-inf"), es * zs, 0.0), axis=0)
-        if HAS_T:
-            zt = tl.load(t_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * scale2
-            new_t = tl.maximum(m_t, tl.max(zt, axis=0))
-            ref_t = tl.where(new_t == float("-inf"), 0.0, new_t)
-            rescale_t = tl.exp2(m_t - ref_t)
-            et = tl.exp2(zt - ref_t)
-            sum_t = sum_t * rescale_t + tl.sum(et, axis=0)
-            if DIV == DIV_FORWARD_KL:
-                x = x * rescale_t + tl.sum(tl.where(zt > float("-inf"), et * (zt - zs - c), 0.0), axis=0)
-            elif DIV == DIV_REVERSE_KL:
-                x = x * rescale_s + tl.sum(tl.where(zs > float("-inf"), es * (zs - zt + c), 0.0), axis=0)
-            m_t = new_t
-        m_s = new_s
-    return m_s, sum_s, m_t, sum_t, x, sum_e
-
-
-@triton.jit
-def _pair_sweep(s_row, t_row, V, read_end, active, scale2, DIV: tl.constexpr, ENTROPY: tl.constexpr,
-                HAS_T: tl.constexpr, KEEP_S: tl.constexpr, KEEP_T: tl.constexpr, BLOCK_V: tl.constexpr):
-    """The first sweep over a student row and its teacher row: ``(r_s, c_s, lse2_s, sum_s, r_t, c_t,
-    lse2_t, kl2, sum_e)``: each row's ``row_centre`` pair and base-2 logsumexp, the student's sum,
-    the forward or reverse KL in base 2 and the entropy sum; the exact pass for a row whose per-lane
-    sums overflowed. Without ``HAS_T`` the teacher's values are the student's."""
-    offs = tl.arange(0, BLOCK_V)
-    n_blocks = tl.cdiv(V, BLOCK_V)
-    # Per-lane sums against each row's first-block max (logits' units), the next blocks loaded
-    # before these are used. The KL cross terms take the difference of the two centred logits,
-    # (zt - ref_t) - (zs - ref_s), so their error does not grow with the logits' magnitude.
-    zs_next = _load_block(s_row, offs, read_end, KEEP_S)
-    ref_s = row_reference(zs_next.to(tl.float32))
-    zt_next = zs_next
-    ref_t = ref_s
-    if HAS_T:
-        zt_next = _load_block(t_row, offs, read_end, KEEP_T)
-        ref_t = row_reference(zt_next.to(tl.float32))
+    zs_next = zs_first
+    zt_next = zt_first
     acc_s = tl.zeros([BLOCK_V], dtype=tl.float32)
     acc_t = tl.zeros([BLOCK_V], dtype=tl.float32)
     acc_x = tl.zeros([BLOCK_V], dtype=tl.float32)
     acc_e = tl.zeros([BLOCK_V], dtype=tl.float32)
-    for i in tl.range(0, tl.where(active, n_blocks, 0)):
+    for i in tl.range(0, n_blocks):
         xs = zs_next.to(tl.float32)
         ds = (xs - ref_s) * scale2
         dt = (zt_next.to(tl.float32) - ref_t) * scale2
@@ -142,39 +96,71 @@ def _pair_sweep(s_row, t_row, V, read_end, active, scale2, DIV: tl.constexpr, EN
                 acc_x += tl.where(dt > float("-inf"), et * (dt - ds), 0.0)
             elif DIV == DIV_REVERSE_KL:
                 acc_x += tl.where(ds > float("-inf"), es * (ds - dt), 0.0)
-    m_s = ref_s * scale2
-    m_t = ref_t * scale2
-    lse2_s, sum_s, ok = finish_sum(m_s, acc_s)
-    lse2_t = lse2_s
-    sum_t = sum_s
+    return tl.sum(acc_s, axis=0), tl.sum(acc_t, axis=0), tl.sum(acc_x, axis=0), tl.sum(acc_e, axis=0)
+
+
+@triton.jit
+def _sums_ok(sum_s, sum_t, x, sum_e, DIV: tl.constexpr, HAS_T: tl.constexpr):
+    """Whether a row's sums from ``_pair_sums`` are usable: each sum of exponentials in ``(0, inf)``,
+    and the entropy's and the KL's sums, which multiply exponentials by differences and so overflow
+    before the sums of exponentials do, finite."""
+    ok = (sum_s > 0.0) & (sum_s < float("inf")) & (sum_e < float("inf"))
     if HAS_T:
-        lse2_t, sum_t, ok_t = finish_sum(m_t, acc_t)
-        ok = ok & ok_t
-    x = tl.sum(acc_x, axis=0)
-    sum_e = tl.sum(acc_e, axis=0)
-    # The KL's and the entropy's sums multiply exponentials by differences: they overflow before
-    # the sums of exponentials do, and then the row is redone too.
-    ok = ok & (sum_e < float("inf"))
+        ok = ok & (sum_t > 0.0) & (sum_t < float("inf"))
     if DIV == DIV_FORWARD_KL or DIV == DIV_REVERSE_KL:
         ok = ok & is_finite(x)
-    exact = active & ~ok
-    # The fast path's sums are all centred: no correction between the two references.
-    shift = 0.0
-    if exact:
-        c = (ref_t - ref_s) * scale2
-        m_s, sum_s, m_t, sum_t, x, sum_e = _pair_exact(s_row, t_row, V, scale2, c, DIV, ENTROPY, HAS_T, BLOCK_V)
-        lse2_s = m_s + tl.log2(sum_s)
-        lse2_t = lse2_s
+    return ok
+
+
+@triton.jit
+def _exact_reference(row, V, BLOCK_V: tl.constexpr):
+    """A row's max (logits' units; 0 while all -inf): the exact pass's reference."""
+    m = span_max(row, 0, V, BLOCK_V)
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _pair_sweep(s_row, t_row, V, read_end, active, scale2, DIV: tl.constexpr, ENTROPY: tl.constexpr,
+                HAS_T: tl.constexpr, KEEP_S: tl.constexpr, KEEP_T: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The first sweep over a student row and its teacher row: ``(r_s, c_s, lse2_s, sum_s, r_t, c_t,
+    lse2_t, kl2, sum_e)``: each row's ``row_centre`` pair and base-2 logsumexp, the student's sum,
+    the forward or reverse KL in base 2 and the entropy sum; the exact pass for a row whose per-lane
+    sums overflowed. Without ``HAS_T`` the teacher's values are the student's."""
+    offs = tl.arange(0, BLOCK_V)
+    n_blocks = tl.where(active, tl.cdiv(V, BLOCK_V), 0)
+    # Per-lane sums against each row's first-block max (logits' units).
+    zs_first = _load_block(s_row, offs, read_end, KEEP_S)
+    ref_s = row_reference(zs_first.to(tl.float32))
+    zt_first = zs_first
+    ref_t = ref_s
+    if HAS_T:
+        zt_first = _load_block(t_row, offs, read_end, KEEP_T)
+        ref_t = row_reference(zt_first.to(tl.float32))
+    sum_s, sum_t, x, sum_e = _pair_sums(s_row, t_row, zs_first, zt_first, ref_s, ref_t, n_blocks, read_end, scale2,
+                                        DIV, ENTROPY, HAS_T, KEEP_S, KEEP_T, BLOCK_V)
+    if active & ~_sums_ok(sum_s, sum_t, x, sum_e, DIV, HAS_T):
+        # The exact pass: the same sums against each row's max. No logit lies above its reference,
+        # so nothing overflows; only an infinite KL, NaN or inf in the input stay non-finite.
+        ref_s = _exact_reference(s_row, V, BLOCK_V)
+        ref_t = ref_s
+        zs_first = _load_block(s_row, offs, read_end, KEEP_S)
+        zt_first = zs_first
         if HAS_T:
-            lse2_t = m_t + tl.log2(sum_t)
-        shift = c - (m_t - m_s)
-    r_s, c_s = row_centre(ref_s, sum_s, lse2_s, exact)
-    r_t, c_t = row_centre(ref_t, sum_t, lse2_t, exact)
+            ref_t = _exact_reference(t_row, V, BLOCK_V)
+            zt_first = _load_block(t_row, offs, read_end, KEEP_T)
+        sum_s, sum_t, x, sum_e = _pair_sums(s_row, t_row, zs_first, zt_first, ref_s, ref_t, n_blocks, read_end,
+                                            scale2, DIV, ENTROPY, HAS_T, KEEP_S, KEEP_T, BLOCK_V)
+    if not HAS_T:
+        sum_t = sum_s
+    lse2_s = ref_s * scale2 + tl.log2(sum_s)
+    lse2_t = ref_t * scale2 + tl.log2(sum_t)
+    r_s, c_s = row_centre(ref_s, sum_s)
+    r_t, c_t = row_centre(ref_t, sum_t)
     kl2 = 0.0
     if DIV == DIV_FORWARD_KL:
-        kl2 = x / sum_t + shift - tl.log2(sum_t) + tl.log2(sum_s)
+        kl2 = x / sum_t - tl.log2(sum_t) + tl.log2(sum_s)
     elif DIV == DIV_REVERSE_KL:
-        kl2 = x / sum_s - shift - tl.log2(sum_s) + tl.log2(sum_t)
+        kl2 = x / sum_s - tl.log2(sum_s) + tl.log2(sum_t)
     return r_s, c_s, lse2_s, sum_s, r_t, c_t, lse2_t, kl2, sum_e
 
 

@@ -98,10 +98,10 @@ def _rlsd_fwd_kernel(
         lse2_s, sum_s, sum_e, ok = finish_sums(ref_s * scale2, acc_s, acc_e)
         exact = active & ~ok
         if exact:
-            lse2_s, sum_s, sum_e = row_lse_exact(s_row, V, scale2, BLOCK_V, ENTROPY)
+            ref_s, lse2_s, sum_s, sum_e = row_lse_exact(s_row, V, scale2, BLOCK_V, ENTROPY)
         # Log-probs (and the gradient) from the logits centred on the row's reference: precise at any
         # magnitude (see ``row_centre``).
-        r_s, c_s = row_centre(ref_s, sum_s, lse2_s, exact)
+        r_s, c_s = row_centre(ref_s, sum_s)
         entropy = 0.0
         if ENTROPY:
             entropy = tl.where(active, entropy_finish(c_s, sum_s, sum_e), 0.0)
@@ -113,8 +113,8 @@ def _rlsd_fwd_kernel(
             lse2_t, sum_t, ok = finish_sum(ref_t * scale2, acc_t)
             exact_t = active & ~ok
             if exact_t:
-                lse2_t, sum_t, _ = row_lse_exact(t_row, V, scale2, BLOCK_V, False)
-            r_t, c_t = row_centre(ref_t, sum_t, lse2_t, exact_t)
+                ref_t, lse2_t, sum_t, _ = row_lse_exact(t_row, V, scale2, BLOCK_V, False)
+            r_t, c_t = row_centre(ref_t, sum_t)
             zy_t = tl.load(t_row + y_safe, mask=active & y_ok, other=float("-inf")).to(tl.float32)
             lp_t = token_logprob(zy_t, r_t, c_t, scale2)
             flags |= tl.where(active & ~is_finite(lse2_t), FLAG_NONFINITE_TEACHER, 0)

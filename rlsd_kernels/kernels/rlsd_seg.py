@@ -34,9 +34,10 @@ from .common import (
     FLAG_NONFINITE_STUDENT,
     FLAG_NONFINITE_TEACHER,
     entropy_finish,
-    entropy_terms,
+    first_block,
     is_finite,
-    nan_max,
+    lane_sums,
+    max_sums,
     row_reference,
     softmax_grad_block,
     token_logprob,
@@ -51,59 +52,17 @@ def segment_sums(x_row, start, end, scale2, BLOCK_V: tl.constexpr, ENTROPY: tl.c
 
     Per-lane sums against the first block's max, as the row kernels stream; a segment whose sum is
     not in [1, inf) or whose ``t`` overflows (a logit far above the reference, a first block without
-    a finite logit, NaN or inf) is redone against its max by ``segment_sums_exact``. A segment
+    a finite logit, NaN or inf) is redone against its max by ``max_sums``. A segment
     without a finite logit has ``ref = -inf`` and ``s = 0``."""
-    x_first = _first_block(x_row, start, end, BLOCK_V)
+    x_first = first_block(x_row, start, end, BLOCK_V)
     ref = row_reference(x_first.to(tl.float32))
     s, t = lane_sums(x_row, start, end, ref, x_first, scale2, BLOCK_V, ENTROPY)
     # exp2(d) * d overflows some 7 bits of d before exp2(d) does.
     redo = ~((s >= 1.0) & (s < float("inf")) & (t < float("inf")))
     if redo:
-        ref, s, t = segment_sums_exact(x_row, start, end, scale2, BLOCK_V, ENTROPY)
+        # Against the segment's max (``max_sums``); a segment without a finite logit: ref = -inf.
+        ref, s, t = max_sums(x_row, start, end, scale2, BLOCK_V, ENTROPY)
     return ref, s, t
-
-
-@triton.jit
-def segment_sums_exact(x_row, start, end, scale2, BLOCK_V: tl.constexpr, ENTROPY: tl.constexpr):
-    """``segment_sums`` against the segment's max, found by a first pass: no overflow at any range.
-    NaN and +inf logits give a NaN sum (every logit enters the sum, whatever a max does with NaN)."""
-    offs = tl.arange(0, BLOCK_V)
-    m = float("-inf")
-    for col in tl.range(start, end, BLOCK_V):
-        cols = col + offs
-        x = tl.load(x_row + cols, mask=cols < end, other=float("-inf")).to(tl.float32)
-        m = nan_max(m, tl.max(x, axis=0))
-    ref = tl.where(m == float("-inf"), 0.0, m)
-    s, t = lane_sums(x_row, start, end, ref, _first_block(x_row, start, end, BLOCK_V), scale2, BLOCK_V, ENTROPY)
-    return tl.where(m == float("-inf"), float("-inf"), ref), s, t
-
-
-@triton.jit
-def _first_block(x_row, start, end, BLOCK_V: tl.constexpr):
-    offs = start + tl.arange(0, BLOCK_V)
-    return tl.load(x_row + offs, mask=offs < end, other=float("-inf"))
-
-
-@triton.jit
-def lane_sums(x_row, start, end, ref, x_first, scale2, BLOCK_V: tl.constexpr, ENTROPY: tl.constexpr):
-    """``(s, t)``: the sums of ``exp2(d)`` and ``exp2(d) * d`` over ``x_row[start:end]``, with
-    ``d = (x - ref) * scale2``, kept per lane until the end; ``x_first`` is the first block, already
-    loaded, and each next block is loaded before the current one is used."""
-    offs = tl.arange(0, BLOCK_V)
-    x_next = x_first
-    acc_s = tl.zeros([BLOCK_V], dtype=tl.float32)
-    acc_e = tl.zeros([BLOCK_V], dtype=tl.float32)
-    for col in tl.range(start, end, BLOCK_V):
-        d = (x_next.to(tl.float32) - ref) * scale2
-        cols = col + BLOCK_V + offs
-        x_next = tl.load(x_row + cols, mask=cols < end, other=float("-inf"))
-        if ENTROPY:
-            e, ez = entropy_terms(d)
-            acc_s += e
-            acc_e += ez
-        else:
-            acc_s += tl.exp2(d)
-    return tl.sum(acc_s, axis=0), tl.sum(acc_e, axis=0)
 
 
 @triton.jit
