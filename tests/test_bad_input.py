@@ -191,6 +191,15 @@ def test_switches_take_only_true_or_false(value, device):
     assert checked >= 14  # inplace_backward, return_metrics, credit_negative_only, return_entropy
 
 
+@pytest.mark.parametrize("group", ["tp", 2, object()])
+def test_process_group_must_be_a_process_group(group, device):
+    """A wrong ``process_group`` once failed inside ``torch.distributed`` (``'str' object has no
+    attribute 'size'``)."""
+    for fn in _public_calls(device).values():
+        with pytest.raises(TypeError, match="process_group must be a torch.distributed process group"):
+            fn(process_group=group)
+
+
 def test_distillation_without_a_teacher_names_the_divergence(device):
     """With ``lam=0`` (``grpo_opsd_loss``'s default) the message once said that the credit weight
     (lam > 0) needed the teacher."""

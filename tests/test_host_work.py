@@ -201,6 +201,13 @@ def test_deferred_leaves_the_values_alone():
         assert torch.equal(loss, grads[0][0]) and torch.equal(grad, grads[0][1])
 
 
+@pytest.mark.parametrize("kwargs,error", [(dict(keep=-1), "keep"), (dict(keep="a"), "keep"), (dict(keep=1.0), "keep"),
+                                          (dict(keep=True), "keep"), (dict(wait="no"), "wait")])
+def test_check_deferred_arguments(kwargs, error):
+    with pytest.raises(ValueError, match=error):
+        rlsd_kernels.check_deferred(**kwargs)
+
+
 @pytest.mark.gpu
 def test_deferred_on_cuda_raises_at_the_next_call(pending):
     """On CUDA the bad call returns (no sync); the next deferred call raises for it."""

@@ -2,6 +2,7 @@
 sampling, KL to a reference, the entropy bonus and the credit options, each against the float64
 reference (forward, metrics and the student gradient), through both backends."""
 
+import numpy as np
 import pytest
 import torch
 from cases import make_case
@@ -175,6 +176,18 @@ def test_lam_schedule():
     assert lam_schedule(3, start=1.0, end=0.4, decay_steps=6) == pytest.approx(0.7)
     with pytest.raises(ValueError, match="step"):
         lam_schedule(-1)
+    # Numbers of any real type, and one-element tensors, are numbers; NaN and non-numbers name the argument.
+    assert lam_schedule(np.int64(30)) == 0.25 and lam_schedule(torch.tensor(30)) == 0.25
+    for kwargs, name in ((dict(step=float("nan")), "step"), (dict(step=1, decay_steps=float("nan")), "decay_steps"),
+                         (dict(step=1, warmup_steps=float("nan")), "warmup_steps"),
+                         (dict(step=1, start=float("nan")), "start")):
+        with pytest.raises(ValueError, match=name):
+            lam_schedule(**kwargs)
+    for kwargs, name in ((dict(step="3"), "step"), (dict(step=None), "step"), (dict(step=torch.tensor([1, 2])), "step"),
+                         (dict(step=True), "step"), (dict(step=1, decay_steps=None), "decay_steps"),
+                         (dict(step=1, start="0.5"), "start"), (dict(step=1, end=1j), "end")):
+        with pytest.raises(TypeError, match=name):
+            lam_schedule(**kwargs)
 
 
 @pytest.mark.parametrize("name", ["sapo_tau_pos", "sapo_tau_neg"])

@@ -210,7 +210,11 @@ def check_deferred(wait=True, keep=0):
     """Raises the first error found by an earlier call made with ``validate="deferred"``, naming the
     argument and the flat position, as ``validate=True`` would have in that call. With ``wait`` it
     waits for the pending checks (one sync); without it, it reads only the checks whose result has
-    already reached the host, and never blocks. The newest ``keep`` checks are left pending."""
+    already reached the host, and never blocks. The newest ``keep`` checks (a non-negative int) are
+    left pending."""
+    check_switch(wait, "wait")
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+        raise ValueError(f"keep must be a non-negative int, got {keep!r}")
     while len(_pending) > keep:
         event, found, flags, tokens, vocab, names = _pending[0]
         if event is not None:

@@ -28,6 +28,10 @@ class ShardedForm:
     eager_only = True
 
     def __init__(self, inner, group):
+        # Under torch.compile the form is refused next (eager only), naming the compile.
+        if not torch.compiler.is_compiling() and not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+            raise TypeError(f"process_group must be a torch.distributed process group (or None), got "
+                            f"{type(group).__name__}")
         self.inner, self.group = inner, group
         self.names = inner.names
 
