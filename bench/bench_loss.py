@@ -7,11 +7,13 @@ quantiles) and peak extra memory of each provider on the same inputs, the bandwi
 measured copy bandwidth, a table, and a CSV under ``bench/results/<card>/``. The providers are those
 of ``bench_throughput.py`` (see ``providers.py``); that script sweeps shapes and the fused linear form.
 
-Defaults: on a GPU N = 8 x 1024 = 8192 tokens, V = 151,936 (Qwen), bf16, as in ``../shared/anchors``;
-on CPU a small size through the chunked PyTorch path. ``TRITON_INTERPRET=1 ... --check-only`` checks
-the Triton kernels themselves on CPU.
+Defaults: on a GPU (``--device cuda``, the default where one is visible) N = 8 x 1024 = 8192 tokens,
+V = 151,936 (Qwen), bf16, as in ``../shared/anchors``; on CPU (``--device cpu``, the default where no
+GPU is visible) a small size through the chunked PyTorch path. ``--device cuda`` without a GPU exits
+with a message. ``TRITON_INTERPRET=1 ... --check-only`` checks the Triton kernels themselves on CPU.
 
     python bench/bench_loss.py [--batch 8 --seqlen 1024 --vocab 151936] [--out DIR] [--check-only]
+    python bench/bench_loss.py --device cpu               # the CPU path at a small size
 """
 
 from __future__ import annotations
@@ -31,17 +33,26 @@ import providers as P  # noqa: E402
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    gpu = torch.cuda.is_available()
-    parser.add_argument("--batch", type=int, default=8 if gpu else 4)
-    parser.add_argument("--seqlen", type=int, default=1024 if gpu else 256)
-    parser.add_argument("--vocab", type=int, default=151936 if gpu else 8192)
-    parser.add_argument("--dtype", default="bf16" if gpu else "fp32", choices=["bf16", "fp16", "fp32"])
-    parser.add_argument("--out", default=None, help="folder for the CSV (default bench/results/<card>/)")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                        help="cuda (the default where a GPU is visible) or cpu (the CPU path, small default sizes)")
+    parser.add_argument("--batch", type=common.positive_int, default=None, help="sequences (8 on cuda, 4 on cpu)")
+    parser.add_argument("--seqlen", type=common.positive_int, default=None,
+                        help="tokens per sequence (1024 on cuda, 256 on cpu)")
+    parser.add_argument("--vocab", type=common.positive_int, default=None,
+                        help="vocabulary (151936 on cuda, 8192 on cpu)")
+    parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="bf16 on cuda, fp32 on cpu")
+    parser.add_argument("--out", type=common.out_folder, default=None,
+                        help="folder for the CSV, created if need be (default bench/results/<card>/)")
     parser.add_argument("--check-only", action="store_true", help="only the correctness gate")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the naive loss")
     args = parser.parse_args(argv)
+    device = common.pick_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), "bench/bench_loss.py")
+    gpu = device.type == "cuda"
+    for name, on_gpu, on_cpu in (("batch", 8, 4), ("seqlen", 1024, 256), ("vocab", 151936, 8192),
+                                 ("dtype", "bf16", "fp32")):
+        if getattr(args, name) is None:
+            setattr(args, name, on_gpu if gpu else on_cpu)
     dtype = P.DTYPES[args.dtype]
-    device = torch.device("cuda" if gpu else "cpu")
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     path = "Triton kernels" + (" (interpreter)" if interpret else "") if gpu or interpret else "CPU path"
     info = common.device_info(device.type)

@@ -35,54 +35,69 @@ PRESETS = {
     "quick": {"seqlens": [8192, 32768], "vocab": 151936, "hidden": 4096},
     "tiny": {"seqlens": [32, 64, 128], "vocab": 1000, "hidden": 32},
 }
+FORMS = ("logits", "linear")
+MODES = ["fwd_bwd"]
 
 
 def parse(argv):
+    """The arguments, every one checked (a usage error, exit status 2, for a bad one); ``args.preset``
+    is the preset's name and ``args.seqlens``, ``args.vocab``, ``args.hidden`` the sizes (the preset's
+    where a flag is absent)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                    help="cpu: a dry run of the code paths at tiny sizes (no figures worth keeping)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="sizes: full (default on cuda), quick, tiny (default on cpu)")
-    p.add_argument("--seqlens", type=common.parse_ints, default=None, help="sequence lengths, e.g. 4k,32k,128k")
-    p.add_argument("--vocab", type=int, default=None)
-    p.add_argument("--hidden", type=int, default=None, help="hidden size H of the fused linear form")
+                   help="sizes: full (default on cuda), quick, tiny (default on cpu); a size flag given "
+                        "replaces the preset's")
+    p.add_argument("--seqlens", type=common.parse_ints, default=None,
+                   help="sequence lengths, e.g. 4k,32k,128k (k = 1024; whole numbers >= 1, repeats dropped)")
+    p.add_argument("--vocab", type=common.positive_int, default=None, help="vocabulary V")
+    p.add_argument("--hidden", type=common.positive_int, default=None, help="hidden size H of the fused linear form")
     p.add_argument("--dtype", choices=sorted(P.DTYPES), default=None, help="bf16 on cuda, fp32 on cpu")
-    p.add_argument("--forms", default="logits,linear", help="logits, linear or both")
-    p.add_argument("--providers", default=None, help=f"a subset of {','.join(P.provider_names())}")
-    p.add_argument("--budget-s", type=float, default=0, help="start nothing new after this many seconds (0: none)")
+    p.add_argument("--forms", type=common.names(FORMS, "forms"), default=list(FORMS), help="logits, linear or both")
+    p.add_argument("--providers", type=common.names(P.provider_names(), "providers"), default=None,
+                   help=f"a subset of {','.join(P.provider_names())}; each must run one of the forms")
+    p.add_argument("--budget-s", type=common.non_negative, default=0,
+                   help="start nothing new after this many seconds (0: no limit)")
     p.add_argument("--logits-share", type=float, default=0.4,
                    help="the part of the budget the logits form may use before the linear form starts")
-    p.add_argument("--max-call-s", type=float, default=5.0,
+    p.add_argument("--max-call-s", type=common.non_negative, default=5.0,
                    help="a provider whose call took longer is not tried at larger N (0: no limit)")
-    p.add_argument("--out", default=None, help="folder for CSVs and the plot (default bench/results/<card>/)")
+    p.add_argument("--out", type=common.out_folder, default=None,
+                   help="folder for CSVs and the plot, created if need be (default bench/results/<card>/)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="log lines only, no progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.preset = args.preset or ("full" if args.device == "cuda" else "tiny")
+    for k in ("seqlens", "vocab", "hidden"):
+        if getattr(args, k) is None:
+            setattr(args, k, PRESETS[args.preset][k])
+    problem = P.unusable(args.forms, MODES, args.providers)
+    if problem:
+        p.error(problem)
+    return args
 
 
 def main(argv=None) -> int:
     args = parse(argv)
     start = time.monotonic()
     device = common.pick_device(args.device, "bench/bench_memory.py")
-    preset = PRESETS[args.preset or ("full" if device.type == "cuda" else "tiny")]
-    seqlens = args.seqlens or preset["seqlens"]
-    vocab, hidden = args.vocab or preset["vocab"], args.hidden or preset["hidden"]
+    seqlens, vocab, hidden = args.seqlens, args.vocab, args.hidden
     dtype = P.DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    forms = [f for f in args.forms.split(",") if f]
-    names = set(args.providers.split(",")) if args.providers else None
-    common.check_choices(forms=(forms, ("logits", "linear")), providers=(names or (), P.provider_names()))
+    forms, names = args.forms, args.providers
     info = common.device_info(device.type)
-    out = Path(args.out) if args.out else common.RESULTS / common.card_slug(info["device"])
+    out = args.out or common.RESULTS / common.card_slug(info["device"])
     print(f"memory on long traces, {info['device']} (torch {info['torch']}, triton {info['triton']}, commit "
           f"{info['commit']}): N {seqlens}, V {vocab}, H {hidden}, {P.DTYPE_NAMES[dtype]}, forms {forms}, "
           f"budget {args.budget_s or 'none'} s", flush=True)
 
     chosen = {form: P.providers(form, names) for form in forms}
-    modes = ["fwd_bwd"]
+    modes = MODES
     total = sum(len(seqlens) * len(Sweep.tasks(chosen[f], modes)) for f in forms)
     progress = common.Progress(total, "memory", enabled=not args.no_progress)
     sweep = Sweep(device, dtype, {}, timing=False, max_call_s=args.max_call_s or None, gate_batch=1,
                   progress=progress, extra={"bench": "memory"})
+    written = []
     for i, form in enumerate(forms):
         deadline = None
         if args.budget_s:
@@ -90,16 +105,16 @@ def main(argv=None) -> int:
             deadline = start + share * args.budget_s
         for n in seqlens:
             sweep.shape(form, chosen[form], modes, batch=1, seqlen=n, vocab=vocab, hidden=hidden, deadline=deadline)
-            common.write_csv(sweep.rows, "memory", out, device.type)
+            written.append(common.write_csv(sweep.rows, "memory", out, device.type))
             if sweep.gate_rows:
-                common.write_csv(sweep.gate_rows, "memory_gate", out, device.type)
+                written.append(common.write_csv(sweep.gate_rows, "memory_gate", out, device.type))
     progress.close()
     data = report.load(out)
     if not args.no_plot:
         plot = report.plot_memory(data["memory"], out / "memory.png")
         if plot:
             print(f"written: {plot}")
-    print(f"written: {out / 'memory.csv'}, {out / 'memory_gate.csv'} ({time.monotonic() - start:.0f} s)")
+    print(f"written: {', '.join(map(str, dict.fromkeys(written)))} ({time.monotonic() - start:.0f} s)")
     for line in report.gate_summary(data["memory_gate"]):
         print(line)
     for form in forms:

@@ -43,40 +43,62 @@ PRESETS = {
     "quick": {"ns": [1024, 8192], "vocabs": [151936, 32768], "hidden": 4096, "seqlen": 1024},
     "tiny": {"ns": [64, 128], "vocabs": [1000, 2048], "hidden": 32, "seqlen": 32},
 }
+FORMS = ("logits", "linear")
+MODES = ("fwd_bwd", "fwd")
 # Timing windows: the tiny preset only exercises the code paths, so it times as little as it can.
 MEASURE = {"tiny": {"warmup_ms": 0.0, "rep_ms": 1.0, "min_reps": 2}}
 
 
 def parse(argv):
+    """The arguments, every one checked (a usage error, exit status 2, for a bad one); ``args.size``
+    holds the sizes (the preset's where a flag is absent) and ``args.preset`` the preset's name."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                    help="cpu: a dry run of the code paths at tiny sizes (no figures worth keeping)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="sizes: full (default on cuda), quick, tiny (default on cpu)")
-    p.add_argument("--ns", type=common.parse_ints, default=None, help="tokens N, e.g. 1k,8k,32k (k = 1024)")
-    p.add_argument("--vocabs", type=common.parse_ints, default=None, help="vocabularies V, e.g. 151936,32k")
-    p.add_argument("--hidden", type=int, default=None, help="hidden size H of the fused linear form")
-    p.add_argument("--seqlen", type=int, default=None, help="tokens per sequence (N = sequences x seqlen)")
+                   help="sizes: full (default on cuda), quick, tiny (default on cpu); a size flag given "
+                        "replaces the preset's")
+    p.add_argument("--ns", type=common.parse_ints, default=None,
+                   help="tokens N, e.g. 1k,8k,32k (k = 1024; whole numbers >= 1, repeats dropped)")
+    p.add_argument("--vocabs", type=common.parse_ints, default=None,
+                   help="vocabularies V, e.g. 151936,32k (repeats dropped)")
+    p.add_argument("--hidden", type=common.positive_int, default=None, help="hidden size H of the fused linear form")
+    p.add_argument("--seqlen", type=common.positive_int, default=None,
+                   help="tokens per sequence (N = sequences x seqlen; an N above it must be a multiple of it)")
     p.add_argument("--dtype", choices=sorted(P.DTYPES), default=None, help="bf16 on cuda, fp32 on cpu")
-    p.add_argument("--forms", default="logits,linear", help="logits, linear or both")
-    p.add_argument("--modes", default="fwd_bwd,fwd", help="fwd_bwd, fwd or both")
-    p.add_argument("--providers", default=None, help=f"a subset of {','.join(P.provider_names())}")
-    p.add_argument("--budget-s", type=float, default=0, help="start nothing new after this many seconds (0: none)")
+    p.add_argument("--forms", type=common.names(FORMS, "forms"), default=list(FORMS), help="logits, linear or both")
+    p.add_argument("--modes", type=common.names(MODES, "modes"), default=list(MODES), help="fwd_bwd, fwd or both")
+    p.add_argument("--providers", type=common.names(P.provider_names(), "providers"), default=None,
+                   help=f"a subset of {','.join(P.provider_names())}; each must run one of the forms and modes")
+    p.add_argument("--budget-s", type=common.non_negative, default=0,
+                   help="start nothing new after this many seconds (0: no limit)")
     p.add_argument("--logits-share", type=float, default=0.4,
                    help="the part of the budget the logits form may use before the linear form starts")
-    p.add_argument("--max-call-s", type=float, default=1.5,
+    p.add_argument("--max-call-s", type=common.non_negative, default=1.5,
                    help="a provider whose call took longer is not tried at larger N (0: no limit)")
-    p.add_argument("--rep-ms", type=float, default=100.0, help="time spent on timed calls per measurement")
-    p.add_argument("--out", default=None, help="folder for CSVs and the plot (default bench/results/<card>/)")
+    p.add_argument("--rep-ms", type=common.non_negative, default=None,
+                   help="time spent on timed calls per measurement (default 100; 1 with the tiny preset)")
+    p.add_argument("--out", type=common.out_folder, default=None,
+                   help="folder for CSVs and the plot, created if need be (default bench/results/<card>/)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="log lines only, no progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.preset = args.preset or ("full" if args.device == "cuda" else "tiny")
+    preset = PRESETS[args.preset]
+    args.size = {k: preset[k] if getattr(args, k) is None else getattr(args, k) for k in ("ns", "vocabs", "hidden",
+                                                                                            "seqlen")}
+    for n in args.size["ns"]:
+        if n > args.size["seqlen"] and n % args.size["seqlen"]:
+            p.error(f"N = {n} (--ns) is not a multiple of --seqlen {args.size['seqlen']}")
+    problem = P.unusable(args.forms, args.modes, args.providers)
+    if problem:
+        p.error(problem)
+    return args
 
 
-def sizes(args, device):
-    name = args.preset or ("full" if device.type == "cuda" else "tiny")
-    preset = PRESETS[name]
-    return name, {k: getattr(args, k) or preset[k] for k in ("ns", "vocabs", "hidden", "seqlen")}
+def timing(args) -> dict:
+    """The timing window of :func:`common.measure`: the preset's, ``--rep-ms`` where given."""
+    return {**MEASURE.get(args.preset, {"rep_ms": 100.0}), **({} if args.rep_ms is None else {"rep_ms": args.rep_ms})}
 
 
 def passes(modes, vocabs):
@@ -91,8 +113,7 @@ def layout(n, seqlen):
     """``(sequences, tokens per sequence)`` for N tokens."""
     if n <= seqlen:
         return 1, n
-    if n % seqlen:
-        raise SystemExit(f"N = {n} is not a multiple of --seqlen {seqlen}")
+    assert n % seqlen == 0, (n, seqlen)  # parse() refuses such sizes
     return n // seqlen, seqlen
 
 
@@ -100,16 +121,12 @@ def main(argv=None) -> int:
     args = parse(argv)
     start = time.monotonic()
     device = common.pick_device(args.device, "bench/bench_throughput.py")
-    preset, size = sizes(args, device)
-    measure_kw = MEASURE.get(preset, {"rep_ms": args.rep_ms})
+    preset, size = args.preset, args.size
+    measure_kw = timing(args)
     dtype = P.DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    forms = [f for f in args.forms.split(",") if f]
-    modes = [m for m in args.modes.split(",") if m]
-    names = set(args.providers.split(",")) if args.providers else None
-    common.check_choices(forms=(forms, ("logits", "linear")), modes=(modes, ("fwd_bwd", "fwd")),
-                  providers=(names or (), P.provider_names()))
+    forms, modes, names = args.forms, args.modes, args.providers
     info = common.device_info(device.type)
-    out = Path(args.out) if args.out else common.RESULTS / common.card_slug(info["device"])
+    out = args.out or common.RESULTS / common.card_slug(info["device"])
     print(f"throughput on {info['device']} (torch {info['torch']}, triton {info['triton']}, commit {info['commit']}): "
           f"N {size['ns']}, V {size['vocabs']}, H {size['hidden']}, {P.DTYPE_NAMES[dtype]}, forms {forms}, "
           f"modes {modes}, budget {args.budget_s or 'none'} s", flush=True)
@@ -121,6 +138,7 @@ def main(argv=None) -> int:
     progress = common.Progress(total, "throughput", enabled=not args.no_progress)
     sweep = Sweep(device, dtype, ceil, timing=True, max_call_s=args.max_call_s or None, progress=progress,
                   measure_kw=measure_kw, extra={"bench": "throughput"})
+    written = []
     for i, form in enumerate(forms):
         deadline = None
         if args.budget_s:
@@ -131,9 +149,9 @@ def main(argv=None) -> int:
                 batch, seqlen = layout(n, size["seqlen"])
                 sweep.shape(form, chosen[form], [mode], batch=batch, seqlen=seqlen, vocab=vocab,
                             hidden=size["hidden"], deadline=deadline, gate_modes=modes)
-                common.write_csv(sweep.rows, "throughput", out, device.type)
+                written.append(common.write_csv(sweep.rows, "throughput", out, device.type))
                 if sweep.gate_rows:
-                    common.write_csv(sweep.gate_rows, "throughput_gate", out, device.type)
+                    written.append(common.write_csv(sweep.gate_rows, "throughput_gate", out, device.type))
     progress.close()
     from rlsd_kernels.launch.tuning import tuned_configs
 
@@ -145,7 +163,7 @@ def main(argv=None) -> int:
         plot = report.plot_throughput(data["throughput"], out / "throughput.png")
         if plot:
             print(f"written: {plot}")
-    print(f"written: {out / 'throughput.csv'}, {out / 'throughput_gate.csv'} ({time.monotonic() - start:.0f} s)")
+    print(f"written: {', '.join(map(str, dict.fromkeys(written)))} ({time.monotonic() - start:.0f} s)")
     data = report.load(out)
     for line in report.gate_summary(data["throughput_gate"]):
         print(line)

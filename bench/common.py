@@ -8,15 +8,18 @@ can be exercised without a GPU.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import functools
 import gc
 import hashlib
+import io
 import os
 import subprocess
 import sys
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import torch
@@ -24,17 +27,18 @@ import torch
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RESULTS = BENCH / "results"
-GPU_ONLY = ("{what} needs a CUDA GPU and none is visible here, so nothing was measured. "
-            "For a dry run of its code paths at tiny sizes on CPU, pass --device cpu.")
+GPU_ONLY = "{what} needs a CUDA GPU and none is visible here, so nothing was measured. {hint}"
+DRY_RUN_HINT = "For a dry run of its code paths at tiny sizes on CPU, pass --device cpu."
 
 
 class Unavailable(Exception):
     """A provider that cannot run here (not installed, not in this version, needs CUDA)."""
 
 
-def require_cuda(what: str) -> None:
+def require_cuda(what: str, hint: str = DRY_RUN_HINT) -> None:
+    """A clear exit (no traceback) where no CUDA GPU is visible; ``hint`` says what runs without one."""
     if not torch.cuda.is_available():
-        raise SystemExit(GPU_ONLY.format(what=what))
+        raise SystemExit(GPU_ONLY.format(what=what, hint=hint))
 
 
 def pick_device(requested: str | None, what: str) -> torch.device:
@@ -126,12 +130,55 @@ def _cell(v):
     return f"{v:.6g}" if isinstance(v, float) else v
 
 
-def read_csvs(paths) -> list[dict]:
-    """Rows of several CSVs written by :func:`write_csv`; refuses figures from more than one card."""
+# The columns every results row carries filled (``cuda`` is empty on a CPU-only torch).
+INFO_COLUMNS = ("device", "torch", "triton", "commit", "date")
+
+
+def read_csv(path, required=()) -> list[dict]:
+    """Rows of one CSV written by :func:`write_csv`, each with ``source`` (the file's stem) and
+    ``source_line`` (its line in the file).
+
+    Refuses (a clear exit naming the file and line) what :func:`write_csv` never writes: a file that is
+    not UTF-8 text, a header without the columns of :data:`INFO_COLUMNS` or of ``required``, a row with fewer or more
+    fields than the header or an empty ``device``/version/commit/date cell, a last line cut short.
+    """
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise SystemExit(f"{path}: not a results CSV (not UTF-8 text)") from None
+    if "\0" in text:
+        raise SystemExit(f"{path}: not a results CSV (binary content)")
+    if text and not text.endswith("\n"):
+        raise SystemExit(f"{path}: the last line is cut short (the file does not end with a line break)")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    if header is None:
+        raise SystemExit(f"{path}: empty file, not a results CSV")
+    missing = [c for c in (*INFO_COLUMNS, *required) if c not in header]
+    if missing:
+        raise SystemExit(f"{path}: not a results CSV: no column {', '.join(missing)}")
+    rows = []
+    for record in reader:
+        line = reader.line_num
+        if len(record) != len(header):
+            raise SystemExit(f"{path}: line {line} has {len(record)} fields, the header {len(header)} "
+                             "(a truncated or damaged file)")
+        row = dict(zip(header, record, strict=True))
+        empty = [c for c in INFO_COLUMNS if not row[c]]
+        if empty:
+            raise SystemExit(f"{path}: line {line}: empty {', '.join(empty)} (a truncated or damaged file)")
+        rows.append(dict(row, source=path.stem, source_line=line))
+    return rows
+
+
+def read_csvs(paths, required=None) -> list[dict]:
+    """Rows of several CSVs (:func:`read_csv`; ``required`` maps a file's stem to the columns it must
+    have); refuses figures from more than one card."""
     rows = []
     for path in paths:
-        with open(path, newline="") as f:
-            rows += [dict(r, source=Path(path).stem) for r in csv.DictReader(f)]
+        rows += read_csv(path, (required or {}).get(Path(path).stem, ()))
     devices = sorted({r["device"] for r in rows})
     if len(devices) > 1:
         raise SystemExit(f"these CSVs come from different cards ({', '.join(devices)}): figures from different "
@@ -381,20 +428,73 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def positive_int(part: str) -> int:
+    """An argparse type: one size, ``k`` = 1024 (``"1.5k"`` -> 1536); anything but a whole number of at
+    least 1 is refused."""
+    text = part.strip().lower()
+    scale = 1024 if text.endswith("k") else 1
+    try:
+        value = Decimal(text[:-1] if scale > 1 else text) * scale
+    except ArithmeticError:
+        raise argparse.ArgumentTypeError(f"{part.strip()!r} is not a size (a whole number, k = 1024)") from None
+    if not value.is_finite() or value != value.to_integral_value():
+        raise argparse.ArgumentTypeError(f"{part.strip()!r} is not a whole number")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{part.strip()!r}: must be a whole number of at least 1")
+    return int(value)
+
+
 def parse_ints(text: str) -> list[int]:
-    """``"1k,4k,151936"`` -> ``[1024, 4096, 151936]`` (k = 1024)."""
-    out = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        if part:
-            out.append(int(float(part[:-1]) * 1024) if part.endswith("k") else int(part))
-    return out
+    """An argparse type: ``"1k,4k,151936"`` -> ``[1024, 4096, 151936]`` (k = 1024).
+
+    Every value must be a whole number of at least 1; an empty list or an empty item is refused, and
+    a repeated value is dropped (the first one keeps its place).
+    """
+    parts = text.split(",")
+    if any(not part.strip() for part in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated sizes, e.g. 1k,8k (no empty item)")
+    return list(dict.fromkeys(positive_int(part) for part in parts))
 
 
-def check_choices(**given) -> None:
-    """A clear exit for an unknown name in a comma list: ``check_choices(forms=(given, allowed))``."""
-    for what, (values, allowed) in given.items():
-        bad = sorted(set(values) - set(allowed))
+def non_negative(text: str) -> float:
+    """An argparse type: a finite number of at least 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number of at least 0")
+    return value
+
+
+def names(allowed, what: str):
+    """An argparse type for a comma list of names from ``allowed``: a list without duplicates, in order;
+    an empty list, an empty item or an unknown name is refused."""
+
+    def parse(text: str) -> list[str]:
+        parts = [part.strip() for part in text.split(",")]
+        if any(not part for part in parts):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated {what} from {', '.join(allowed)} "
+                                             "(no empty item)")
+        bad = [part for part in parts if part not in allowed]
         if bad:
-            raise SystemExit(f"unknown {what}: {', '.join(bad)} (choose from {', '.join(allowed)})")
+            raise argparse.ArgumentTypeError(f"unknown {what}: {', '.join(bad)} (choose from {', '.join(allowed)})")
+        return list(dict.fromkeys(parts))
 
+    return parse
+
+
+def out_folder(text: str) -> Path:
+    """An argparse type for ``--out``: a folder, created now (a path that cannot be one is refused)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty (leave --out out for the default folder)")
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot use {text!r} as a folder: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write into {text!r}")
+    return path

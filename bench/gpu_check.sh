@@ -25,13 +25,67 @@
 #   MATRIX_TESTS="tests/test_formulas.py" MATRIX_ONLY=1 bash bench/gpu_check.sh   # a part of it
 #   THROUGHPUT_ARGS="--vocabs 32k,128k,256k" MEMORY_ARGS="--forms linear" bash bench/gpu_check.sh
 #                                         # a second run for what a first one's budget cut
+#
+# Takes no arguments: it is set by environment variables (bash bench/gpu_check.sh --help lists them).
+# Without DRY_RUN=1 it needs a CUDA GPU and stops before starting where none is visible. A part that
+# fails or times out does not stop the others; the script then lists the failed parts last and exits 1.
 set -uo pipefail
+
+usage() {
+  cat <<'USAGE'
+usage: [VAR=value ...] bash bench/gpu_check.sh [-h | --help]
+
+The prepared check for a lent GPU: set-up, the gpu-marked tests, the throughput and memory sweeps,
+a report; each part time-boxed, results in $OUT. It takes no arguments; environment variables:
+
+  OUT=DIR                  results and gpu_check.log (default /tmp/gpu_check)
+  PYTHON=PATH              the Python to run (default python3)
+  DRY_RUN=1                the same steps on CPU at tiny sizes (no GPU needed; without it, a CUDA GPU
+                           is required and the script stops before starting where none is visible)
+  QUICK=1                  a few shapes per sweep (about 4 minutes)
+  TOTAL_S, TOTAL_S_QUICK   the whole script's target in seconds (450; 300 with QUICK=1)
+  TESTS_S                  time box of the gpu tests (140)
+  THROUGHPUT_BUDGET_S      the throughput sweep's budget (default: what TOTAL_S leaves, at least 60)
+  MEMORY_BUDGET_S, MEMORY_BUDGET_S_QUICK   the memory sweep's budget (65; 40 with QUICK=1)
+  THROUGHPUT_ARGS, MEMORY_ARGS   more options for bench_throughput.py / bench_memory.py
+  MATRIX=1, MATRIX_S       the option matrix after the gpu tests, and its time box (150)
+  MATRIX_ONLY=1, MATRIX_S_ONLY   set-up and the option matrix only, and its time box (420)
+  MATRIX_TESTS             the test files of the option matrix (space-separated)
+  HOST_OVERHEAD=1          host work per call, after the sweeps
+  LINEAR_CHECK=1, LINEAR_SLAB_S, LINEAR_S   the fused linear form's schedule, and its time boxes (280, 150)
+  SEGMENTED_CHECK=1, SEGMENTED_S   the segmented strategy (segmented_check.py), and its time box (200)
+  PYTORCH_CUDA_ALLOC_CONF  passed on (default expandable_segments:True)
+
+A part that fails or times out does not stop the others: the failed parts are listed last and the
+exit status is then 1 (0 when every part passed). See bench/README.md.
+USAGE
+}
+case $# in
+  0) ;;
+  *) if [ "$#" = 1 ] && { [ "$1" = -h ] || [ "$1" = --help ]; }; then usage; exit 0; fi
+     echo "gpu_check.sh: unknown argument(s): $* (it takes none; settings are environment variables)" >&2
+     echo "usage: [VAR=value ...] bash bench/gpu_check.sh [-h | --help]" >&2
+     exit 2 ;;
+esac
+
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
-mkdir -p "$OUT"
-LOG="$OUT/gpu_check.log"
-: > "$LOG"
 PY=${PYTHON:-python3}
+if [ "${DRY_RUN:-0}" = 0 ]; then
+  "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)'
+  rc=$?
+  if [ "$rc" = 3 ]; then
+    echo "gpu_check.sh: no CUDA GPU is visible here, so nothing was run. For the same steps on CPU at tiny" \
+      "sizes: DRY_RUN=1 bash bench/gpu_check.sh" >&2
+    exit 1
+  elif [ "$rc" != 0 ]; then
+    echo "gpu_check.sh: $PY could not import torch (exit $rc): set PYTHON to a Python with torch" >&2
+    exit 1
+  fi
+fi
+mkdir -p "$OUT" || exit 1
+LOG="$OUT/gpu_check.log"
+: > "$LOG" || exit 1
 # The whole script's target, under the 8-minute limit; the throughput sweep gets what is left.
 TOTAL_S=${TOTAL_S:-450}
 TESTS_S=${TESTS_S:-140}
@@ -44,8 +98,10 @@ tests/test_linear.py tests/test_opsd_linear.py tests/test_logprobs.py"}
 MEMORY_BUDGET_S=${MEMORY_BUDGET_S:-65}
 REPORT_S=15
 SIZES=()
+REP_MS=(--rep-ms 60)
 if [ "${DRY_RUN:-0}" != 0 ]; then
   SIZES=(--device cpu)
+  REP_MS=()  # the tiny preset's own timing window: the dry run only exercises the code paths
   # Liger's Triton kernels then run on CPU under the interpreter; ours take their CPU path.
   export TRITON_INTERPRET=1
 elif [ "${QUICK:-0}" != 0 ]; then
@@ -70,9 +126,25 @@ part() {
     say "== $name: exit $rc after $((SECONDS - t0)) s"
   fi
   TIMES+=("$name $((SECONDS - t0))s (rc $rc)")
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+    FAILED+=("$name (timed out)")
+  elif [ "$rc" != 0 ]; then
+    FAILED+=("$name (exit $rc)")
+  fi
   return 0
 }
 TIMES=()
+FAILED=()
+# finish: the parts' times, the failed parts; exit status 1 if any failed.
+finish() {
+  say "== parts: ${TIMES[*]}; total ${SECONDS} s"
+  if [ "${#FAILED[@]}" != 0 ]; then
+    say "== FAILED: ${FAILED[*]} (see $LOG)"
+    exit 1
+  fi
+  say "== every part passed"
+  exit 0
+}
 
 say "== set-up"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -105,8 +177,7 @@ export PY MATRIX_TESTS
 
 if [ "${MATRIX_ONLY:-0}" != 0 ]; then
   part "option matrix" "${MATRIX_S_ONLY:-420}" bash -c "$MATRIX_CMD"
-  say "== parts: ${TIMES[*]}; total ${SECONDS} s"
-  exit 0
+  finish
 fi
 
 TESTS_OUT=$(mktemp)
@@ -121,13 +192,15 @@ grep -E "(passed|failed|error|skipped|deselected|no tests ran).* in [0-9.]+s" "$
 THROUGHPUT_BUDGET_S=${THROUGHPUT_BUDGET_S:-$((TOTAL_S - SECONDS - 35 - (MEMORY_BUDGET_S + 30) - REPORT_S))}
 [ "$THROUGHPUT_BUDGET_S" -ge 60 ] || THROUGHPUT_BUDGET_S=60
 part "throughput" $((THROUGHPUT_BUDGET_S + 35)) "$PY" bench/bench_throughput.py ${SIZES[@]+"${SIZES[@]}"} --out "$OUT" \
-  --budget-s "$THROUGHPUT_BUDGET_S" --rep-ms 60 --no-progress ${THROUGHPUT_EXTRA[@]+"${THROUGHPUT_EXTRA[@]}"}
+  --budget-s "$THROUGHPUT_BUDGET_S" ${REP_MS[@]+"${REP_MS[@]}"} --no-progress ${THROUGHPUT_EXTRA[@]+"${THROUGHPUT_EXTRA[@]}"}
 part "memory" $((MEMORY_BUDGET_S + 30)) "$PY" bench/bench_memory.py ${SIZES[@]+"${SIZES[@]}"} --out "$OUT" \
   --budget-s "$MEMORY_BUDGET_S" --no-progress ${MEMORY_EXTRA[@]+"${MEMORY_EXTRA[@]}"}
 
-say "== parts: ${TIMES[*]}; total ${SECONDS} s"
+say "== parts so far: ${TIMES[*]}; total ${SECONDS} s"
 # --plots redraws both PNGs from the CSVs, so a sweep cut short by its time box still has its plot.
 "$PY" bench/report.py "$OUT" --plots --tests "$(cat "$TESTS_OUT")" 2>&1 | tee -a "$LOG"
+rc=${PIPESTATUS[0]}
+[ "$rc" = 0 ] || FAILED+=("report (exit $rc)")
 rm -f "$TESTS_OUT"
 
 # ---------------------------------------------------------------------------------------------------
@@ -455,3 +528,5 @@ if [ "${SEGMENTED_CHECK:-0}" != 0 ]; then
   [ "${DRY_RUN:-0}" != 0 ] && SEGMENTED_ARGS=(--out "$OUT" --dry-run)
   part "segmented strategy" "${SEGMENTED_S:-200}" "$PY" bench/segmented_check.py "${SEGMENTED_ARGS[@]}"
 fi
+
+finish

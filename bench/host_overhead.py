@@ -27,10 +27,8 @@ and autograd (``_Floor``): what a call could cost with no checks and no layers.
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib
 import math
-import os
 import statistics
 import sys
 import time
@@ -42,12 +40,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import common as bench_common  # noqa: E402
 
 import rlsd_kernels  # noqa: E402
 from rlsd_kernels.launch import common  # noqa: E402
 from rlsd_kernels.launch import rlsd as rlsd_launch  # noqa: E402
 
 LAUNCH_MODULES = ("logprobs", "rlsd", "opsd")
+VARIANTS = ("default", "trainer", "floor")
+DTYPES = ("bfloat16", "float16", "float32")
 
 
 class OpCounter(TorchDispatchMode):
@@ -232,28 +235,40 @@ def measure(fn, validate, calls, device, cached=True):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=1024)
-    p.add_argument("--vocab", type=int, default=151936)
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--calls", type=int, default=300)
-    p.add_argument("--variants", default="default,trainer,floor")
+    p.add_argument("--n", type=bench_common.positive_int, default=1024, help="tokens N (k = 1024)")
+    p.add_argument("--vocab", type=bench_common.positive_int, default=151936, help="vocabulary V (k = 1024)")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--calls", type=bench_common.positive_int, default=300, help="timed calls per variant")
+    p.add_argument("--variants", type=bench_common.names(VARIANTS, "variants"), default=list(VARIANTS),
+                   help=f"a subset of {','.join(VARIANTS)}")
     p.add_argument("--ops", action="store_true", help="print the ATen ops of each call by name")
     p.add_argument("--plain-alloc", action="store_true",
                    help="on CPU, time with glibc's allocation of large blocks (default: cached, as on a GPU)")
-    p.add_argument("--out", default=None, help="CSV path (default bench/results/<device>/host_overhead.csv)")
+    p.add_argument("--out", default=None, help="CSV path ending in .csv, its folder created if need be "
+                   "(default bench/results/<card>/host_overhead.csv)")
     args = p.parse_args(argv)
-    torch.set_num_threads(1)
+    if args.out is not None:
+        out = Path(args.out)
+        if out.suffix != ".csv" or not out.stem:
+            p.error(f"argument --out: {args.out!r} is not a .csv file name")
+        try:
+            bench_common.out_folder(str(out.parent))
+        except argparse.ArgumentTypeError as e:
+            p.error(f"argument --out: {e}")
+    if args.device == "cuda":
+        bench_common.require_cuda("bench/host_overhead.py --device cuda", "Its default, --device cpu, runs on CPU.")
     device = torch.device(args.device)
+    torch.set_num_threads(1)
     restore = stub_kernels()
     rows = []
     try:
-        for variant in args.variants.split(","):
+        for variant in args.variants:
             fn = make_call(args.n, args.vocab, getattr(torch, args.dtype), device, variant)
             for validate in (True, "deferred", False) if variant != "floor" else (False,):
                 count, us, ops = measure(fn, validate, args.calls, device, cached=not args.plain_alloc)
                 rows.append(dict(variant=variant, validate=validate, n=args.n, vocab=args.vocab, dtype=args.dtype,
-                                 device=device.type, aten_ops=count, us_per_call=round(us, 1)))
+                                 aten_ops=count, us_per_call=round(us, 1)))
                 if args.ops:
                     print(f"{variant} validate={validate}: {dict(ops.most_common())}")
     finally:
@@ -263,14 +278,9 @@ def main(argv=None):
     print(f"{'variant':<10} {'validate':>9} {'ATen ops':>9} {'us/call':>9}")
     for r in rows:
         print(f"{r['variant']:<10} {r['validate']!s:>9} {r['aten_ops']:>9} {r['us_per_call']:>9.1f}")
-    card = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).lower().replace(" ", "-")
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / card / "host_overhead.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {os.path.relpath(out, ROOT)}")
+    out = Path(args.out) if args.out else None
+    path = bench_common.write_csv(rows, out.stem if out else "host_overhead", out and out.parent, device.type)
+    print(f"wrote {path}")
     return rows
 
 

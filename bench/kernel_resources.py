@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("kernel_resources.py compiles real kernels: run it without TRITON_INTERPRET=1")
@@ -32,6 +33,9 @@ from rlsd_kernels.kernels.opsd_shard import _jsd_sums_kernel, _opsd_stats_kernel
 from rlsd_kernels.kernels.rlsd import _rlsd_fwd_kernel, _rlsd_token_kernel, _scale_kernel  # noqa: E402
 from rlsd_kernels.kernels.rlsd_seg import _rlsd_seg_kernel  # noqa: E402
 from rlsd_kernels.launch.tuning import _candidates  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 FLOAT_ARGS = {"scale2", "inv_temp", "log_w_lo", "log_w_hi", "lam", "clip_lo", "clip_hi", "dual_clip", "log_tis_cap",
               "sapo_tau_pos", "sapo_tau_neg",
@@ -163,17 +167,21 @@ def _build(index):
     return dict(kernel=kernel.__name__, logits=logits, num_warps=warps, **flags, **resources(compiled))
 
 
+# The targets checked with this script (the sm_XX Triton's CUDA backend and ptxas build for it); others
+# are refused up front rather than failing deep inside LLVM.
+CAPABILITIES = (80, 86, 89, 90)
 _CAPABILITY = 90
 _CHOSEN = []
 
 
-def main():
+def main(argv=None):
     global _CAPABILITY
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--capability", type=int, default=90, help="compute capability, e.g. 90 (Hopper), 80")
+    parser.add_argument("--capability", type=int, choices=CAPABILITIES, default=90,
+                        help="compute capability of the target: 80, 86 (Ampere), 89 (Ada), 90 (Hopper, the default)")
     parser.add_argument("--quick", action="store_true", help="only the default block sizes")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiling processes")
-    args = parser.parse_args()
+    parser.add_argument("--jobs", type=common.positive_int, default=os.cpu_count() or 1, help="compiling processes")
+    args = parser.parse_args(argv)
     _CAPABILITY = args.capability
     _CHOSEN.extend(v for v in variants() if not args.quick or v[1].get("BLOCK_V", 8192) in (8192, 4096))
     # Forked workers inherit the variants and the target.

@@ -463,3 +463,25 @@ def providers(form, names=None) -> list[Provider]:
 
 def provider_names() -> list[str]:
     return sorted({p.name for p in PROVIDERS})
+
+
+def unusable(forms, modes, names) -> str | None:
+    """Why a choice of providers (``names``, None: all) measures nothing in some chosen form, or
+    names one that runs in none of the forms and modes; None when every name and form has work."""
+    if names is None:
+        return None
+    runs = {(p.name, p.form) for p in PROVIDERS if any(m in p.modes for m in modes)}
+    for name in names:
+        if not any((name, form) in runs for form in forms):
+            where = sorted({p.form for p in PROVIDERS if p.name == name})
+            return (f"provider {name} does not run the form {'/'.join(forms)} in mode {'/'.join(modes)} "
+                    f"(it runs: {', '.join(where)}; modes {', '.join(_modes(name))})")
+    for form in forms:
+        if not any((name, form) in runs for name in names):
+            able = sorted({p.name for p in PROVIDERS if p.form == form})
+            return f"none of --providers {','.join(names)} runs the {form} form (its providers: {', '.join(able)})"
+    return None
+
+
+def _modes(name) -> list[str]:
+    return sorted({m for p in PROVIDERS if p.name == name for m in p.modes})

@@ -2,7 +2,9 @@
 """Tables and plots from one card's benchmark CSVs; the short summary ``gpu_check.sh`` prints last.
 
 Reads ``throughput.csv``, ``throughput_gate.csv``, ``memory.csv`` and ``memory_gate.csv`` from one
-folder (whichever exist) and refuses CSVs from more than one card.
+folder (whichever exist) and refuses CSVs from more than one card, and any that is not a complete
+results CSV (a missing column, a row cut short: the error names the file and line). A folder that
+does not exist is a usage error (exit status 2); one without any of the four CSVs, exit status 1.
 
     python bench/report.py bench/results/<card> [--tests "14 passed in 80.1s"] [--plots]
 """
@@ -16,22 +18,39 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import providers as P  # noqa: E402
 
 FILES = ("throughput", "throughput_gate", "memory", "memory_gate")
+# The columns the tables read, beyond those every row carries (common.INFO_COLUMNS), and the figure a
+# measured row (status ok, or model for the floor) must carry.
+REQUIRED = {
+    "throughput": ("provider", "form", "mode", "n", "vocab", "status"),
+    "throughput_gate": ("provider", "form", "vocab", "status"),
+    "memory": ("provider", "form", "n", "vocab", "status"),
+    "memory_gate": ("provider", "form", "vocab", "status"),
+}
+MEASURED = {"throughput": "ms", "memory": "peak_extra_gb"}
 FOCUS = (8192, 151936)
-ORDER = ("naive_eager", "naive_compile", "liger", "cce", "rlsd_kernels", "rlsd_kernels_rows", "rlsd_kernels_inplace",
-         "floor")
+# The peers, then ours, in the order of providers.py, then the model floor: every provider has its place.
+ORDER = (*sorted(dict.fromkeys(p.name for p in P.PROVIDERS),
+                 key=lambda name: any(p.ours for p in P.PROVIDERS if p.name == name)), "floor")
 MODES = {"fwd_bwd": "forward + backward", "fwd": "forward only"}
 # One colour per provider in every panel; ours drawn thicker.
-COLORS = dict(zip(ORDER, ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:red", "tab:brown", "tab:pink",
-                          "gray"), strict=True))
+PALETTE = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:red", "tab:brown", "tab:pink", "tab:olive",
+           "tab:cyan")
+COLORS = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(ORDER[:-1])} | {"floor": "gray"}
 FORMS = {"logits": "from logits", "linear": "fused linear (hidden @ W)"}
 
 
 def load(folder) -> dict[str, list[dict]]:
     folder = Path(folder)
     paths = [folder / f"{name}.csv" for name in FILES if (folder / f"{name}.csv").exists()]
-    rows = common.read_csvs(paths)
+    rows = common.read_csvs(paths, REQUIRED)
+    for r in rows:
+        figure = MEASURED.get(r["source"])
+        if figure and r["status"] in ("ok", "model") and common.number(r.get(figure)) is None:
+            raise SystemExit(f"{folder / r['source']}.csv: line {r['source_line']}: status {r['status']} without "
+                             f"a number in {figure} (a damaged file)")
     return {name: [r for r in rows if r["source"] == name] for name in FILES}
 
 
@@ -50,7 +69,7 @@ def focus_shape(rows, form):
     if FOCUS in shapes:
         return FOCUS
     ran = [(int(r["n"]) * int(r["vocab"]), int(r["n"]), int(r["vocab"])) for r in rows
-           if r["form"] == form and r["ours"] == "1" and r["status"] == "ok"]
+           if r["form"] == form and r.get("ours") == "1" and r["status"] == "ok"]
     if ran:
         return max(ran)[1:]
     return max(shapes, key=lambda s: s[0] * s[1]) if shapes else None
@@ -101,7 +120,7 @@ def speedups(rows) -> list[str]:
             sel = [r for r in rows if r["form"] == form and r["mode"] == mode and r["status"] == "ok"]
             ours = {(r["n"], r["vocab"]): float(r["ms"]) for r in sel if r["provider"] == "rlsd_kernels"}
             parts = []
-            for peer in sorted({r["provider"] for r in sel if r["ours"] == "0"}, key=_order):
+            for peer in sorted({r["provider"] for r in sel if r.get("ours") == "0"}, key=_order):
                 ratios = [float(r["ms"]) / ours[r["n"], r["vocab"]] for r in sel
                           if r["provider"] == peer and (r["n"], r["vocab"]) in ours]
                 if ratios:
@@ -232,13 +251,14 @@ def _pyplot():
     return plt
 
 
-def summary(folder, tests: str | None = None) -> None:
-    """The short table: device, tests, gate, the anchors' shape per form, speed-ups, long-trace memory."""
+def summary(folder, tests: str | None = None) -> bool:
+    """The short table: device, tests, gate, the anchors' shape per form, speed-ups, long-trace memory.
+    False (and a line saying so) when the folder holds no benchmark CSV."""
     data = load(folder)
     every = [r for rows in data.values() for r in rows]
     if not every:
-        print(f"no benchmark CSVs in {folder}")
-        return
+        print(f"no benchmark CSVs ({', '.join(f + '.csv' for f in FILES)}) in {folder}", file=sys.stderr)
+        return False
     r0 = every[0]
     print(f"\n=== rlsd-kernels on {r0['device']}: torch {r0['torch']}, triton {r0['triton']}, commit {r0['commit']}, "
           f"{r0['date']} ===")
@@ -261,22 +281,25 @@ def summary(folder, tests: str | None = None) -> None:
             print("  " + line)
     for form in FORMS:
         memory_table(data["memory"], form)
+    return True
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", help="one card's results folder (bench/results/<card>, or $OUT)")
     parser.add_argument("--tests", default=None, help="the gpu test summary line, printed with the table")
     parser.add_argument("--plots", action="store_true", help="(re)write throughput.png and memory.png there too")
     args = parser.parse_args(argv)
+    if not Path(args.folder).is_dir():
+        parser.error(f"folder {args.folder!r} does not exist or is not a folder")
     if args.plots:
         data = load(args.folder)
         for name, fn in (("throughput", plot_throughput), ("memory", plot_memory)):
             out = fn(data[name], Path(args.folder) / f"{name}.png")
             if out:
                 print(f"written: {out}")
-    summary(args.folder, args.tests)
+    return 0 if summary(args.folder, args.tests) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

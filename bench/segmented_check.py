@@ -106,22 +106,48 @@ def single(args):
         torch.cuda.synchronize()
 
 
-def main():
+DRY_RUN = dict(ns=[32], vocab=700)  # the dry run's sizes: one program under the interpreter
+
+
+def parse(argv):
+    """The arguments, checked up front: a usage error (exit status 2) for a bad one, a clear exit
+    without a GPU (unless ``--dry-run``, which needs ``TRITON_INTERPRET=1`` and takes its own sizes)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="/tmp/gpu_check")
-    parser.add_argument("--ns", default="8192,1024", help="token counts, comma-separated")
-    parser.add_argument("--n", type=int, default=8192)
-    parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument("--out", type=common.out_folder, default=Path("/tmp/gpu_check"),
+                        help="folder for segmented.csv, created if need be (default /tmp/gpu_check)")
+    parser.add_argument("--ns", type=common.parse_ints, default=None,
+                        help="token counts, e.g. 8k,1k (k = 1024; default 8192,1024; repeats dropped)")
+    parser.add_argument("--n", type=common.positive_int, default=8192, help=argparse.SUPPRESS)  # for --single
+    parser.add_argument("--vocab", type=common.positive_int, default=None, help="vocabulary (default 151936)")
     parser.add_argument("--ncu", action="store_true", help="DRAM bytes per strategy with Nsight Compute")
-    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, under the interpreter")
-    parser.add_argument("--single", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--dry-run", action="store_true",
+                        help=f"CPU under the interpreter (TRITON_INTERPRET=1), N = {DRY_RUN['ns'][0]}, "
+                             f"V = {DRY_RUN['vocab']}; refuses --ns, --vocab and --ncu")
+    parser.add_argument("--single", choices=("fused", "split", "segmented"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        given = [flag for flag, value in (("--ns", args.ns), ("--vocab", args.vocab), ("--ncu", args.ncu)) if value]
+        if given:
+            parser.error(f"--dry-run runs its own tiny sizes (N = {DRY_RUN['ns'][0]}, V = {DRY_RUN['vocab']}) "
+                         f"without ncu: drop {', '.join(given)}")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            parser.error("--dry-run runs the kernels under Triton's interpreter: "
+                         "TRITON_INTERPRET=1 python bench/segmented_check.py --dry-run")
+        args.ns, args.vocab = DRY_RUN["ns"], DRY_RUN["vocab"]
+    else:
+        common.require_cuda("bench/segmented_check.py", "For a dry run of its steps on CPU at tiny sizes: "
+                            "TRITON_INTERPRET=1 python bench/segmented_check.py --dry-run")
+        args.ns, args.vocab = args.ns or [8192, 1024], args.vocab or 151936
+    return args
+
+
+def main(argv=None):
+    args = parse(argv)
     if args.single:
         return single(args)
     cuda = not args.dry_run
     device = "cuda" if cuda else "cpu"
-    vocab = args.vocab if cuda else 700
-    ns = [int(n) for n in args.ns.split(",")] if cuda else [32]
+    vocab, ns = args.vocab, args.ns
     columns, configs = (COLUMNS, CONFIGS) if cuda else ((64, 256), ((64, 1),))
     print(f"device {torch.cuda.get_device_name() if cuda else 'cpu (interpreter)'}, V = {vocab}, bf16", flush=True)
     bandwidth = common.copy_bandwidth_tbps(device) * 1e9  # bytes per millisecond
