@@ -7,11 +7,13 @@ import pytest
 
 pytest.importorskip("trl")
 
-from python.rlsd_study import tasks  # noqa: E402
+from python.rlsd_study import (
+    tasks,  # noqa: E402
+    trl_trainer,  # noqa: E402
+)
 from python.rlsd_study.methods import parse_method  # noqa: E402
 from python.rlsd_study.model import CharTokenizer, make_config, make_model  # noqa: E402
 from python.rlsd_study.train import RLConfig  # noqa: E402
-from python.rlsd_study import trl_trainer  # noqa: E402
 
 
 @pytest.mark.parametrize("spec", ["grpo", "rlsd:lam=1:eps_w=0.8"])
