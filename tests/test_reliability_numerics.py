@@ -379,6 +379,27 @@ def test_logprobs_precise_at_large_logits(layout, offset, temperature, backend):
     assert (entropy.double() - exact_h).abs().max().item() <= bound_h, "entropy"
 
 
+@pytest.mark.parametrize("distance", [10.0, 40.0, 85.0])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_between_the_fast_path_and_the_exact_pass(distance, temperature, backend):
+    """A row whose maximum lies ``distance`` (logits / tau) above its first block's, short of the ~88
+    that overflows the fast path's sums: the kernels' sums stay centred on the first block's maximum,
+    so their log-probs and entropies add up to about ``distance * 2**-22`` to twice float32's error
+    (README, Precision); the PyTorch path centres on the row's maximum and keeps within twice."""
+    n, vocab = 64, 3 * BLOCK + 5
+    tokens = _tokens(n, vocab, "plain")
+    x = torch.randn(n, vocab).double() * 3
+    x[:, 2 * BLOCK + 1:2 * BLOCK + 4] += distance * temperature
+    x = x.float()
+    exact_lp, exact_h = reference.token_logprobs(x.double(), tokens, temperature=temperature, return_entropy=True)
+    f32_lp, f32_h = reference.token_logprobs(x, tokens, temperature=temperature, return_entropy=True)
+    lp, h = rlsd_kernels.token_logprobs(x, tokens, temperature=temperature, return_entropy=True)
+    extra = distance * 2.0**-22 if backend == "triton" else 0.0
+    for got, exact, f32 in ((lp, exact_lp, f32_lp), (h, exact_h, f32_h)):
+        bound = 2 * (f32.double() - exact).abs().max().item() + 1e-6 + extra
+        assert (got.double() - exact).abs().max().item() <= bound
+
+
 @pytest.mark.parametrize("layout,offset", [(lay, off) for lay, off in LAYOUT_OFFSETS if off != 1e3])
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "sampled_token"])
 def test_divergences_precise_at_large_logits(divergence, layout, offset, backend):
