@@ -334,7 +334,7 @@ def _layout(x, layout):
     return x.float()
 
 
-def _tokens(n, vocab, layout):
+def _layout_tokens(n, vocab, layout):
     if layout == "jump":
         return torch.randint(2 * BLOCK + 1, 2 * BLOCK + 4, (n,))
     return torch.randint(BLOCK, vocab, (n,))
@@ -347,7 +347,7 @@ def test_logprobs_precise_at_large_logits(layout, offset, temperature, backend):
     a few float32 ulps at 1) when every logit is shifted by a large offset: formed from ``z - max``,
     not from ``z * log2(e) - lse``, on the fast path and on the exact pass alike (``LAYOUTS``)."""
     n, vocab = 64, 3 * BLOCK + 5
-    tokens = _tokens(n, vocab, layout)
+    tokens = _layout_tokens(n, vocab, layout)
     base = torch.randn(n, vocab) * 3
     logits = _layout(base.double() + offset, layout)
     exact = torch.log_softmax(logits.double() / temperature, -1).gather(1, tokens[:, None]).squeeze(1)
@@ -387,7 +387,7 @@ def test_logprobs_between_the_fast_path_and_the_exact_pass(distance, temperature
     so their log-probs and entropies add up to about ``distance * 2**-22`` to twice float32's error
     (README, Precision); the PyTorch path centres on the row's maximum and keeps within twice."""
     n, vocab = 64, 3 * BLOCK + 5
-    tokens = _tokens(n, vocab, "plain")
+    tokens = _layout_tokens(n, vocab, "plain")
     x = torch.randn(n, vocab).double() * 3
     x[:, 2 * BLOCK + 1:2 * BLOCK + 4] += distance * temperature
     x = x.float()
@@ -408,7 +408,7 @@ def test_divergences_precise_at_large_logits(divergence, layout, offset, backend
     shifted by a large offset: the sums take the difference of the two rows' centred logits, on the
     fast path and on the exact pass alike."""
     n, vocab = 32, 3 * BLOCK + 5
-    tokens = _tokens(n, vocab, layout)
+    tokens = _layout_tokens(n, vocab, layout)
     student = _layout(torch.randn(n, vocab).double() * 3 + offset, layout)
     teacher = _layout(torch.randn(n, vocab).double() * 3 + offset, layout)
     exact, f32 = (reference.opsd_loss(s, t, tokens, divergence=divergence, loss_agg="none")
@@ -427,7 +427,7 @@ def test_gradients_precise_at_large_logits(op, layout, offset, backend):
     backward kernel forms them from the stored logsumexp, a relative error of about |lse| * 2**-24:
     README, Precision.)"""
     n, vocab = 32, 3 * BLOCK + 5
-    tokens = _tokens(n, vocab, layout)
+    tokens = _layout_tokens(n, vocab, layout)
     adv = torch.linspace(-1.0, 1.0, n)
     student = _layout(torch.randn(n, vocab).double() * 3 + offset, layout)
     teacher = _layout(torch.randn(n, vocab).double() * 3 + offset, layout)
