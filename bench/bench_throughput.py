@@ -72,8 +72,8 @@ def parse(argv):
                    help=f"a subset of {','.join(P.provider_names())}; each must run one of the forms and modes")
     p.add_argument("--budget-s", type=common.non_negative, default=0,
                    help="start nothing new after this many seconds (0: no limit)")
-    p.add_argument("--logits-share", type=float, default=0.4,
-                   help="the part of the budget the logits form may use before the linear form starts")
+    p.add_argument("--logits-share", type=common.share, default=0.4,
+                   help="the part of the budget (in (0, 1]) the logits form may use before the linear form starts")
     p.add_argument("--max-call-s", type=common.non_negative, default=1.5,
                    help="a provider whose call took longer is not tried at larger N (0: no limit)")
     p.add_argument("--rep-ms", type=common.non_negative, default=None,

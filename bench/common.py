@@ -467,6 +467,17 @@ def non_negative(text: str) -> float:
     return value
 
 
+def share(text: str) -> float:
+    """An argparse type: a part of a whole, a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a number in (0, 1]")
+    return value
+
+
 def names(allowed, what: str):
     """An argparse type for a comma list of names from ``allowed``: a list without duplicates, in order;
     an empty list, an empty item or an unknown name is refused."""

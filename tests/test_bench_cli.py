@@ -51,6 +51,8 @@ THROUGHPUT_BAD = [
     (["--forms", "linear", "--modes", "fwd", "--providers", "rlsd_kernels_rows"], "rlsd_kernels_rows"),
     (["--forms", "logits", "--modes", "fwd", "--providers", "rlsd_kernels_inplace"], "rlsd_kernels_inplace"),
     (["--forms", "logits,linear", "--providers", "rlsd_kernels_rows"], "linear"),
+    (["--logits-share", "0"], "--logits-share"), (["--logits-share", "1.5"], "--logits-share"),
+    (["--logits-share", "nan"], "--logits-share"),
 ]
 
 
@@ -64,6 +66,7 @@ MEMORY_BAD = [
     (["--vocab", "-3"], "--vocab"), (["--vocab", "0"], "--vocab"), (["--hidden", "0"], "--hidden"),
     (["--budget-s", "-5"], "--budget-s"), (["--forms", ""], "--forms"), (["--providers", ""], "--providers"),
     (["--forms", "linear", "--providers", "rlsd_kernels_rows"], "rlsd_kernels_rows"),
+    (["--logits-share", "-0.1"], "--logits-share"),
 ]
 
 
