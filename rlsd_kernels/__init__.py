@@ -14,7 +14,7 @@ passes ``lam_schedule(step)``):
 
 Every loss and log-prob function takes ``process_group`` for vocabulary-parallel inputs.
 ``rlsd_kernels.reference`` holds the plain PyTorch specification of every op. The layers, from the
-bottom: ``reference`` / ``flags`` / ``schedule``; ``kernels/``; ``launch/``; ``call/``; ``forms/``;
+bottom: ``reference`` / ``flags`` / ``scalars`` / ``schedule``; ``kernels/``; ``launch/``; ``call/``; ``forms/``;
 ``autograd/``; ``api/`` (README: Layout).
 """
 

@@ -7,7 +7,7 @@ import pathlib
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "rlsd_kernels"
 # Bottom to top; a module may import from its own layer (without a cycle) or a lower one.
 LAYERS = [
-    ("reference", "flags", "schedule"),
+    ("reference", "flags", "scalars", "schedule"),
     ("kernels",),
     ("launch",),
     ("call",),
