@@ -6,9 +6,10 @@ import inspect
 
 from torch import nn
 
-# The public API only (the package is initialised before this module is imported), so internal
-# moves do not reach here.
+# The public API (the package is initialised before this module is imported) and the checks of its
+# keywords.
 from . import rlsd_linear_loss, rlsd_loss
+from .api.compose import check_options
 
 _PER_CALL = {"teacher_logprobs", "teacher_hidden", "bias", "old_logprobs", "mask", "normalizer", "credit_mask",
              "rollout_logprobs", "ref_logprobs", "is_weights", "cu_seqlens", "process_group"}
@@ -31,6 +32,8 @@ class _Wrapper(nn.Module):
         tensors = sorted(set(options) & _PER_CALL)
         if tensors:
             raise TypeError(f"{tensors} are per-call inputs: pass them to forward()")
+        # A bad value fails here, where it is set, not at the first training step.
+        check_options(options)
         self.options = dict(options)
 
     @property
@@ -40,6 +43,7 @@ class _Wrapper(nn.Module):
     @lam.setter
     def lam(self, value):
         """Set ``lam`` for the next calls (e.g. ``loss.lam = rlsd_kernels.lam_schedule(step)``)."""
+        check_options({"lam": value})
         self.options["lam"] = value
 
     def _call(self, *args, **per_call):

@@ -1,5 +1,7 @@
 """The nn.Module wrappers hold options and give exactly what the functional API gives."""
 
+import inspect
+
 import pytest
 import torch
 from tolerances import EXACT
@@ -93,8 +95,6 @@ def test_unknown_and_per_call_options_are_rejected():
 def test_every_per_token_input_is_per_call(module):
     """A per-token tensor fixed at construction would apply to every later batch: ``is_weights`` once
     was, and a call without it then used the first batch's."""
-    import inspect
-
     from rlsd_kernels.api.compose import PER_TOKEN_KEYWORDS
 
     taken = [k for k in PER_TOKEN_KEYWORDS if k in inspect.signature(module._fn).parameters]
@@ -104,11 +104,44 @@ def test_every_per_token_input_is_per_call(module):
             module(**{name: torch.ones(2)})
 
 
-def test_bad_values_reach_the_functional_checks():
+def _bad_values():
+    """``(keyword, bad value)`` for every option a module holds: each policy option from its table (a
+    name outside its choices, or NaN for a number), and the loss's other keywords."""
+    from rlsd_kernels.call.options import PolicyOptions
+
+    for name, _, meta in PolicyOptions.SPECS:
+        if meta.get("doc") is not None:
+            yield name, "bogus" if meta.get("choices") is not None else float("nan")
+    yield from [("loss_agg", "bogus"), ("validate", "yes"), ("validate", None), ("return_metrics", "no"),
+                ("inplace_backward", "false"), ("chunk_size", 0), ("chunk_size", 2.5)]
+
+
+@pytest.mark.parametrize("module", [RLSDLoss, RLSDLinearLoss])
+def test_bad_options_fail_at_construction(module):
+    """A bad option fails where it is set, naming it, not at the first training step; the same value
+    given per call is refused by the functional's own check."""
     x = _inputs()
-    z = x["hidden"] @ x["weight"].T
-    with pytest.raises(ValueError, match="eps_w"):
-        RLSDLoss(eps_w=1.5)(z, None, x["tokens"], x["advantages"], teacher_logprobs=x["teacher_logprobs"])
+    names = {p.name for p in inspect.signature(module._fn).parameters.values()}
+    cases = [(k, v) for k, v in _bad_values() if k in names]
+    assert len(cases) >= 20
+    first = x["hidden"] if module is RLSDLinearLoss else x["hidden"] @ x["weight"].T
+    second = x["weight"] if module is RLSDLinearLoss else None
+    for name, value in cases:
+        with pytest.raises(ValueError, match=name):
+            module(**{name: value})
+        with pytest.raises(ValueError, match=name):
+            module()(first, second, x["tokens"], x["advantages"], teacher_logprobs=x["teacher_logprobs"],
+                     **{name: value})
+
+
+def test_lam_setter_checks_the_value():
+    module = RLSDLoss(lam=0.5)
+    for value in (1.5, -0.1, float("nan"), "1", None):
+        with pytest.raises((ValueError, TypeError), match="lam"):
+            module.lam = value
+        assert module.lam == 0.5
+    module.lam = 0
+    assert module.lam == 0
 
 
 def test_docs_loss_examples():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..autograd.functions import LogprobsFunction, ScalarLossFunction, TokenLossFunction
-from ..call.inputs import check_tokens, prepare
+from ..call.inputs import check_loss_agg, check_tokens, prepare
 from ..call.losses import DistillLoss, PolicyLoss, empty_outputs
 from ..call.options import DistillOptions, PolicyOptions
 from ..flags import LOWEST_ERROR
@@ -152,6 +152,10 @@ def check_linear(hidden, weight, bias, teacher, chunk_size, name="student_hidden
         check_tensor(bias, "bias", kinds=("logits",), dims=(1,), device=hidden.device)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias has shape {tuple(bias.shape)}, weight has {weight.shape[0]} rows")
+    check_chunk_size(chunk_size)
+
+
+def check_chunk_size(chunk_size):
     valid_chunk = isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size > 0
     if chunk_size is not None and not valid_chunk:
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
@@ -204,6 +208,24 @@ def check_switch(value, name):
     """An on/off keyword is ``True`` or ``False``: a truthy string such as ``"false"`` once switched it on."""
     if value is not True and value is not False:
         raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+SWITCHES = ("inplace_backward", "return_metrics")
+
+
+def check_options(options):
+    """The checks of a policy loss's keywords that need no tensor (the policy options, ``loss_agg``,
+    ``validate``, the on/off keywords, ``chunk_size``), each error naming its keyword: for options
+    fixed ahead of the calls, such as a module's, so that a bad one fails where it is set."""
+    PolicyOptions.pick(options)
+    if "loss_agg" in options:
+        check_loss_agg(options["loss_agg"])
+    if "validate" in options:
+        check_validate(options["validate"])
+    for name in SWITCHES:
+        if name in options:
+            check_switch(options[name], name)
+    check_chunk_size(options.get("chunk_size"))
 
 
 def check_deferred(wait=True, keep=0):

@@ -61,13 +61,17 @@ def check_tokens(tokens, token_shape, device, name="tokens"):
         raise ValueError(f"{name} has shape {tuple(tokens.shape)}, expected {tuple(token_shape)}")
 
 
+def check_loss_agg(loss_agg):
+    if loss_agg not in LOSS_AGG_MODES:
+        raise ValueError(f"loss_agg must be one of {LOSS_AGG_MODES}, got {loss_agg!r}")
+
+
 def check_normalizer(loss_agg, normalizer, validate):
     """The normalizer as given, or None. A number must be positive and finite; so must a one-element
     tensor, checked on the device: with ``validate`` by one sync (which the call makes anyway), else
     (and under torch.compile, which cannot read it while tracing) a bad value becomes NaN, so that
     the loss is NaN and never a silently finite wrong value."""
-    if loss_agg not in LOSS_AGG_MODES:
-        raise ValueError(f"loss_agg must be one of {LOSS_AGG_MODES}, got {loss_agg!r}")
+    check_loss_agg(loss_agg)
     if normalizer is None:
         return None
     if loss_agg == "none":
