@@ -208,80 +208,22 @@ rm -f "$TESTS_OUT"
 # check above: HOST_OVERHEAD=1 QUICK=1 bash bench/gpu_check.sh (about 2 minutes more).
 #   a. bench/host_overhead.py on CUDA tensors: ATen ops and us per rlsd_loss fwd+bwd with the kernels
 #      stubbed out (the validation's device-to-host read is real there), N = 1024, V = 151,936, bf16
-#   b. triton's do_bench of rlsd_loss fwd+bwd (and the no-grad forward) at N = 1024 and 8192,
-#      V = 151,936, bf16, 10% of rows masked: validate=True (default), validate="deferred" (error
-#      bits read at the next call, no blocking sync) and validate=False
-#   c. eager against CUDA-graph replay of the same fwd+bwd at N = 1024, validate=False (the graph
+#   b. bench/host_timing.py: rlsd_loss fwd+bwd (and the no-grad forward) with the kernels running, at
+#      N = 1024 and 8192, V = 151,936, bf16, 10% of rows masked: validate=True (default),
+#      validate="deferred" (error bits read at the next call, no blocking sync) and validate=False;
+#      then eager against CUDA-graph replay of the same fwd+bwd at N = 1024, validate=False (the graph
 #      is captured after three warm-up calls; tests/test_gpu.py checks that its values are right)
-# Writes $OUT/host_overhead.csv and $OUT/host_do_bench.csv.
+# Writes $OUT/host_overhead.csv and $OUT/host_timing.csv. With DRY_RUN=1 both run on CPU at tiny sizes.
 if [ "${HOST_OVERHEAD:-0}" != 0 ]; then
-  part "host overhead, kernels stubbed" 90 "$PY" bench/host_overhead.py --device cuda --calls 300 \
+  HOST_ARGS=(--device cuda --calls 300)
+  TIMING_ARGS=()
+  if [ "${DRY_RUN:-0}" != 0 ]; then
+    HOST_ARGS=(--device cpu --calls 20 --vocab 4096)
+    TIMING_ARGS=(--dry-run)
+  fi
+  part "host overhead, kernels stubbed" 90 "$PY" bench/host_overhead.py "${HOST_ARGS[@]}" \
     --out "$OUT/host_overhead.csv"
-  part "host overhead, do_bench" 120 "$PY" - "$OUT/host_do_bench.csv" <<'PYEOF'
-import csv, sys
-import torch
-from triton.testing import do_bench
-import rlsd_kernels
-
-V, rows = 151936, []
-for n in (1024, 8192):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    s = torch.randn(n, V, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
-    t = torch.randn(n, V, device="cuda", dtype=torch.bfloat16, generator=g)
-    tok = torch.randint(0, V, (n,), device="cuda", generator=g)
-    tok[torch.rand(n, device="cuda", generator=g) < 0.1] = -100
-    adv = torch.randn(n, device="cuda", generator=g)
-    for validate in (True, "deferred", False):
-        def fwd_bwd():
-            s.grad = None
-            rlsd_kernels.rlsd_loss(s, t, tok, adv, validate=validate).backward()
-
-        def fwd():
-            with torch.no_grad():
-                rlsd_kernels.rlsd_loss(s, t, tok, adv, validate=validate)
-
-        for name, fn in (("fwd+bwd", fwd_bwd), ("fwd", fwd)):
-            fn()
-            ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
-            rows.append({"n": n, "vocab": V, "dtype": "bfloat16", "pass": name, "validate": validate, "ms": round(ms, 4)})
-            print(f"N={n:5d} {name:8s} validate={validate!s:8s} {ms:.3f} ms", flush=True)
-    del s, t
-    torch.cuda.empty_cache()
-# Eager against CUDA-graph replay at N = 1024, validate=False: what a graph saves is the host's share.
-n = 1024
-g = torch.Generator(device="cuda").manual_seed(1)
-s = torch.randn(n, V, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
-t = torch.randn(n, V, device="cuda", dtype=torch.bfloat16, generator=g)
-tok = torch.randint(0, V, (n,), device="cuda", generator=g)
-adv = torch.randn(n, device="cuda", generator=g)
-
-def step():
-    rlsd_kernels.rlsd_loss(s, t, tok, adv, validate=False).backward()
-
-def eager():
-    s.grad = None
-    step()
-
-side = torch.cuda.Stream()
-side.wait_stream(torch.cuda.current_stream())
-with torch.cuda.stream(side):
-    for _ in range(3):
-        eager()
-torch.cuda.current_stream().wait_stream(side)
-s.grad = None
-graph = torch.cuda.CUDAGraph()
-with torch.cuda.graph(graph):
-    step()
-for name, fn in (("eager", eager), ("graph replay", graph.replay)):
-    ms = do_bench(fn, warmup=25, rep=200, return_mode="median")
-    rows.append({"n": n, "vocab": V, "dtype": "bfloat16", "pass": f"fwd+bwd {name}", "validate": False,
-                 "ms": round(ms, 4)})
-    print(f"N={n:5d} fwd+bwd {name:12s} validate=False {ms:.3f} ms", flush=True)
-with open(sys.argv[1], "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=list(rows[0]))
-    w.writeheader()
-    w.writerows(rows)
-PYEOF
+  part "host overhead, kernels running" 120 "$PY" bench/host_timing.py "${TIMING_ARGS[@]}" --out "$OUT"
   say "== host overhead: ${SECONDS} s in all"
 fi
 

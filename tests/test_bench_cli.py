@@ -20,6 +20,7 @@ import bench_memory  # noqa: E402
 import bench_throughput  # noqa: E402
 import common  # noqa: E402
 import host_overhead  # noqa: E402
+import host_timing  # noqa: E402
 import providers as P  # noqa: E402
 import report  # noqa: E402
 import segmented_check  # noqa: E402
@@ -228,6 +229,27 @@ def test_host_overhead_rows_carry_versions(tmp_path):
     rows = common.read_csv(out)
     assert [r["validate"] for r in rows] == ["True", "deferred", "False"]
     assert all(r["device"] == "cpu" and r["variant"] == "default" for r in rows)
+
+
+def test_host_timing_needs_a_gpu_unless_dry_run(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="needs a CUDA GPU.*--dry-run"):
+        host_timing.main([])
+    _usage_error(host_timing.main, ["--bogus"], capsys, "--bogus")
+    seen = []
+    monkeypatch.setattr(host_timing, "run", lambda *a: seen.append(a))
+    host_timing.main(["--dry-run"])
+    assert seen[0][0].type == "cpu" and seen[0][1:3] == ((32, 64), 700)
+
+
+def test_host_timing_rows(tmp_path, capsys):
+    """Every validation mode and pass at each N, then the eager call (the graph replay needs CUDA)."""
+    host_timing.run(torch.device("cpu"), (4, 8), 16, tmp_path)
+    rows = common.read_csv(tmp_path / "host_timing.csv")
+    expected = [(n, p, v) for n in ("4", "8") for v in ("True", "deferred", "False") for p in ("fwd+bwd", "fwd")]
+    assert [(r["n"], r["pass"], r["validate"]) for r in rows] == expected + [("4", "fwd+bwd eager", "False")]
+    assert all(float(r["ms"]) > 0 and r["device"] == "cpu" for r in rows)
+    assert "graph replay: skipped" in capsys.readouterr().out
 
 
 def test_segmented_check_arguments(monkeypatch, capsys):
