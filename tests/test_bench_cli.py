@@ -308,3 +308,20 @@ def test_gpu_check_reports_failed_parts(tmp_path):
     failed = next(x for x in run.stdout.splitlines() if "== FAILED:" in x)
     for name in ("gpu tests (exit 1)", "throughput (exit 1)", "memory (exit 1)", "report (exit 1)"):
         assert name in failed
+
+
+def test_gpu_check_opt_in_only(tmp_path):
+    """``OPT_IN_ONLY=1`` runs the chosen opt-in parts and none of the standard ones, and refuses to run
+    with none chosen."""
+    run = _gpu_check(OUT=str(tmp_path / "none"), PYTHON=sys.executable, DRY_RUN="1", OPT_IN_ONLY="1")
+    assert run.returncode == 2 and "none is chosen" in run.stderr
+    assert not (tmp_path / "none").exists()
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    run = _gpu_check(OUT=str(tmp_path / "out"), PYTHON=str(fake), DRY_RUN="1", OPT_IN_ONLY="1", HOST_OVERHEAD="1")
+    assert run.returncode == 1, run.stdout[-2000:]
+    failed = next(x for x in run.stdout.splitlines() if "== FAILED:" in x)
+    assert "host overhead, kernels stubbed (exit 1)" in failed and "host overhead, kernels running" in failed
+    for name in ("gpu tests", "throughput", "memory", "report", "linear", "segmented"):
+        assert name not in failed
