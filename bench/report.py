@@ -251,6 +251,18 @@ def _pyplot():
     return plt
 
 
+def mixed_runs(rows) -> str | None:
+    """A line naming each file's commit and date where the CSVs come from more than one run (a
+    folder reused by a later run that wrote only some of them), else None."""
+    runs = {}
+    for r in rows:
+        runs.setdefault(r["source"], (r["commit"], r["date"]))
+    if len(set(runs.values())) < 2:
+        return None
+    files = "; ".join(f"{name}.csv: commit {c}, {d}" for name, (c, d) in runs.items())
+    return f"note: these CSVs come from more than one run ({files}); the tables put them side by side"
+
+
 def summary(folder, tests: str | None = None) -> bool:
     """The short table: device, tests, gate, the anchors' shape per form, speed-ups, long-trace memory.
     False (and a line saying so) when the folder holds no benchmark CSV."""
@@ -262,6 +274,9 @@ def summary(folder, tests: str | None = None) -> bool:
     r0 = every[0]
     print(f"\n=== rlsd-kernels on {r0['device']}: torch {r0['torch']}, triton {r0['triton']}, commit {r0['commit']}, "
           f"{r0['date']} ===")
+    mixed = mixed_runs(every)
+    if mixed:
+        print(mixed)
     if tests:
         print(f"gpu tests: {tests}")
     thr = data["throughput"]

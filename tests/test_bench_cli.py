@@ -325,3 +325,17 @@ def test_gpu_check_opt_in_only(tmp_path):
     assert "host overhead, kernels stubbed (exit 1)" in failed and "host overhead, kernels running" in failed
     for name in ("gpu tests", "throughput", "memory", "report", "linear", "segmented"):
         assert name not in failed
+
+
+def test_report_names_the_runs_of_a_reused_folder(tmp_path, capsys):
+    """A folder where a later run rewrote only some CSVs: the summary says which run each file is from."""
+    _floor_only(tmp_path)
+    assert report.main([str(tmp_path)]) == 0
+    assert "more than one run" not in capsys.readouterr().out
+    row = {"bench": "memory", "form": "logits", "n": 64, "vocab": 1000, "dtype": "fp32", "provider": "rlsd_kernels",
+           "status": "ok", "peak_extra_gb": 0.1}
+    path = common.write_csv([row], "memory", tmp_path, "cpu")
+    path.write_text(path.read_text().replace(common.commit(), "0123456789ab"))
+    assert report.main([str(tmp_path)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "more than one run" in x)
+    assert "memory.csv: commit 0123456789ab" in line and f"throughput.csv: commit {common.commit()}" in line
