@@ -6,6 +6,7 @@ from cases import make_case
 from tolerances import FP32, assert_close
 
 import rlsd_kernels
+from rlsd_kernels.launch import common as _utils
 from rlsd_kernels.launch.tuning import RowConfig, force_row_config
 
 
@@ -105,3 +106,77 @@ def test_tensor_normalizers_compile_and_bad_ones_give_nan(device):
     assert_close(compiled(student, teacher, tokens, adv, 0.5, 1.0, good),
                  _policy_step(student, teacher, tokens, adv, 0.5, 1.0, good), what="normalizer 4", **FP32)
     assert torch.isnan(compiled(student, teacher, tokens, adv, 0.5, 1.0, torch.zeros((), device=device)))
+
+
+def _family_inputs(b, t, v=33):
+    g = torch.Generator().manual_seed(b * 100 + t)
+    tokens = torch.randint(0, v, (b, t), generator=g)
+    tokens[0, 0] = -100
+    return dict(student=torch.randn(b, t, v, generator=g), teacher=torch.randn(b, t, v, generator=g), tokens=tokens,
+                adv=torch.randn(b, generator=g), old=-torch.rand(b, t, generator=g),
+                rollout=-torch.rand(b, t, generator=g), weights=torch.rand(b, generator=g) + 0.5)
+
+
+def _packed(x, **kw):
+    """The batch packed into ``[N, V]`` with ``cu_seqlens`` (one sequence per row of the batch)."""
+    b, t, v = x["student"].shape
+    return dict(student=x["student"].reshape(-1, v), teacher=x["teacher"].reshape(-1, v),
+                tokens=x["tokens"].reshape(-1), cu_seqlens=torch.arange(0, b * t + 1, t), **kw)
+
+
+# Calls whose preparation derives a number from the shapes (the sequence count) or reads a tensor's
+# values on the host (is_weights, cu_seqlens): each once failed to trace.
+FAMILY = {
+    "ratio_level=sequence": lambda x: rlsd_kernels.rlsd_loss(
+        x["student"], x["teacher"], x["tokens"], x["adv"], old_logprobs=x["old"], ratio_level="sequence"),
+    "tis_level=sequence": lambda x: rlsd_kernels.rlsd_loss(
+        x["student"], x["teacher"], x["tokens"], x["adv"], old_logprobs=x["old"], rollout_logprobs=x["rollout"],
+        tis_level="sequence", loss_agg="seq-mean-token-sum-norm"),
+    "is_weights [B]": lambda x: rlsd_kernels.rlsd_loss(
+        x["student"], x["teacher"], x["tokens"], x["adv"][:, None], is_weights=x["weights"]),
+    "packed cu_seqlens": lambda x: (lambda p: rlsd_kernels.rlsd_loss(
+        p["student"], p["teacher"], p["tokens"], x["adv"].repeat_interleave(x["tokens"].shape[1]),
+        cu_seqlens=p["cu_seqlens"], old_logprobs=x["old"].reshape(-1), ratio_level="sequence",
+        loss_agg="seq-mean-token-mean"))(_packed(x)),
+    "opsd packed": lambda x: (lambda p: rlsd_kernels.opsd_loss(
+        p["student"], p["teacher"], p["tokens"], cu_seqlens=p["cu_seqlens"], loss_agg="seq-mean-token-mean"))(
+        _packed(x)),
+    "grpo_opsd sequence": lambda x: rlsd_kernels.grpo_opsd_loss(
+        x["student"], x["teacher"], x["tokens"], x["adv"], old_logprobs=x["old"], ratio_level="sequence"),
+}
+# The traced preparation is the same on both backends: two cases cover the Triton ops.
+FAMILY_CASES = [(name, "torch") for name in FAMILY] + [("ratio_level=sequence", "triton"),
+                                                         ("packed cu_seqlens", "triton")]
+
+
+@pytest.mark.parametrize(("name", "backend_name"), FAMILY_CASES)
+def test_shape_derived_options_compile_over_changing_shapes(name, backend_name):
+    """Each call compiles with ``fullgraph=True`` and matches eager mode at a first shape and at a
+    second one, where torch.compile traces the sizes as symbols (``num_seqs`` once reached an op's
+    cache as an unhashable symbol)."""
+    fn = FAMILY[name]
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True)
+    with _utils.backend(backend_name):
+        for shape in ((2, 5), (3, 7)):
+            x = _family_inputs(*shape)
+            results = []
+            for f in (fn, compiled):
+                student = x["student"].clone().requires_grad_()
+                loss = f({**x, "student": student})
+                loss.backward()
+                results.append((loss, student.grad))
+            for what, eager, got in zip(("loss", "grad"), *results, strict=True):
+                assert_close(got, eager, what=f"{what} at {shape}", **FP32)
+
+
+def test_bad_is_weights_under_compile_give_nan():
+    """Under torch.compile the weights cannot be read on the host: a negative one gives a NaN loss
+    (its log), where eager mode raises."""
+    x = _family_inputs(2, 5)
+    x["weights"][1] = -1.0
+    torch._dynamo.reset()
+    fn = FAMILY["is_weights [B]"]
+    with pytest.raises(ValueError, match="is_weights"):
+        fn(x)
+    assert torch.isnan(torch.compile(fn, fullgraph=True)(x))

@@ -95,13 +95,13 @@ def check_normalizer(loss_agg, normalizer, validate):
 def check_cu_seqlens(cu_seqlens, token_shape, validate):
     """``[S + 1]`` boundaries ``0 = c_0 <= c_1 <= ... <= c_S = N``. Their values are checked where that
     costs no device sync (a CPU tensor) or a sync is made anyway (``validate``); otherwise they must
-    be well formed."""
+    be well formed (also under torch.compile, which cannot read them while tracing)."""
     check_tensor(cu_seqlens, "cu_seqlens", kinds=("int",), dims=(1,))
     if len(token_shape) != 1:
         raise ValueError("cu_seqlens is for packed [N, ...] inputs")
     if cu_seqlens.numel() == 0:
         raise ValueError("cu_seqlens must hold at least one boundary (0)")
-    if not (validate or cu_seqlens.device.type == "cpu"):
+    if torch.compiler.is_compiling() or not (validate or cu_seqlens.device.type == "cpu"):
         return
     n, bounds = token_shape[0], cu_seqlens.cpu()
     if int(bounds[0]) != 0:
@@ -153,7 +153,9 @@ def prepare(token_shape, device, tokens, advantages, options: PolicyOptions, *, 
             raise ValueError("give rollout_logprobs (truncated importance sampling computed here) or is_weights "
                              "(precomputed weights), not both")
         weights = per_token(is_weights, "is_weights", token_shape, kinds=("float",), broadcast_rows=True, **f32)
-        if validate and bool(((weights < 0) | weights.isnan()).any()):
+        # Under torch.compile, which cannot read them while tracing, a negative or NaN weight is not
+        # refused: its log is NaN, and so is the loss.
+        if validate and not torch.compiler.is_compiling() and bool(((weights < 0) | weights.isnan()).any()):
             raise ValueError("is_weights must be non-negative importance weights (found a negative or NaN one)")
         # Each token's policy term is multiplied by its weight: a log-weight in the importance
         # weight's place (the kernels take it as a per-token input), uncapped.

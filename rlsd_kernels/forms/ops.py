@@ -69,6 +69,7 @@ def _unpack_fields(cls, floats, ints):
 _PACKED: dict = {}
 _UNPACKED: dict = {}
 _CACHE_SIZE = 256
+_PLAIN = frozenset((int, float, bool))
 
 
 def _remember(cache, key, value):
@@ -108,11 +109,15 @@ def _unpack_loss(floats, ints):
 
 def unpack(tensors, floats, ints):
     """The loss and the ``TokenInputs`` that ``pack`` took apart."""
+    inputs = TokenInputs(**dict(zip(INPUT_NAMES, tensors, strict=True)))
     key = (tuple(floats), tuple(ints))
+    if not _PLAIN.issuperset(map(type, key[0] + key[1])):
+        # A size traced as a symbol (torch.compile with dynamic shapes: ``num_seqs``) cannot key the cache.
+        return _unpack_loss(floats, ints), inputs
     loss = _UNPACKED.get(key)
     if loss is None:
         loss = _remember(_UNPACKED, key, _unpack_loss(floats, ints))
-    return loss, TokenInputs(**dict(zip(INPUT_NAMES, tensors, strict=True)))
+    return loss, inputs
 
 
 NAMES = {"tokens": "tokens", "student": "student_logits", "teacher": "teacher_logits"}
