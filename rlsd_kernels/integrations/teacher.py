@@ -9,8 +9,10 @@ prompts; :class:`TeacherWeights` keeps the teacher's weights under one of four p
 
 from __future__ import annotations
 
+import inspect
+import numbers
 import string
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -33,8 +35,9 @@ TEMPLATE_FIELDS = ("question", "context")
 def check_template(template, name: str = "template"):
     """Raises for a teacher template that would drop the question or the context or fail to format:
     a string must name ``{question}`` and ``{context}`` and no other field (``{{`` and ``}}`` are
-    literal braces); a callable ``(question, context) -> str`` is taken as is."""
+    literal braces); a callable must take ``(question, context)`` and return a string."""
     if callable(template):
+        _check_template_signature(template, name)
         return
     if not isinstance(template, str):
         raise TypeError(f"{name} must be a format string or a callable (question, context) -> str, "
@@ -53,16 +56,65 @@ def check_template(template, name: str = "template"):
                          f"teacher prompt drops the {' and the '.join(missing)}")
 
 
+def _check_template_signature(template, name):
+    try:
+        signature = inspect.signature(template)
+    except (TypeError, ValueError):  # a builtin without a signature: left to the call
+        return
+    try:
+        signature.bind("question", "context")
+    except TypeError:
+        raise TypeError(f"{name} must be callable as {name}(question, context), its signature is "
+                        f"{signature}") from None
+
+
 def truncate_context(tokenizer, context: str, max_tokens: int | None) -> str:
-    """``context`` cut to its first ``max_tokens`` tokens (``None`` keeps it whole)."""
+    """``context`` cut to its first ``max_tokens`` tokens (``None`` keeps it whole), on a character
+    boundary: a token that holds only part of a character (byte-level BPE splits a multi-byte
+    character over several tokens) is dropped with that character, so the cut text never holds
+    a replacement character nor more than ``max_tokens`` tokens. With a fast tokenizer the result
+    is a prefix of ``context`` itself (no decode, which can alter text)."""
     if max_tokens is None:
         return context
-    if max_tokens < 0:
-        raise ValueError(f"max_context_tokens must be None or >= 0, got {max_tokens}")
-    ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 0:
+        raise ValueError(f"max_context_tokens must be None or an integer >= 0, got {max_tokens!r}")
+    fast = getattr(tokenizer, "is_fast", False)
+    encoded = tokenizer(context, add_special_tokens=False, return_offsets_mapping=fast)
+    ids = encoded["input_ids"]
     if len(ids) <= max_tokens:
         return context
-    return tokenizer.decode(ids[:max_tokens], skip_special_tokens=False)
+    if fast:
+        return context[:_prefix_end(encoded["offset_mapping"], max_tokens)]
+    return _decode_whole_characters(tokenizer, ids[:max_tokens])
+
+
+def _prefix_end(offsets, n: int) -> int:
+    """The end, in characters, of the text of the first ``n`` tokens. Tokens that split a character
+    share its span, so where token ``n - 1`` ends past the start of token ``n`` the character is
+    cut: end before it."""
+    if n == 0:
+        return 0
+    return min(offsets[n - 1][1], offsets[n][0])
+
+
+def _decode_whole_characters(tokenizer, ids: list[int]) -> str:
+    """``ids`` decoded, less the trailing tokens that decode to part of a character (a
+    replacement character, at most three tokens of a UTF-8 character)."""
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    while ids and text.endswith("\ufffd"):
+        ids = ids[:-1]
+        text = tokenizer.decode(ids, skip_special_tokens=False)
+    return text
+
+
+def _check_prompt(prompt):
+    """Raises unless ``prompt`` is a string or a sequence of chat-message mappings."""
+    if isinstance(prompt, str):
+        return
+    if isinstance(prompt, Mapping) or not hasattr(prompt, "__iter__") or \
+            not all(isinstance(m, Mapping) for m in prompt):
+        raise TypeError(f"a prompt must be a string or a list of chat messages ({{'role', 'content'}} dicts), "
+                        f"got {type(prompt).__name__}: {prompt!r:.80}")
 
 
 def teacher_prompt(prompt, context, *, tokenizer, template: str | Callable = DEFAULT_TEMPLATE,
@@ -76,6 +128,7 @@ def teacher_prompt(prompt, context, *, tokenizer, template: str | Callable = DEF
     the prompt unchanged (the teacher then sees what the student saw).
     """
     check_template(template)
+    _check_prompt(prompt)
     if context is None or context == "":
         return prompt
     if not isinstance(context, str):
@@ -83,8 +136,12 @@ def teacher_prompt(prompt, context, *, tokenizer, template: str | Callable = DEF
     context = truncate_context(tokenizer, context, max_context_tokens)
 
     def fill(question):
-        return template(question, context) if callable(template) else template.format(question=question,
-                                                                                         context=context)
+        if not callable(template):
+            return template.format(question=question, context=context)
+        text = template(question, context)
+        if not isinstance(text, str):
+            raise TypeError(f"template(question, context) must return a string, got {type(text).__name__}")
+        return text
 
     if isinstance(prompt, str):
         return fill(prompt)
@@ -143,6 +200,9 @@ def build_teacher_inputs(
     context the two are then the same ids).
     """
     check_template(template)
+    for name, value in (("prompts", prompts), ("contexts", contexts)):
+        if isinstance(value, str):  # a string has a length, so its characters would pass for rows
+            raise TypeError(f"{name} must be a sequence with one entry per row, got a string")
     if completion_ids.dim() != 2:
         raise ValueError(f"completion_ids must be [B, T], got shape {tuple(completion_ids.shape)}")
     b, t = completion_ids.shape
@@ -201,23 +261,62 @@ def teacher_logprobs(model, input_ids, attention_mask, completion_ids, completio
     so no ``[N, V]`` logits are ever formed. Masked completion tokens get 0. ``batch_size`` bounds
     the rows per forward; ``gather_context`` is a callable ``(weight, bias) -> context manager``
     that makes a sharded lm_head whole (ZeRO-3) while it is read.
+
+    The backbone runs in eval mode (dropout off, each module's mode restored after), so a live
+    teacher scores deterministically, and with position ids counted over the attention mask, as
+    generation numbers the tokens: a row scores as its unpadded sequence would, also for models with
+    absolute position embeddings.
     """
     backbone, head = backbone_and_head(model)
     t = completion_ids.shape[1]
+    if input_ids.shape[1] <= t:
+        raise ValueError(f"input_ids has {input_ids.shape[1]} columns for {t} completion tokens: the first "
+                         f"completion token is scored from the column before it, so a prompt column is needed")
     tokens = completion_ids if completion_mask is None else completion_ids.masked_fill(completion_mask == 0, -100)
+    positions = _position_ids(backbone, attention_mask)
     step = batch_size or input_ids.shape[0]
     out = []
-    for start in range(0, input_ids.shape[0], step):
-        sl = slice(start, start + step)
-        hidden = backbone(input_ids=input_ids[sl], attention_mask=attention_mask[sl],
-                          use_cache=False).last_hidden_state
-        hidden = hidden[:, -t - 1:-1].to(head.weight.dtype)
-        bias = getattr(head, "bias", None)
-        ctx = gather_context(head.weight, bias) if gather_context is not None else _null()
-        with ctx:
-            out.append(rlsd_kernels.token_logprobs_linear(hidden, head.weight, tokens[sl], bias=bias,
-                                                          temperature=temperature, chunk_size=chunk_size))
+    with _eval_mode(model):
+        for start in range(0, input_ids.shape[0], step):
+            sl = slice(start, start + step)
+            extra = {} if positions is None else {"position_ids": positions[sl]}
+            hidden = backbone(input_ids=input_ids[sl], attention_mask=attention_mask[sl], use_cache=False,
+                              **extra).last_hidden_state
+            out.append(_score(head, hidden[:, -t - 1:-1], tokens[sl], temperature, chunk_size, gather_context))
     return torch.cat(out, dim=0)
+
+
+def _score(head, hidden, tokens, temperature, chunk_size, gather_context):
+    bias = getattr(head, "bias", None)
+    ctx = gather_context(head.weight, bias) if gather_context is not None else _null()
+    with ctx:
+        return rlsd_kernels.token_logprobs_linear(hidden.to(head.weight.dtype), head.weight, tokens, bias=bias,
+                                                  temperature=temperature, chunk_size=chunk_size)
+
+
+def _position_ids(backbone, attention_mask):
+    """Each token's index among the row's attended tokens (pads before them get 0), or None for a
+    backbone that takes no ``position_ids``. Without them a model numbers the columns, pads
+    included, which moves absolute position embeddings by the row's padding."""
+    if "position_ids" not in inspect.signature(backbone.forward).parameters:
+        return None
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class _eval_mode:
+    """Puts a module in eval mode and restores each submodule's own mode on exit."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __enter__(self):
+        self.modes = [(m, m.training) for m in self.module.modules()]
+        self.module.eval()
+
+    def __exit__(self, *exc):
+        for m, training in self.modes:
+            m.training = training
+        return False
 
 
 class _null:
@@ -256,24 +355,33 @@ class TeacherWeights:
     - ``frozen``: the initial weights, copied once.
     - ``snapshot``: a copy refreshed from the policy after every ``refresh_steps``-th optimizer step
       (the official recipe: 20).
-    - ``ema``: a copy updated after every step as ``t = decay * t + (1 - decay) * policy``.
+    - ``ema``: a copy updated after every step as ``t = decay * t + (1 - decay) * policy``. Weights
+      stored below float32 (bf16, fp16) are averaged in float32 accumulators kept next to the copy
+      (4 more bytes per such weight), since an average kept in bf16 loses every update smaller than
+      half its rounding step; the copy holds the accumulators rounded to its dtype. Tied weights are
+      averaged once.
 
-    Call :meth:`on_step_end` with the number of optimizer steps taken so far after each step.
-    ``refreshes`` lists the steps at which a snapshot was refreshed.
+    Call :meth:`on_step_end` with the number of optimizer steps taken so far after each step; a call
+    that repeats the previous call's step count changes nothing. ``refreshes`` lists the steps at
+    which a snapshot was refreshed.
     """
 
     def __init__(self, model, policy: str = "snapshot", *, refresh_steps: int = 20, ema_decay: float = 0.99,
                  factory: Callable | None = None):
         if policy not in TEACHER_POLICIES:
             raise ValueError(f"teacher policy must be one of {TEACHER_POLICIES}, got {policy!r}")
-        if policy == "snapshot" and (not isinstance(refresh_steps, int) or refresh_steps < 1):
+        if policy == "snapshot" and (isinstance(refresh_steps, bool) or not isinstance(refresh_steps, numbers.Integral)
+                                     or refresh_steps < 1):
             raise ValueError(f"refresh_steps must be an integer >= 1, got {refresh_steps!r}")
-        if policy == "ema" and not 0 <= ema_decay <= 1:
-            raise ValueError(f"ema_decay must be in [0, 1], got {ema_decay}")
+        if policy == "ema" and (isinstance(ema_decay, bool) or not isinstance(ema_decay, numbers.Real)
+                                or not 0 <= ema_decay <= 1):
+            raise ValueError(f"ema_decay must be a number in [0, 1], got {ema_decay!r}")
         self.policy, self.refresh_steps, self.ema_decay = policy, refresh_steps, ema_decay
         self.source = model
         self.copy = None if policy == "live" else fresh_copy(model, factory)
         self.refreshes: list[int] = []
+        self._last_step = None
+        self._accumulators = _float32_accumulators(self.copy) if policy == "ema" else {}
 
     @property
     def model(self):
@@ -282,14 +390,41 @@ class TeacherWeights:
 
     @torch.no_grad()
     def on_step_end(self, global_step: int):
+        if global_step == self._last_step:
+            return
+        self._last_step = global_step
         if self.policy == "snapshot" and global_step > 0 and global_step % self.refresh_steps == 0:
             self.copy.load_state_dict(self.source.state_dict())
             self.refreshes.append(global_step)
         elif self.policy == "ema":
-            policy_state = self.source.state_dict()
-            for name, value in self.copy.state_dict().items():
-                src = policy_state[name]
-                if value.is_floating_point():
-                    value.lerp_(src.to(value.dtype), 1.0 - self.ema_decay)
-                else:
-                    value.copy_(src)
+            self._ema_update()
+
+    def _ema_update(self):
+        policy_state = self.source.state_dict()
+        for name, value in _unique_state(self.copy).items():
+            src = policy_state[name]
+            if not value.is_floating_point():
+                value.copy_(src)
+                continue
+            average = self._accumulators.get(name, value)
+            # The policy may have moved to another device or dtype since the copy was made.
+            average.lerp_(src.to(device=average.device, dtype=average.dtype), 1.0 - self.ema_decay)
+            if average is not value:
+                value.copy_(average)
+
+
+def _unique_state(module) -> dict:
+    """``module``'s state by name, each tensor once: a tied weight appears under several names and
+    must be updated once."""
+    seen, out = set(), {}
+    for name, value in module.state_dict(keep_vars=True).items():
+        if id(value) not in seen:
+            seen.add(id(value))
+            out[name] = value.data if isinstance(value, torch.nn.Parameter) else value
+    return out
+
+
+def _float32_accumulators(module) -> dict:
+    """Float32 copies of ``module``'s floating tensors stored below float32, by name."""
+    return {name: value.float() for name, value in _unique_state(module).items()
+            if value.is_floating_point() and value.element_size() < 4}
