@@ -267,6 +267,31 @@ def test_teacher_log_prob_round_trip():
         rlsd_verl.rlsd_ppo_loss(config, {"log_probs": current}, td.exclude(rlsd_verl.TEACHER_KEY))
 
 
+def test_tool_outputs_inside_a_response_are_attended_by_the_teacher():
+    """A multi-turn rollout's response holds a tool output: attended (attention mask 1) but not trained
+    on (response mask 0). The teacher attends to it as the student did, and every response token
+    keeps its own log-prob (a hole in the attention once shifted the tokens after it)."""
+    tok = char_tokenizer()
+    model = tiny_qwen2(tok).eval()
+    prompts = [[{"role": "user", "content": q}] for q in ("1+1?", "what is 2*3?")]
+    solutions = ["2", "6 since 2*3=6"]
+    batch = verl_batch(tok, prompts, solutions, ["calc(1+1)=2 so 2", "tool: 6, so it is 6"])
+    response_mask = batch.batch["response_mask"].clone()
+    response_mask[0, 4:10] = 0
+    response_mask[1, 0:7] = 0
+    batch.batch["response_mask"] = response_mask
+    attended = batch.batch["attention_mask"][:, -response_mask.shape[1]:]
+
+    lp = rlsd_verl.teacher_log_prob(batch, tok, _engine_log_probs(model)).batch[rlsd_verl.TEACHER_KEY]
+    responses = batch.batch["responses"]
+    direct = build_teacher_inputs(tok, prompts, solutions, responses, attended)
+    expected = teacher_logprobs(model, direct["input_ids"], direct["attention_mask"], responses, response_mask)
+    torch.testing.assert_close(lp * response_mask, expected, **MATMUL_FP32)
+    built = rlsd_verl.teacher_batch(batch, tok)
+    assert torch.equal(built.batch["attention_mask"][:, -responses.shape[1]:], attended)
+    assert torch.equal(built.batch["response_mask"], response_mask)
+
+
 def _rows(batch):
     """Each row's unpadded input ids."""
     return [ids[mask.bool()].tolist() for ids, mask in zip(batch.batch["input_ids"], batch.batch["attention_mask"],

@@ -250,8 +250,13 @@ def teacher_batch(batch: DataProto, tokenizer, *, context_key="extra_info.soluti
         raise ValueError("the batch has no raw_prompt: set data.return_raw_chat=True")
     contexts = _contexts(batch, context_key)
     responses, response_mask = batch.batch["responses"], batch.batch["response_mask"]
+    # The teacher attends to the response tokens the student attended to. In a multi-turn or tool
+    # rollout the response mask also clears tool outputs (attended, not trained on): as attention it
+    # would hide them from the teacher and shift every later token's log-prob when verl drops the
+    # padding. The response mask only chooses the tokens the loss reads.
+    attended = batch.batch["attention_mask"][:, -responses.shape[1]:]
     built = build_teacher_inputs(tokenizer, list(batch.non_tensor_batch[key]), contexts, responses,
-                                 response_mask, template=template, max_context_tokens=max_context_tokens,
+                                 attended, template=template, max_context_tokens=max_context_tokens,
                                  chat_template_kwargs=chat_template_kwargs)
     input_ids, attention_mask = built["input_ids"], built["attention_mask"]
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
