@@ -54,6 +54,10 @@ def check_template(template, name: str = "template"):
     if missing:
         raise ValueError(f"{name} must contain {' and '.join('{' + f + '}' for f in missing)}: without it the "
                          f"teacher prompt drops the {' and the '.join(missing)}")
+    try:  # a format spec or conversion (``{context:d}``, ``{context:>{question}}``) can still fail
+        template.format(question="question", context="context")
+    except (ValueError, KeyError, IndexError) as e:
+        raise ValueError(f"{name} does not format with a question and a context ({e}): {template!r}") from None
 
 
 def _check_template_signature(template, name):
