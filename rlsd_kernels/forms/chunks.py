@@ -9,20 +9,15 @@ import torch
 from ..launch import common
 from . import rows as skip
 
-# Bytes a float32 accumulator of a half-precision weight's dW may take (4·V·H), by device type: within
-# it dW is summed over the chunks in float32 and rounded once, else in the weight's dtype, one rounding
-# per chunk (docs/linear-form.md: precision of dW). 0 keeps the measured default everywhere.
-DW_FP32_BYTES = {"cuda": 0}
-DW_FP32_BYTES_OTHER = 0
 
-
-def dw_in_fp32(weight, choice=None):
-    """Whether dW of ``weight`` accumulates in float32: ``choice`` (True/False) or, for None, the budget."""
+def dw_in_fp32(weight, choice, budget):
+    """Whether dW of ``weight`` accumulates in float32: ``choice`` (True/False) or, for None, whether
+    its 4·V·H bytes fit ``budget`` (``linear.py: DW_FP32_BYTES``, read by ``LinearForm.dw_fp32_for``)."""
     if weight.dtype == torch.float32:
         return False  # it does anyway
     if choice is not None:
         return bool(choice)
-    return 0 < 4 * weight.numel() <= DW_FP32_BYTES.get(weight.device.type, DW_FP32_BYTES_OTHER)
+    return 0 < 4 * weight.numel() <= budget
 
 
 def logits_into(out, h, weight, bias):

@@ -26,10 +26,15 @@ from ..reference import IGNORE_INDEX
 from . import rows as skip
 from . import slab as slabs
 from . import slab_opsd
-from .chunks import DW_FP32_BYTES, DW_FP32_BYTES_OTHER, dw_in_fp32, logits_into, rows_of, token_chunks  # noqa: F401
 from .chunks import Grads as _Grads
+from .chunks import dw_in_fp32, logits_into, rows_of, token_chunks
 
-# DW_FP32_BYTES (the float32 dW budget, imported above) and the chunk machinery live in chunks.py.
+# Bytes a float32 accumulator of a half-precision weight's dW may take (4·V·H), by device type: within
+# it dW is summed over the chunks in float32 and rounded once, else in the weight's dtype, one rounding
+# per chunk (docs/linear-form.md: precision of dW). 0 keeps the measured default everywhere. Both
+# schedules read them here, at each call (``LinearForm.dw_fp32_for``).
+DW_FP32_BYTES = {"cuda": 0}
+DW_FP32_BYTES_OTHER = 0
 
 # Bytes for a chunk's buffers, by device type: a student tile and a gradient row per chunk row, and
 # for losses that pair the teacher's rows with the student's, a teacher tile too (docs/linear-form.md).
@@ -88,6 +93,12 @@ def _tiles(rows, vocab, grad_dtype, device):
     return view(0, work_rows, torch.float32), None if grad_dtype is None else view(work_bytes, rows, grad_dtype)
 
 
+def _version(x):
+    """``x``'s version counter (None for None and for inference tensors, which cannot change outside
+    inference mode and keep no counter)."""
+    return None if x is None or x.is_inference() else x._version
+
+
 class LinearForm:
     """``tensors`` is ``(hidden, weight, bias)``; the teacher's hidden states (or None), the chunk size,
     ``dw_fp32`` (``dw_in_fp32``: True/False, or None for the memory budget), ``schedule`` ("chunk",
@@ -102,9 +113,22 @@ class LinearForm:
         self.schedule, self.slab_size = check_schedule(schedule), slab_size
         self.names = {"tokens": "tokens", "student": f"logits of {student_name} @ weight.T",
                       "teacher": f"logits of {teacher_name} @ weight.T"}
+        self.teacher_name, self.teacher_version = teacher_name, _version(teacher)
+
+    def check_teacher_unchanged(self):
+        """Raises if the teacher's hidden states changed in place since the form was made: a per-token
+        backward reads them again, as autograd's saved tensors are read (and checked)."""
+        if _version(self.teacher) != self.teacher_version:
+            raise RuntimeError(f"{self.teacher_name} has been modified by an inplace operation since the forward; "
+                               "the backward of a per-token loss (loss_agg='none') reads it again: pass a copy, or "
+                               "change it after the backward")
 
     def vocab(self, tensors):
         return tensors[1].shape[0]
+
+    def dw_fp32_for(self, weight):
+        """Whether dW of ``weight`` accumulates in float32: ``dw_fp32``, else the budget ``DW_FP32_BYTES``."""
+        return dw_in_fp32(weight, self.dw_fp32, DW_FP32_BYTES.get(weight.device.type, DW_FP32_BYTES_OTHER))
 
     def clear_outside(self, grad):
         """Nothing to clear: gradients are written for the form's own tensors."""
@@ -174,7 +198,7 @@ class LinearForm:
         are skipped)."""
         hidden, weight, bias = tensors
         plan = skip.plan(live)
-        grads = _Grads(hidden, weight, bias, needs, plan, dw_in_fp32(weight, self.dw_fp32))
+        grads = _Grads(hidden, weight, bias, needs, plan, self.dw_fp32_for(weight))
         for sl, h, dz, tiles, n_grad in self.passes(tensors, which, weight.dtype, plan):
             for rs, zs, zt in tiles:
                 fn(zs, zt, skip.sub(sl, rs), dz[rs])
@@ -223,7 +247,7 @@ class LinearForm:
         live = inputs.weight != 0
         free = skip.gradient_free(loss, inputs) if track else None
         plan = skip.plan(live, None if free is None else ~free)
-        grads = _Grads(hidden, weight, bias, needs, plan, dw_in_fp32(weight, self.dw_fp32)) if track else None
+        grads = _Grads(hidden, weight, bias, needs, plan, self.dw_fp32_for(weight)) if track else None
         for sl, h, dz, tiles, n_grad in self.passes(tensors, self.which(loss), weight.dtype if track else None, plan):
             for rs, zs, zt in tiles:
                 dest = None if dz is None or rs.start >= n_grad else dz[rs]
@@ -243,6 +267,8 @@ class LinearForm:
         return out, flags, grads.result() if track else (None, None, None)
 
     def loss_backward(self, loss, tensors, tokens, stats, scale, needs):
+        if self.which(loss) == "pair":
+            self.check_teacher_unchanged()
         live = skip.gradient_rows(loss, tokens, stats, scale)
         if self.on_slabs(tensors, loss):
             return slabs.accumulate(self, tensors, tokens, lambda z, zt, ids, rows, dest: loss.backward(

@@ -33,7 +33,7 @@ from ..launch.slab import slab_probs, slab_rescale
 from ..launch.terms import needs_sequence_pass, sequence_terms
 from ..reference import IGNORE_INDEX
 from . import rows as skip
-from .chunks import Grads, dw_in_fp32, logits_into, rows_of, token_chunks
+from .chunks import Grads, logits_into, rows_of, token_chunks
 from .collectives import ELSEWHERE, combine, error_flags
 
 # Bytes of the float32 slab buffer (2C rows of Vs logits with a teacher, C without), by device type;
@@ -220,7 +220,7 @@ def policy_forward(form, loss, tensors, inputs, needs, validate):
         inputs = sequence_terms(_student_logprobs(form, tensors, scored, live, tau), inputs, options)
     free = skip.gradient_free(loss, inputs) if track else None
     plan = skip.plan(live, None if free is None else ~free)
-    grads = Grads(hidden, weight, bias, needs, plan, dw_in_fp32(weight, form.dw_fp32)) if track else None
+    grads = Grads(hidden, weight, bias, needs, plan, form.dw_fp32_for(weight)) if track else None
     with_teacher = form.teacher is not None
     # Without an entropy term the gradient needs p only: the slab softmaxes, rescaled (else slab by slab).
     probs = options.entropy_coef == 0
@@ -267,7 +267,7 @@ def accumulate(form, tensors, tokens, fn, needs, live, paired=False):
     with a gradient (the others are skipped, ``rows.py``)."""
     hidden, weight, bias = tensors
     plan = skip.plan(live)
-    grads = Grads(hidden, weight, bias, needs, plan, dw_in_fp32(weight, form.dw_fp32))
+    grads = Grads(hidden, weight, bias, needs, plan, form.dw_fp32_for(weight))
     rows, parts = chunks(form, hidden, plan, paired)
     slabs = Slabs(form, tensors, rows, rows * (2 if paired else 1), 1.0, weight.dtype)
     for sl, h, t, n_grad in parts:

@@ -29,7 +29,7 @@ from ..launch.torch_opsd import SAMPLED, grad_coefficients, stats_rows
 from ..reference import IGNORE_INDEX
 from . import rows as skip
 from . import slab
-from .chunks import Grads, dw_in_fp32
+from .chunks import Grads
 from .collectives import distill_outputs
 
 
@@ -97,7 +97,7 @@ def distill_forward(form, loss, tensors, inputs, needs, validate):
         inputs = sequence_terms(slab._student_logprobs(form, tensors, scored, live, tau), inputs, options)
     # The OPSD terms have a gradient at any advantage: only the masked rows are skipped.
     plan = skip.plan(live)
-    grads = Grads(hidden, weight, bias, needs, plan, dw_in_fp32(weight, form.dw_fp32)) if track else None
+    grads = Grads(hidden, weight, bias, needs, plan, form.dw_fp32_for(weight)) if track else None
     with_teacher = form.teacher is not None
     # The sampled token without an entropy term needs p only: the slab softmaxes, rescaled.
     probs = code == SAMPLED and not (distill.grpo and options.entropy_coef != 0)
