@@ -36,13 +36,12 @@ import rlsd_kernels
 from .teacher import (
     DEFAULT_MAX_CONTEXT_TOKENS,
     DEFAULT_TEMPLATE,
-    TEACHER_POLICIES,
-    TeacherWeights,
     backbone_and_head,
     build_teacher_inputs,
     check_template,
     teacher_logprobs,
 )
+from .teacher_weights import TEACHER_POLICIES, TeacherWeights
 from .trl_metrics import MetricLog, clip_indicators
 
 # What GRPOTrainer adds to a batch for a vision-language model; the fused loss runs the backbone on
