@@ -516,3 +516,36 @@ def test_shifted_view_in_place_on_gpu(divergence):
     assert_close(loss, full_ref, what="loss", **REAL_SIZE_FP32)
     assert_grad_close(x.grad[:, positions], y.grad, torch.bfloat16)
     assert torch.equal(x.grad[:, -1], torch.zeros_like(x.grad[:, -1]))
+
+
+def _per_token_grad(fn, divergence, teacher, change=None):
+    """The student gradient of ``fn(..., loss_agg="none")`` summed, with ``change(teacher)`` in place
+    between the forward and the backward."""
+    g = torch.Generator().manual_seed(5)
+    student = torch.randn(2, 4, 37, generator=g).requires_grad_()
+    tokens = torch.randint(0, 37, (2, 4), generator=g)
+    extra = {"advantages": torch.tensor([1.0, -0.5])} if fn is rlsd_kernels.grpo_opsd_loss else {}
+    loss = fn(student, teacher, tokens, divergence=divergence, loss_agg="none", **extra)
+    if change is not None:
+        change(teacher)
+    loss.sum().backward()
+    return student.grad
+
+
+@pytest.mark.parametrize("fn", [rlsd_kernels.opsd_loss, rlsd_kernels.grpo_opsd_loss], ids=["opsd", "grpo_opsd"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "sampled_token"])
+def test_teacher_logits_changed_in_place_before_backward(fn, divergence, backend):
+    """The per-token backward of a full-vocabulary divergence reads the teacher's logits again: changed
+    in place after the forward, they raise (as a tensor autograd saved would), where they once gave
+    the gradient against the changed teacher silently. The sampled token keeps the forward's teacher
+    log-probs, and a teacher made under inference mode keeps no version: both run."""
+    teacher = torch.randn(2, 4, 37, generator=torch.Generator().manual_seed(6))
+    unchanged = _per_token_grad(fn, divergence, teacher.clone())
+    if divergence == "sampled_token":
+        assert torch.equal(_per_token_grad(fn, divergence, teacher.clone(), lambda t: t.mul_(3.0)), unchanged)
+    else:
+        with pytest.raises(RuntimeError, match="teacher_logits has been modified by an inplace operation"):
+            _per_token_grad(fn, divergence, teacher.clone(), lambda t: t.mul_(3.0))
+    with torch.inference_mode():
+        frozen = teacher.clone()
+    assert torch.equal(_per_token_grad(fn, divergence, frozen), unchanged)

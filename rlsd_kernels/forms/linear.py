@@ -28,6 +28,7 @@ from . import slab as slabs
 from . import slab_opsd
 from .chunks import Grads as _Grads
 from .chunks import dw_in_fp32, logits_into, rows_of, token_chunks
+from .kept import Kept
 
 # Bytes a float32 accumulator of a half-precision weight's dW may take (4·V·H), by device type: within
 # it dW is summed over the chunks in float32 and rounded once, else in the weight's dtype, one rounding
@@ -93,12 +94,6 @@ def _tiles(rows, vocab, grad_dtype, device):
     return view(0, work_rows, torch.float32), None if grad_dtype is None else view(work_bytes, rows, grad_dtype)
 
 
-def _version(x):
-    """``x``'s version counter (None for None and for inference tensors, which cannot change outside
-    inference mode and keep no counter)."""
-    return None if x is None or x.is_inference() else x._version
-
-
 class LinearForm:
     """``tensors`` is ``(hidden, weight, bias)``; the teacher's hidden states (or None), the chunk size,
     ``dw_fp32`` (``dw_in_fp32``: True/False, or None for the memory budget), ``schedule`` ("chunk",
@@ -113,15 +108,7 @@ class LinearForm:
         self.schedule, self.slab_size = check_schedule(schedule), slab_size
         self.names = {"tokens": "tokens", "student": f"logits of {student_name} @ weight.T",
                       "teacher": f"logits of {teacher_name} @ weight.T"}
-        self.teacher_name, self.teacher_version = teacher_name, _version(teacher)
-
-    def check_teacher_unchanged(self):
-        """Raises if the teacher's hidden states changed in place since the form was made: a per-token
-        backward reads them again, as autograd's saved tensors are read (and checked)."""
-        if _version(self.teacher) != self.teacher_version:
-            raise RuntimeError(f"{self.teacher_name} has been modified by an inplace operation since the forward; "
-                               "the backward of a per-token loss (loss_agg='none') reads it again: pass a copy, or "
-                               "change it after the backward")
+        self.kept_teacher = Kept(teacher, teacher_name)
 
     def vocab(self, tensors):
         return tensors[1].shape[0]
@@ -268,7 +255,7 @@ class LinearForm:
 
     def loss_backward(self, loss, tensors, tokens, stats, scale, needs):
         if self.which(loss) == "pair":
-            self.check_teacher_unchanged()
+            self.kept_teacher.check()
         live = skip.gradient_rows(loss, tokens, stats, scale)
         if self.on_slabs(tensors, loss):
             return slabs.accumulate(self, tensors, tokens, lambda z, zt, ids, rows, dest: loss.backward(

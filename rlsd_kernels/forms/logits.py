@@ -16,6 +16,7 @@ import torch
 
 from ..launch.common import unpack_outputs
 from . import ops
+from .kept import Kept
 
 
 def slice_of_base(x, temporary):
@@ -65,6 +66,7 @@ class LogitsForm:
 
     def __init__(self, teacher=None, *, start=None, length=None, inplace=False):
         self.teacher, self.start, self.length, self.inplace = teacher, start, length, inplace
+        self.kept_teacher = Kept(teacher, "teacher_logits")
 
     def student(self, tensors):
         x = tensors[0]
@@ -95,6 +97,8 @@ class LogitsForm:
         """The gradient of ``sum(scale * loss)`` for ``tensors`` from the forward's ``stats``."""
         if not needs[0]:
             return (None,)
+        if loss.pairs_teacher:
+            self.kept_teacher.check()
         return (ops.loss_backward(loss, self.student(tensors), self.teacher, tokens, scale.contiguous(), stats,
                                   self.inplace),)
 
