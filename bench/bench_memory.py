@@ -44,29 +44,13 @@ def parse(argv):
     is the preset's name and ``args.seqlens``, ``args.vocab``, ``args.hidden`` the sizes (the preset's
     where a flag is absent)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
-                   help="cpu: a dry run of the code paths at tiny sizes (no figures worth keeping)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="sizes: full (default on cuda), quick, tiny (default on cpu); a size flag given "
-                        "replaces the preset's")
+    common.sweep_arguments(p, PRESETS, FORMS, P.provider_names(), max_call_s=5.0,
+                           providers_help="each must run one of the forms")
     p.add_argument("--seqlens", type=common.parse_ints, default=None,
                    help="sequence lengths, e.g. 4k,32k,128k (k = 1024; whole numbers >= 1, repeats dropped)")
     p.add_argument("--vocab", type=common.positive_int, default=None, help="vocabulary V")
     p.add_argument("--hidden", type=common.positive_int, default=None, help="hidden size H of the fused linear form")
     p.add_argument("--dtype", choices=sorted(P.DTYPES), default=None, help="bf16 on cuda, fp32 on cpu")
-    p.add_argument("--forms", type=common.names(FORMS, "forms"), default=list(FORMS), help="logits, linear or both")
-    p.add_argument("--providers", type=common.names(P.provider_names(), "providers"), default=None,
-                   help=f"a subset of {','.join(P.provider_names())}; each must run one of the forms")
-    p.add_argument("--budget-s", type=common.non_negative, default=0,
-                   help="start nothing new after this many seconds (0: no limit)")
-    p.add_argument("--logits-share", type=common.share, default=0.4,
-                   help="the part of the budget (in (0, 1]) the logits form may use before the linear form starts")
-    p.add_argument("--max-call-s", type=common.non_negative, default=5.0,
-                   help="a provider whose call took longer is not tried at larger N (0: no limit)")
-    p.add_argument("--out", type=common.out_folder, default=None,
-                   help="folder for CSVs and the plot, created if need be (default bench/results/<card>/)")
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--no-progress", action="store_true", help="log lines only, no progress bar")
     args = p.parse_args(argv)
     args.preset = args.preset or ("full" if args.device == "cuda" else "tiny")
     for k in ("seqlens", "vocab", "hidden"):

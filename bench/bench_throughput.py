@@ -53,11 +53,8 @@ def parse(argv):
     """The arguments, every one checked (a usage error, exit status 2, for a bad one); ``args.size``
     holds the sizes (the preset's where a flag is absent) and ``args.preset`` the preset's name."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
-                   help="cpu: a dry run of the code paths at tiny sizes (no figures worth keeping)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="sizes: full (default on cuda), quick, tiny (default on cpu); a size flag given "
-                        "replaces the preset's")
+    common.sweep_arguments(p, PRESETS, FORMS, P.provider_names(), max_call_s=1.5,
+                           providers_help="each must run one of the forms and modes")
     p.add_argument("--ns", type=common.parse_ints, default=None,
                    help="tokens N, e.g. 1k,8k,32k (k = 1024; whole numbers >= 1, repeats dropped)")
     p.add_argument("--vocabs", type=common.parse_ints, default=None,
@@ -66,22 +63,9 @@ def parse(argv):
     p.add_argument("--seqlen", type=common.positive_int, default=None,
                    help="tokens per sequence (N = sequences x seqlen; an N above it must be a multiple of it)")
     p.add_argument("--dtype", choices=sorted(P.DTYPES), default=None, help="bf16 on cuda, fp32 on cpu")
-    p.add_argument("--forms", type=common.names(FORMS, "forms"), default=list(FORMS), help="logits, linear or both")
     p.add_argument("--modes", type=common.names(MODES, "modes"), default=list(MODES), help="fwd_bwd, fwd or both")
-    p.add_argument("--providers", type=common.names(P.provider_names(), "providers"), default=None,
-                   help=f"a subset of {','.join(P.provider_names())}; each must run one of the forms and modes")
-    p.add_argument("--budget-s", type=common.non_negative, default=0,
-                   help="start nothing new after this many seconds (0: no limit)")
-    p.add_argument("--logits-share", type=common.share, default=0.4,
-                   help="the part of the budget (in (0, 1]) the logits form may use before the linear form starts")
-    p.add_argument("--max-call-s", type=common.non_negative, default=1.5,
-                   help="a provider whose call took longer is not tried at larger N (0: no limit)")
     p.add_argument("--rep-ms", type=common.non_negative, default=None,
                    help="time spent on timed calls per measurement (default 100; 1 with the tiny preset)")
-    p.add_argument("--out", type=common.out_folder, default=None,
-                   help="folder for CSVs and the plot, created if need be (default bench/results/<card>/)")
-    p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--no-progress", action="store_true", help="log lines only, no progress bar")
     args = p.parse_args(argv)
     args.preset = args.preset or ("full" if args.device == "cuda" else "tiny")
     preset = PRESETS[args.preset]

@@ -509,3 +509,27 @@ def out_folder(text: str) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"cannot write into {text!r}")
     return path
+
+
+def sweep_arguments(p: argparse.ArgumentParser, presets, forms, provider_names, *, max_call_s: float,
+                    providers_help: str) -> None:
+    """The arguments both sweeps (throughput and memory) take besides their sizes: device and preset,
+    forms and providers, the time budget and its logits share, the per-call limit, output and display."""
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="cpu: a dry run of the code paths at tiny sizes (no figures worth keeping)")
+    p.add_argument("--preset", choices=sorted(presets), default=None,
+                   help="sizes: full (default on cuda), quick, tiny (default on cpu); a size flag given "
+                        "replaces the preset's")
+    p.add_argument("--forms", type=names(forms, "forms"), default=list(forms), help="logits, linear or both")
+    p.add_argument("--providers", type=names(provider_names, "providers"), default=None,
+                   help=f"a subset of {','.join(provider_names)}; {providers_help}")
+    p.add_argument("--budget-s", type=non_negative, default=0,
+                   help="start nothing new after this many seconds (0: no limit)")
+    p.add_argument("--logits-share", type=share, default=0.4,
+                   help="the part of the budget (in (0, 1]) the logits form may use before the linear form starts")
+    p.add_argument("--max-call-s", type=non_negative, default=max_call_s,
+                   help="a provider whose call took longer is not tried at larger N (0: no limit)")
+    p.add_argument("--out", type=out_folder, default=None,
+                   help="folder for CSVs and the plot, created if need be (default bench/results/<card>/)")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="log lines only, no progress bar")
