@@ -10,6 +10,7 @@ weights under one of four policies.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import numbers
 import string
@@ -294,19 +295,24 @@ def teacher_logprobs(model, input_ids, attention_mask, completion_ids, completio
 
 def _score(head, hidden, tokens, temperature, chunk_size, gather_context):
     bias = getattr(head, "bias", None)
-    ctx = gather_context(head.weight, bias) if gather_context is not None else _null()
+    ctx = gather_context(head.weight, bias) if gather_context is not None else contextlib.nullcontext()
     with ctx:
         return rlsd_kernels.token_logprobs_linear(hidden.to(head.weight.dtype), head.weight, tokens, bias=bias,
                                                   temperature=temperature, chunk_size=chunk_size)
 
 
+def position_ids(attention_mask):
+    """Each token's index among the row's attended tokens (pads before them get 0), as generation
+    numbers them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def _position_ids(backbone, attention_mask):
-    """Each token's index among the row's attended tokens (pads before them get 0), or None for a
-    backbone that takes no ``position_ids``. Without them a model numbers the columns, pads
-    included, which moves absolute position embeddings by the row's padding."""
+    """:func:`position_ids`, or None for a backbone that takes none. Without them a model numbers the
+    columns, pads included, which moves absolute position embeddings by the row's padding."""
     if "position_ids" not in inspect.signature(backbone.forward).parameters:
         return None
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return position_ids(attention_mask)
 
 
 class _eval_mode:
@@ -322,12 +328,4 @@ class _eval_mode:
     def __exit__(self, *exc):
         for m, training in self.modes:
             m.training = training
-        return False
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
         return False

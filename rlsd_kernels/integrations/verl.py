@@ -50,7 +50,7 @@ from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_pad
 import rlsd_kernels
 from rlsd_kernels import reference
 
-from .teacher import DEFAULT_MAX_CONTEXT_TOKENS, DEFAULT_TEMPLATE, build_teacher_inputs
+from .teacher import DEFAULT_MAX_CONTEXT_TOKENS, DEFAULT_TEMPLATE, build_teacher_inputs, position_ids
 
 TEACHER_KEY = "teacher_log_prob"
 PROMPT_KEY = "rlsd_raw_prompt"  # the raw prompts, kept in the batch when verl moves them to generation
@@ -259,13 +259,13 @@ def teacher_batch(batch: DataProto, tokenizer, *, context_key="extra_info.soluti
                                  attended, template=template, max_context_tokens=max_context_tokens,
                                  chat_template_kwargs=chat_template_kwargs)
     input_ids, attention_mask = built["input_ids"], built["attention_mask"]
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    positions = position_ids(attention_mask)
     meta_info = dict(batch.meta_info)
     if "global_token_num" in meta_info:
         meta_info["global_token_num"] = attention_mask.sum(-1).tolist()
     return DataProto.from_dict(tensors={
         "prompts": input_ids[:, :-responses.shape[1]], "responses": responses, "input_ids": input_ids,
-        "attention_mask": attention_mask, "position_ids": position_ids, "response_mask": response_mask,
+        "attention_mask": attention_mask, "position_ids": positions, "response_mask": response_mask,
     }, meta_info=meta_info)
 
 
