@@ -74,14 +74,12 @@ def _inputs(seed, vocab=VOCAB):
     return student, teacher, tokens, torch.tensor([0.7, -1.2]), mask
 
 
-def _term_scale(op, student, teacher, args, kw):
-    """The scalar loss's tolerance scale: a sum of terms of both signs is rounded term by term, so
-    its error is relative to the same aggregation of the terms' magnitudes."""
+def _terms(op, student, teacher, args, kw):
+    """The per-token terms a scalar loss aggregates (``harness.assert_sum_close`` scales by them)."""
     from rlsd_kernels import reference
 
     with torch.no_grad():
-        terms = getattr(reference, op)(student, teacher, *args, **dict(kw, loss_agg="none", return_metrics=False))
-    return reference.aggregate_loss(terms.abs(), kw["mask"].double(), kw.get("loss_agg", "token-mean"))
+        return getattr(reference, op)(student, teacher, *args, **dict(kw, loss_agg="none", return_metrics=False))
 
 
 def _double(x):
@@ -138,8 +136,13 @@ class Probe:
                                                        process_group=self.group, **kw)
         (expected * upstream).sum().backward()
         (got * upstream).sum().backward()
-        scale = None if per_token else _term_scale(op, full[:, :-1], ref_teacher, ref_args, kw)
-        self.record(f"{what} loss", lambda: assert_close(got, expected, what="loss", scale=scale, **FP32))
+        if per_token:
+            self.record(f"{what} loss", lambda: assert_close(got, expected, what="loss", **FP32))
+        else:
+            from harness import assert_sum_close  # it imports the library: after start_rank
+
+            terms = _terms(op, full[:, :-1], ref_teacher, ref_args, kw)
+            self.record(f"{what} loss", lambda: assert_sum_close(got, expected, terms, agg))
         self.record(f"{what} metrics", lambda: self.same_metrics(s_metrics, metrics))
         self.record(f"{what} grad", lambda: assert_close(part.grad, self.shard(full.grad), what="grad",
                                                           **GRAD[student.dtype]))

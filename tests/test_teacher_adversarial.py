@@ -8,6 +8,7 @@ import torch
 
 pytest.importorskip("transformers", reason="the trl or verl extra is not installed")
 
+from test_integrations_teacher import _completions  # noqa: E402
 from tiny_lm import CHATML, char_tokenizer  # noqa: E402
 
 from rlsd_kernels.integrations.teacher import (  # noqa: E402
@@ -44,14 +45,7 @@ def _model(kind, tok, *, tied=False, dropout=0.0, seed=0):
 
 def _right_padded(tok, texts):
     """Completion ids and mask ``[B, T]``, right-padded; ``T`` is the longest text (0 if all are empty)."""
-    rows = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tok.pad_token_id)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1
-    return ids, mask
+    return _completions(tok, texts, max(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts))
 
 
 def _hand_built_logprobs(model, prompt_ids, completion):
